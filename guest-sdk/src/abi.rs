@@ -1,0 +1,735 @@
+//! The packed batch layout of `weir:plugin@0.1.0` (`wit/README.md`), read and
+//! written by both sides: the guest SDK reads batches and writes outcomes,
+//! the host writes batches and reads outcomes. One codec, so the two cannot
+//! drift apart.
+
+use core::fmt;
+
+/// Length marking an absent key.
+pub const NO_KEY: u32 = u32::MAX;
+/// Timestamp marking "none" in a batch, or "keep the input's" in an output.
+pub const NO_TIMESTAMP: i64 = i64::MIN;
+/// Outcome tag: the record produced zero or more outputs.
+pub const TAG_EMIT: u8 = 0;
+/// Outcome tag: the record failed, with a reason.
+pub const TAG_FAIL: u8 = 1;
+
+const RECORD_FIXED: usize = 32;
+const OUTPUT_FIXED: usize = 20;
+
+/// A packed buffer that does not follow the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbiError {
+    what: &'static str,
+    at: usize,
+}
+
+impl fmt::Display for AbiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed packed buffer: {} at byte {}", self.what, self.at)
+    }
+}
+
+impl std::error::Error for AbiError {}
+
+/// A cursor over a packed buffer that reports where it ran short.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], AbiError> {
+        let end = self.pos.checked_add(len).filter(|&end| end <= self.buf.len());
+        let end = end.ok_or(AbiError { what, at: self.pos })?;
+        let bytes = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], AbiError> {
+        let bytes = self.take(N, what)?;
+        let mut out = [0; N];
+        out.copy_from_slice(bytes);
+        Ok(out)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, AbiError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, AbiError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn str(&mut self, len: usize, what: &'static str) -> Result<&'a str, AbiError> {
+        let at = self.pos;
+        let bytes = self.take(len, what)?;
+        core::str::from_utf8(bytes).map_err(|_| AbiError { what, at })
+    }
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn le_i64(b: &[u8], at: usize) -> i64 {
+    let mut raw = [0; 8];
+    raw.copy_from_slice(&b[at..at + 8]);
+    i64::from_le_bytes(raw)
+}
+
+/// The headers of a record or an output, still packed.
+#[derive(Clone, Copy, Debug)]
+pub struct Headers<'a> {
+    raw: &'a [u8],
+    count: u16,
+}
+
+impl<'a> Headers<'a> {
+    /// How many headers there are.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The value of the first header called `name`.
+    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// The headers in order, as `(name, value)`.
+    pub fn iter(&self) -> HeaderIter<'a> {
+        HeaderIter {
+            cursor: Cursor {
+                buf: self.raw,
+                pos: 0,
+            },
+            left: self.count,
+        }
+    }
+
+    /// The packed bytes, to copy into another buffer unchanged.
+    pub(crate) fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// Validates `count` headers at the cursor and returns them.
+    fn read(cursor: &mut Cursor<'a>, count: u16) -> Result<Self, AbiError> {
+        let start = cursor.pos;
+        for _ in 0..count {
+            let head = cursor.take(6, "header lengths")?;
+            let name_len = usize::from(le_u16(head, 0));
+            let value_len = le_u32(head, 2) as usize;
+            cursor.str(name_len, "header name")?;
+            cursor.take(value_len, "header value")?;
+        }
+        Ok(Headers {
+            raw: &cursor.buf[start..cursor.pos],
+            count,
+        })
+    }
+}
+
+/// Iterator over packed headers; see [`Headers::iter`].
+pub struct HeaderIter<'a> {
+    cursor: Cursor<'a>,
+    left: u16,
+}
+
+impl<'a> Iterator for HeaderIter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // The bytes were validated when the headers were read.
+        self.left = self.left.checked_sub(1)?;
+        let head = self.cursor.take(6, "header lengths").ok()?;
+        let name_len = usize::from(le_u16(head, 0));
+        let value_len = le_u32(head, 2) as usize;
+        let name = self.cursor.str(name_len, "header name").ok()?;
+        let value = self.cursor.take(value_len, "header value").ok()?;
+        Some((name, value))
+    }
+}
+
+/// One input record, borrowed from the packed batch: nothing is copied.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordView<'a> {
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    timestamp: Option<i64>,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    headers: Headers<'a>,
+}
+
+impl<'a> RecordView<'a> {
+    /// The record's key, if it has one.
+    pub fn key(&self) -> Option<&'a [u8]> {
+        self.key
+    }
+    /// The record's value (payload).
+    pub fn value(&self) -> &'a [u8] {
+        self.value
+    }
+    /// Event time in milliseconds since the Unix epoch, if known.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.timestamp
+    }
+    /// Where the record came from: Kafka topic, file path or generator name.
+    pub fn topic(&self) -> &'a str {
+        self.topic
+    }
+    /// The source partition (0 for files and generators).
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+    /// The source offset (Kafka offset; line number for files).
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+    /// The record's headers.
+    pub fn headers(&self) -> Headers<'a> {
+        self.headers
+    }
+    /// The value of the first header called `name`.
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers.get(name)
+    }
+}
+
+/// Reads the records of a packed batch, in order.
+pub struct BatchReader<'a> {
+    cursor: Cursor<'a>,
+    left: u32,
+}
+
+impl<'a> BatchReader<'a> {
+    /// Starts reading `batch`.
+    pub fn new(batch: &'a [u8]) -> Result<Self, AbiError> {
+        let mut cursor = Cursor { buf: batch, pos: 0 };
+        let left = cursor.u32("record count")?;
+        Ok(BatchReader { cursor, left })
+    }
+
+    /// How many records are left to read.
+    pub fn remaining(&self) -> u32 {
+        self.left
+    }
+
+    fn read_one(&mut self) -> Result<RecordView<'a>, AbiError> {
+        let c = &mut self.cursor;
+        let fixed = c.take(RECORD_FIXED, "record header")?;
+        let key_len = le_u32(fixed, 0);
+        let value_len = le_u32(fixed, 4) as usize;
+        let timestamp = le_i64(fixed, 8);
+        let offset = le_i64(fixed, 16);
+        let partition = le_u32(fixed, 24) as i32;
+        let topic_len = usize::from(le_u16(fixed, 28));
+        let header_count = le_u16(fixed, 30);
+        let value = c.take(value_len, "record value")?;
+        let key = match key_len {
+            NO_KEY => None,
+            len => Some(c.take(len as usize, "record key")?),
+        };
+        let topic = c.str(topic_len, "record topic")?;
+        let headers = Headers::read(c, header_count)?;
+        Ok(RecordView {
+            key,
+            value,
+            timestamp: (timestamp != NO_TIMESTAMP).then_some(timestamp),
+            topic,
+            partition,
+            offset,
+            headers,
+        })
+    }
+}
+
+impl<'a> Iterator for BatchReader<'a> {
+    type Item = Result<RecordView<'a>, AbiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.left = self.left.checked_sub(1)?;
+        let item = self.read_one();
+        if item.is_err() {
+            self.left = 0;
+        }
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.left as usize))
+    }
+}
+
+fn len_u16(len: usize) -> u16 {
+    u16::try_from(len).unwrap_or(u16::MAX)
+}
+
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX - 1)
+}
+
+fn put_header(buf: &mut Vec<u8>, name: &str, value: &[u8]) {
+    // Names are capped at 64 KiB and values at 4 GiB by the layout; longer
+    // ones are truncated rather than corrupting the buffer.
+    let name = &name.as_bytes()[..usize::from(len_u16(name.len()))];
+    let value = &value[..len_u32(value.len()) as usize];
+    buf.extend_from_slice(&len_u16(name.len()).to_le_bytes());
+    buf.extend_from_slice(&len_u32(value.len()).to_le_bytes());
+    buf.extend_from_slice(name);
+    buf.extend_from_slice(value);
+}
+
+/// The parts of one record to pack into a batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordParts<'a> {
+    /// The key, if any.
+    pub key: Option<&'a [u8]>,
+    /// The value.
+    pub value: &'a [u8],
+    /// Event time in ms since the epoch.
+    pub timestamp: Option<i64>,
+    /// Source topic, file or generator.
+    pub topic: &'a str,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+}
+
+/// Packs records into a batch. The buffer is kept between batches.
+#[derive(Default)]
+pub struct BatchWriter {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl BatchWriter {
+    /// An empty batch.
+    pub fn new() -> Self {
+        let mut writer = BatchWriter::default();
+        writer.clear();
+        writer
+    }
+
+    /// Empties the batch, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.count = 0;
+    }
+
+    /// How many records the batch holds.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends one record with its headers.
+    pub fn push<'h>(
+        &mut self,
+        record: RecordParts<'_>,
+        headers: impl ExactSizeIterator<Item = (&'h str, &'h [u8])>,
+    ) {
+        let buf = &mut self.buf;
+        let topic = &record.topic.as_bytes()[..usize::from(len_u16(record.topic.len()))];
+        let value = &record.value[..len_u32(record.value.len()) as usize];
+        let key = record.key.map(|k| &k[..len_u32(k.len()) as usize]);
+        buf.reserve(RECORD_FIXED + value.len() + key.map_or(0, <[u8]>::len) + topic.len());
+        buf.extend_from_slice(&key.map_or(NO_KEY, |k| len_u32(k.len())).to_le_bytes());
+        buf.extend_from_slice(&len_u32(value.len()).to_le_bytes());
+        buf.extend_from_slice(&record.timestamp.unwrap_or(NO_TIMESTAMP).to_le_bytes());
+        buf.extend_from_slice(&record.offset.to_le_bytes());
+        buf.extend_from_slice(&record.partition.to_le_bytes());
+        buf.extend_from_slice(&len_u16(topic.len()).to_le_bytes());
+        buf.extend_from_slice(&len_u16(headers.len()).to_le_bytes());
+        buf.extend_from_slice(value);
+        buf.extend_from_slice(key.unwrap_or_default());
+        buf.extend_from_slice(topic);
+        for (name, value) in headers.take(usize::from(u16::MAX)) {
+            put_header(buf, name, value);
+        }
+        self.count += 1;
+        buf[..4].copy_from_slice(&self.count.to_le_bytes());
+    }
+
+    /// The packed batch.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// Writes the outcomes of a batch: the guest side of `process`.
+///
+/// The caller starts each record's outcome with [`OutcomeWriter::begin`],
+/// adds outputs, then ends it with [`OutcomeWriter::commit`] or
+/// [`OutcomeWriter::fail`], which discards the outputs written so far.
+pub struct OutcomeWriter {
+    buf: Vec<u8>,
+    outcomes: u32,
+    current: usize,
+    outputs: u32,
+}
+
+impl OutcomeWriter {
+    /// A reply expecting about `records` outcomes of `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes);
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        OutcomeWriter {
+            buf,
+            outcomes: 0,
+            current: 0,
+            outputs: 0,
+        }
+    }
+
+    /// Starts the outcome of the next record.
+    pub fn begin(&mut self) {
+        self.current = self.buf.len();
+        self.outputs = 0;
+        self.buf.push(TAG_EMIT);
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+    }
+
+    /// Ends the current outcome as "emitted what was written".
+    pub fn commit(&mut self) {
+        let at = self.current + 1;
+        self.buf[at..at + 4].copy_from_slice(&self.outputs.to_le_bytes());
+        self.outcomes += 1;
+    }
+
+    /// Ends the current outcome as failed, discarding its outputs.
+    pub fn fail(&mut self, reason: &str) {
+        self.buf.truncate(self.current);
+        self.buf.push(TAG_FAIL);
+        self.buf.extend_from_slice(&len_u32(reason.len()).to_le_bytes());
+        self.buf.extend_from_slice(&reason.as_bytes()[..len_u32(reason.len()) as usize]);
+        self.outcomes += 1;
+    }
+
+    /// Starts an output of the current outcome and returns the buffer to
+    /// write its value into; finish it with [`OutcomeWriter::end_output`].
+    pub fn begin_output(&mut self) -> (usize, &mut Vec<u8>) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; OUTPUT_FIXED]);
+        (start, &mut self.buf)
+    }
+
+    /// Finishes the output begun at `start`, whose value has been written.
+    pub fn end_output<'h>(
+        &mut self,
+        start: usize,
+        key: Option<&[u8]>,
+        timestamp: Option<i64>,
+        route: Option<&str>,
+        headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+    ) {
+        let value_len = self.buf.len() - start - OUTPUT_FIXED;
+        let key = key.map(|k| &k[..len_u32(k.len()) as usize]);
+        let route = route.unwrap_or_default();
+        let route = &route.as_bytes()[..usize::from(len_u16(route.len()))];
+        self.buf.extend_from_slice(key.unwrap_or_default());
+        self.buf.extend_from_slice(route);
+        let mut header_count = 0u16;
+        for (name, value) in headers.take(usize::from(u16::MAX)) {
+            put_header(&mut self.buf, name, value);
+            header_count += 1;
+        }
+        let fixed = &mut self.buf[start..start + OUTPUT_FIXED];
+        fixed[0..4].copy_from_slice(&key.map_or(NO_KEY, |k| len_u32(k.len())).to_le_bytes());
+        fixed[4..8].copy_from_slice(&len_u32(value_len).to_le_bytes());
+        fixed[8..16].copy_from_slice(&timestamp.unwrap_or(NO_TIMESTAMP).to_le_bytes());
+        fixed[16..18].copy_from_slice(&len_u16(route.len()).to_le_bytes());
+        fixed[18..20].copy_from_slice(&header_count.to_le_bytes());
+        self.outputs += 1;
+    }
+
+    /// Copies an input record to the current outcome unchanged (key, value,
+    /// headers, timestamp), optionally routed.
+    pub fn forward(&mut self, record: &RecordView<'_>, route: Option<&str>) {
+        let (start, buf) = self.begin_output();
+        buf.extend_from_slice(record.value);
+        let raw = record.headers.raw();
+        self.end_output(start, record.key, None, route, core::iter::empty());
+        // Headers are packed identically in batches and outputs: copy them whole.
+        self.buf.extend_from_slice(raw);
+        let count = record.headers.count.to_le_bytes();
+        self.buf[start + 18..start + 20].copy_from_slice(&count);
+    }
+
+    /// The finished reply.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf[..4].copy_from_slice(&self.outcomes.to_le_bytes());
+        self.buf
+    }
+}
+
+/// One output of a record, borrowed from the reply.
+#[derive(Clone, Copy, Debug)]
+pub struct OutputView<'a> {
+    /// The key, if any.
+    pub key: Option<&'a [u8]>,
+    /// The value.
+    pub value: &'a [u8],
+    /// A new event time, or `None` to keep the input's.
+    pub timestamp: Option<i64>,
+    /// The named output to route to, or `None` for the default one.
+    pub route: Option<&'a str>,
+    /// The output's headers.
+    pub headers: Headers<'a>,
+}
+
+/// The outcome of one record, borrowed from the reply.
+#[derive(Clone, Copy, Debug)]
+pub enum OutcomeView<'a> {
+    /// Zero or more outputs (zero: dropped).
+    Emit(OutputsView<'a>),
+    /// The record failed, for this reason.
+    Fail(&'a str),
+}
+
+/// The outputs of one outcome; iterate them with [`OutputsView::iter`].
+#[derive(Clone, Copy, Debug)]
+pub struct OutputsView<'a> {
+    raw: &'a [u8],
+    count: u32,
+}
+
+impl<'a> OutputsView<'a> {
+    /// How many outputs.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+    /// Whether the record was dropped.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// The outputs in order.
+    pub fn iter(&self) -> impl Iterator<Item = OutputView<'a>> + use<'a> {
+        let mut cursor = Cursor {
+            buf: self.raw,
+            pos: 0,
+        };
+        // Validated by `OutcomeReader`, so reading again cannot fail.
+        (0..self.count).map_while(move |_| read_output(&mut cursor).ok())
+    }
+}
+
+fn read_output<'a>(c: &mut Cursor<'a>) -> Result<OutputView<'a>, AbiError> {
+    let fixed = c.take(OUTPUT_FIXED, "output header")?;
+    let key_len = le_u32(fixed, 0);
+    let value_len = le_u32(fixed, 4) as usize;
+    let timestamp = le_i64(fixed, 8);
+    let route_len = usize::from(le_u16(fixed, 16));
+    let header_count = le_u16(fixed, 18);
+    let value = c.take(value_len, "output value")?;
+    let key = match key_len {
+        NO_KEY => None,
+        len => Some(c.take(len as usize, "output key")?),
+    };
+    let route = c.str(route_len, "output route")?;
+    let headers = Headers::read(c, header_count)?;
+    Ok(OutputView {
+        key,
+        value,
+        timestamp: (timestamp != NO_TIMESTAMP).then_some(timestamp),
+        route: (!route.is_empty()).then_some(route),
+        headers,
+    })
+}
+
+/// Reads a plugin's reply: one [`OutcomeView`] per input record.
+pub struct OutcomeReader<'a> {
+    cursor: Cursor<'a>,
+    left: u32,
+}
+
+impl<'a> OutcomeReader<'a> {
+    /// Starts reading `reply`, checking it holds `expected` outcomes.
+    pub fn new(reply: &'a [u8], expected: usize) -> Result<Self, AbiError> {
+        let mut cursor = Cursor { buf: reply, pos: 0 };
+        let left = cursor.u32("outcome count")?;
+        if left as usize != expected {
+            return Err(AbiError {
+                what: "outcome count differs from the batch's record count",
+                at: 0,
+            });
+        }
+        Ok(OutcomeReader { cursor, left })
+    }
+
+    fn read_one(&mut self) -> Result<OutcomeView<'a>, AbiError> {
+        let c = &mut self.cursor;
+        match c.u8("outcome tag")? {
+            TAG_EMIT => {
+                let count = c.u32("output count")?;
+                let start = c.pos;
+                for _ in 0..count {
+                    read_output(c)?;
+                }
+                Ok(OutcomeView::Emit(OutputsView {
+                    raw: &c.buf[start..c.pos],
+                    count,
+                }))
+            }
+            TAG_FAIL => {
+                let len = c.u32("failure reason length")? as usize;
+                Ok(OutcomeView::Fail(c.str(len, "failure reason")?))
+            }
+            _ => Err(AbiError {
+                what: "unknown outcome tag",
+                at: c.pos - 1,
+            }),
+        }
+    }
+
+    /// Checks that nothing follows the last outcome.
+    pub fn finish(self) -> Result<(), AbiError> {
+        if self.left == 0 && self.cursor.pos == self.cursor.buf.len() {
+            Ok(())
+        } else {
+            Err(AbiError {
+                what: "trailing bytes after the last outcome",
+                at: self.cursor.pos,
+            })
+        }
+    }
+}
+
+impl<'a> Iterator for OutcomeReader<'a> {
+    type Item = Result<OutcomeView<'a>, AbiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.left = self.left.checked_sub(1)?;
+        let item = self.read_one();
+        if item.is_err() {
+            self.left = 0;
+        }
+        Some(item)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trips_every_field() {
+        let mut batch = BatchWriter::new();
+        batch.push(
+            RecordParts {
+                key: Some(b"user-1"),
+                value: b"{\"a\":1}",
+                timestamp: Some(1_700_000_000_000),
+                topic: "clicks",
+                partition: 3,
+                offset: 42,
+            },
+            [("trace", &b"abc"[..]), ("empty", &b""[..])].into_iter(),
+        );
+        batch.push(
+            RecordParts {
+                value: b"second",
+                topic: "clicks",
+                ..RecordParts::default()
+            },
+            core::iter::empty(),
+        );
+        let records: Vec<_> = BatchReader::new(batch.as_bytes())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(records.len(), 2);
+        let first = &records[0];
+        assert_eq!(first.key(), Some(&b"user-1"[..]));
+        assert_eq!(first.value(), b"{\"a\":1}");
+        assert_eq!(first.timestamp(), Some(1_700_000_000_000));
+        assert_eq!((first.topic(), first.partition(), first.offset()), ("clicks", 3, 42));
+        assert_eq!(first.header("trace"), Some(&b"abc"[..]));
+        assert_eq!(first.headers().iter().count(), 2);
+        assert_eq!(records[1].key(), None);
+        assert_eq!(records[1].timestamp(), None);
+    }
+
+    #[test]
+    fn outcomes_round_trip_and_fail_discards_partial_outputs() {
+        let mut batch = BatchWriter::new();
+        batch.push(
+            RecordParts {
+                key: Some(b"k"),
+                value: b"v",
+                topic: "t",
+                ..RecordParts::default()
+            },
+            [("h", &b"1"[..])].into_iter(),
+        );
+        let input = BatchReader::new(batch.as_bytes()).unwrap().next().unwrap().unwrap();
+
+        let mut out = OutcomeWriter::with_capacity(64);
+        out.begin();
+        out.forward(&input, Some("audit"));
+        let (start, buf) = out.begin_output();
+        buf.extend_from_slice(b"new");
+        out.end_output(start, None, Some(7), None, [("x", &b"y"[..])].into_iter());
+        out.commit();
+        out.begin();
+        out.forward(&input, None);
+        out.fail("bad amount");
+        let reply = out.finish();
+
+        let mut reader = OutcomeReader::new(&reply, 2).unwrap();
+        let OutcomeView::Emit(outputs) = reader.next().unwrap().unwrap() else {
+            panic!("first outcome should emit");
+        };
+        let outputs: Vec<_> = outputs.iter().collect();
+        assert_eq!(outputs.len(), 2);
+        assert_eq!(outputs[0].value, b"v");
+        assert_eq!(outputs[0].key, Some(&b"k"[..]));
+        assert_eq!(outputs[0].route, Some("audit"));
+        assert_eq!(outputs[0].headers.get("h"), Some(&b"1"[..]));
+        assert_eq!(outputs[1].value, b"new");
+        assert_eq!(outputs[1].timestamp, Some(7));
+        assert_eq!(outputs[1].headers.get("x"), Some(&b"y"[..]));
+        assert!(matches!(reader.next(), Some(Ok(OutcomeView::Fail("bad amount")))));
+        assert!(reader.next().is_none());
+        reader.finish().unwrap();
+    }
+
+    #[test]
+    fn truncated_and_miscounted_buffers_are_errors_not_panics() {
+        let mut batch = BatchWriter::new();
+        batch.push(
+            RecordParts {
+                value: b"hello",
+                topic: "t",
+                ..RecordParts::default()
+            },
+            core::iter::empty(),
+        );
+        let bytes = batch.as_bytes();
+        for cut in 0..bytes.len() {
+            let result: Result<Vec<_>, _> = match BatchReader::new(&bytes[..cut]) {
+                Ok(reader) => reader.collect(),
+                Err(e) => Err(e),
+            };
+            assert!(result.is_err(), "a batch cut at {cut} bytes must not parse");
+        }
+        let reply = OutcomeWriter::with_capacity(8).finish();
+        assert!(OutcomeReader::new(&reply, 1).is_err());
+        assert!(OutcomeReader::new(&[9, 0, 0, 0, 7], 9).unwrap().next().unwrap().is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! `weir check` and `weir plugin build`: everything short of moving records.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::{PipelineFile, SourceConfig};
+use crate::engine::{EngineOptions, Limits, PluginEngine};
+use crate::pipeline::prepare_chain;
+use crate::plugin::build_crate;
+
+pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let file = PipelineFile::load(path)?;
+    let engine = PluginEngine::new(EngineOptions {
+        cache_dir: file.cache_dir.clone(),
+    })?;
+    for pipeline in &file.pipelines {
+        if let SourceConfig::File { path: input, .. } = &pipeline.source {
+            if !input.get_ref().is_file() {
+                return Err(file
+                    .error_at(input.span().start, format!("input file `{}` does not exist", input.get_ref().display()))
+                    .into());
+            }
+        }
+        let mut chain = prepare_chain(&file, pipeline, &engine)?;
+        let plugins: Vec<String> = chain
+            .slots_mut()
+            .iter()
+            .map(|slot| format!("{} {} ({})", slot.name(), slot.version(), slot.path().display()))
+            .collect();
+        println!(
+            "ok: pipeline `{}`: {} plugin(s){}{}, {} sink(s)",
+            pipeline.name.get_ref(),
+            plugins.len(),
+            if plugins.is_empty() { "" } else { ": " },
+            plugins.join(", "),
+            pipeline.sinks.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn build_plugin(dir: &Path) -> anyhow::Result<ExitCode> {
+    let wasm = build_crate(dir)?;
+    let engine = PluginEngine::new(EngineOptions::default())?;
+    let plugin = engine.load(&wasm)?;
+    let described = plugin.describe(&Limits::default())?;
+    println!(
+        "built {} {}: {} (precompiled into {})",
+        described.name(),
+        described.version(),
+        wasm.display(),
+        engine.cache().dir().display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,142 @@
+//! `weir run`: starts every pipeline of a file, shows progress on a
+//! terminal, stops cleanly on Ctrl-C, and prints a summary.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::config::PipelineFile;
+use crate::engine::{EngineOptions, PluginEngine};
+use crate::metrics::{MetricsSnapshot, PipelineMetrics};
+use crate::pipeline::Pipeline;
+
+pub fn run(path: &Path, progress: bool) -> anyhow::Result<ExitCode> {
+    let file = PipelineFile::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_file(file, progress))
+}
+
+async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode> {
+    let engine = PluginEngine::new(EngineOptions {
+        cache_dir: file.cache_dir.clone(),
+    })?;
+    let mut pipelines = Vec::new();
+    for config in &file.pipelines {
+        pipelines.push(Pipeline::build(&file, config, &engine).await?);
+    }
+
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!();
+            tracing::info!("Ctrl-C: stopping after the batches in flight (press again to abort).");
+            let _ = stop.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+
+    let metrics: Vec<Arc<PipelineMetrics>> = pipelines.iter().map(Pipeline::metrics).collect();
+    let ticker = progress.then(|| tokio::spawn(show_progress(metrics.clone())));
+    let runs: Vec<_> = pipelines
+        .into_iter()
+        .map(|pipeline| tokio::spawn(pipeline.run(shutdown.clone())))
+        .collect();
+
+    let mut failed = false;
+    let mut summaries = Vec::new();
+    for (run, metrics) in runs.into_iter().zip(&metrics) {
+        match run.await {
+            Ok(Ok(summary)) => summaries.push(summary),
+            Ok(Err(err)) => {
+                failed = true;
+                summaries.push(metrics.snapshot());
+                eprintln!("weir: {err}");
+            }
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+        }
+    }
+    if let Some(ticker) = ticker {
+        ticker.abort();
+        eprint!("\r\x1b[2K");
+    }
+    for summary in &summaries {
+        eprintln!("{}", summary_line(summary));
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Rewrites one status line on stderr every second.
+async fn show_progress(metrics: Vec<Arc<PipelineMetrics>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last: Vec<u64> = vec![0; metrics.len()];
+    loop {
+        tick.tick().await;
+        let line: Vec<String> = metrics
+            .iter()
+            .zip(&mut last)
+            .map(|(metrics, last)| {
+                let now = metrics.snapshot();
+                let rate = now.records_in - *last;
+                *last = now.records_in;
+                format!(
+                    "{}: {} in, {} out, {} dead ({}/s)",
+                    now.pipeline,
+                    thousands(now.records_in),
+                    thousands(now.records_out),
+                    thousands(now.records_dead_lettered),
+                    thousands(rate)
+                )
+            })
+            .collect();
+        eprint!("\r\x1b[2K{}", line.join(" | "));
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn summary_line(s: &MetricsSnapshot) -> String {
+    format!(
+        "pipeline `{}`: {} records in, {} out, {} dropped, {} dead-lettered in {:.2} s ({} records/s)",
+        s.pipeline,
+        thousands(s.records_in),
+        thousands(s.records_out),
+        thousands(s.records_dropped),
+        thousands(s.records_dead_lettered),
+        s.elapsed.as_secs_f64(),
+        thousands(s.rate_in() as u64),
+    )
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(1_000), "1,000");
+        assert_eq!(super::thousands(1_234_567), "1,234,567");
+    }
+}

@@ -1,0 +1,412 @@
+//! The pipeline file: TOML with one or more `[[pipeline]]` tables, each a
+//! source, a chain of plugins, sinks and a dead-letter destination.
+//!
+//! Every error names the file and line at fault: syntax errors and unknown
+//! keys through `toml`'s spans, and later checks (a missing `.wasm`, two
+//! pipelines with one name) through the spans kept on the values.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! let file = weir::config::PipelineFile::load("examples/quickstart.toml".as_ref())?;
+//! for pipeline in &file.pipelines {
+//!     println!("{}: {} plugin(s)", pipeline.name.get_ref(), pipeline.plugins.len());
+//! }
+//! # Ok(()) }
+//! ```
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::engine::Limits;
+use crate::record::DEFAULT_ROUTE;
+
+/// A config error, with the place it was found.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// 1-based line of the bad key or value.
+    pub line: usize,
+    /// What is wrong, quoting the bad value.
+    pub message: String,
+}
+
+/// A parsed and checked pipeline file.
+#[derive(Debug, Clone)]
+pub struct PipelineFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its pipelines, in file order.
+    pub pipelines: Vec<PipelineConfig>,
+    /// Where compiled plugins are cached (`cache_dir`), relative paths
+    /// resolved against the file's folder.
+    pub cache_dir: Option<PathBuf>,
+    source: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    pipeline: Vec<PipelineConfig>,
+}
+
+/// One pipeline: source → plugins → sinks, with a dead-letter sink.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name, used in logs, metrics and dead-letter headers.
+    pub name: Spanned<String>,
+    /// Where records come from.
+    pub source: SourceConfig,
+    /// How records are grouped into batches for the plugins.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// What each plugin instance of this pipeline may use.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The plugin chain, applied in order; may be empty.
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    /// Where outputs go; each sink takes the routes it lists.
+    #[serde(rename = "sink")]
+    pub sinks: Vec<Spanned<SinkConfig>>,
+    /// Where failed and malformed records go, with the reason in headers.
+    /// Without one, they go to stderr as JSON envelopes: never silently lost.
+    pub dead_letter: Option<SinkConfig>,
+}
+
+/// Where records come from.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A file, read to its end; the run ends when it is drained.
+    File {
+        /// Path, relative to the pipeline file.
+        path: Spanned<PathBuf>,
+        /// `json` checks each line is JSON (malformed lines go to the
+        /// dead-letter sink with their line number); `lines` passes lines as
+        /// they are.
+        #[serde(default)]
+        format: LineFormat,
+    },
+    /// Standard input, line by line, until it closes.
+    Stdin {
+        /// As for `file`.
+        #[serde(default)]
+        format: LineFormat,
+    },
+    /// Seeded, realistic events keyed by user.
+    Generator(crate::source::generator::GeneratorConfig),
+}
+
+/// How a line-based source checks its lines.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LineFormat {
+    /// Each line must be a JSON document.
+    #[default]
+    Json,
+    /// Lines are passed through unchecked.
+    Lines,
+}
+
+/// How records are grouped into batches.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Most records per batch.
+    pub max_records: usize,
+    /// Longest a partial batch waits for more records, in milliseconds.
+    pub linger_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 1024,
+            linger_ms: 50,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// The linger as a duration.
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+}
+
+/// What each plugin instance of a pipeline may use.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Linear memory cap per plugin instance, in MiB.
+    pub memory_mb: u64,
+    /// Wall-clock budget for one plugin call (one batch), in milliseconds.
+    pub batch_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        LimitsConfig {
+            memory_mb: limits.memory_bytes >> 20,
+            batch_timeout_ms: limits.batch_deadline.as_millis() as u64,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// As the engine takes them.
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mb << 20,
+            batch_deadline: Duration::from_millis(self.batch_timeout_ms),
+        }
+    }
+}
+
+/// One plugin of the chain.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// A label for logs; the plugin's own name by default.
+    pub name: Option<String>,
+    /// A built component, relative to the pipeline file.
+    pub wasm: Option<Spanned<PathBuf>>,
+    /// A plugin crate, built for `wasm32-wasip2` before the run.
+    #[serde(rename = "crate")]
+    pub crate_dir: Option<Spanned<PathBuf>>,
+    /// The plugin's settings, passed to its `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// Where a plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// A `.wasm` file.
+    Wasm(PathBuf),
+    /// A crate to build.
+    Crate(PathBuf),
+}
+
+impl PluginConfig {
+    /// The plugin's settings as the JSON object `init` receives.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// A sink: where outputs (or dead letters) are written.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Standard output.
+    Stdout {
+        /// The routes this sink takes.
+        #[serde(default = "default_routes")]
+        routes: Vec<String>,
+        /// How records are written: `value` by default, `envelope` for a
+        /// dead-letter sink.
+        format: Option<RecordFormat>,
+    },
+    /// A JSON-lines file, created or truncated at start.
+    File {
+        /// Path, relative to the pipeline file.
+        path: PathBuf,
+        /// The routes this sink takes.
+        #[serde(default = "default_routes")]
+        routes: Vec<String>,
+        /// How records are written: `value` by default, `envelope` for a
+        /// dead-letter sink.
+        format: Option<RecordFormat>,
+    },
+}
+
+fn default_routes() -> Vec<String> {
+    vec![DEFAULT_ROUTE.to_owned()]
+}
+
+impl SinkConfig {
+    /// How records are written, given the default for this use.
+    pub fn format_or(&self, default: RecordFormat) -> RecordFormat {
+        match self {
+            SinkConfig::Stdout { format, .. } | SinkConfig::File { format, .. } => format.unwrap_or(default),
+        }
+    }
+
+    /// The routes this sink takes.
+    pub fn routes(&self) -> &[String] {
+        match self {
+            SinkConfig::Stdout { routes, .. } | SinkConfig::File { routes, .. } => routes,
+        }
+    }
+}
+
+/// How a sink writes a record.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordFormat {
+    /// The value alone, one per line.
+    #[default]
+    Value,
+    /// A JSON object with key, value, headers, timestamp and source
+    /// position: the dead-letter sink's default.
+    Envelope,
+}
+
+impl PipelineFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            message: format!("cannot read the pipeline file: {err}"),
+        })?;
+        Self::parse(path, source)
+    }
+
+    /// Parses `source` as if read from `path`.
+    pub fn parse(path: &Path, source: String) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(&source).map_err(|err| ConfigError {
+            file: path.to_owned(),
+            line: err.span().map_or(0, |span| line_of(&source, span.start)),
+            message: err.message().trim().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut file = PipelineFile {
+            path: path.to_owned(),
+            cache_dir: raw.cache_dir.map(|dir| base.join(dir)),
+            pipelines: raw.pipeline,
+            source,
+        };
+        file.check()?;
+        file.resolve_paths();
+        Ok(file)
+    }
+
+    /// An error at the byte offset `at` of the file.
+    pub fn error_at(&self, at: usize, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line: line_of(&self.source, at),
+            message: message.into(),
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.pipelines.is_empty() {
+            return Err(self.error_at(0, "no `[[pipeline]]` table: nothing to run"));
+        }
+        let mut names = HashSet::new();
+        for pipeline in &self.pipelines {
+            let name = &pipeline.name;
+            if !names.insert(name.get_ref().as_str()) {
+                return Err(self.error_at(name.span().start, format!("two pipelines are named `{}`", name.get_ref())));
+            }
+            if name.get_ref().is_empty() {
+                return Err(self.error_at(name.span().start, "a pipeline name cannot be empty"));
+            }
+            if pipeline.sinks.is_empty() {
+                return Err(self.error_at(
+                    name.span().start,
+                    format!("pipeline `{}` has no `[[pipeline.sink]]`", name.get_ref()),
+                ));
+            }
+            if pipeline.batch.max_records == 0 {
+                return Err(self.error_at(name.span().start, "`batch.max_records` must be at least 1"));
+            }
+            if pipeline.limits.memory_mb == 0 || pipeline.limits.batch_timeout_ms == 0 {
+                return Err(self.error_at(
+                    name.span().start,
+                    "`limits.memory_mb` and `limits.batch_timeout_ms` must be above 0",
+                ));
+            }
+            for plugin in &pipeline.plugins {
+                match (&plugin.wasm, &plugin.crate_dir) {
+                    (Some(_), None) | (None, Some(_)) => {}
+                    (Some(wasm), Some(_)) => {
+                        return Err(self.error_at(wasm.span().start, "a plugin takes `wasm` or `crate`, not both"));
+                    }
+                    (None, None) => {
+                        return Err(self.error_at(
+                            name.span().start,
+                            format!(
+                                "a plugin of pipeline `{}` has neither `wasm = \"file.wasm\"` nor `crate = \"dir\"`",
+                                name.get_ref()
+                            ),
+                        ));
+                    }
+                }
+            }
+            for sink in &pipeline.sinks {
+                if sink.get_ref().routes().is_empty() {
+                    return Err(self.error_at(sink.span().start, "a sink with `routes = []` would take nothing"));
+                }
+            }
+            if let SourceConfig::Generator(generator) = &pipeline.source {
+                generator
+                    .check()
+                    .map_err(|message| self.error_at(name.span().start, message))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self) {
+        let base = self.path.parent().unwrap_or(Path::new(".")).to_owned();
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        for pipeline in &mut self.pipelines {
+            if let SourceConfig::File { path, .. } = &mut pipeline.source {
+                resolve(path.get_mut());
+            }
+            for plugin in &mut pipeline.plugins {
+                if let Some(wasm) = &mut plugin.wasm {
+                    resolve(wasm.get_mut());
+                }
+                if let Some(dir) = &mut plugin.crate_dir {
+                    resolve(dir.get_mut());
+                }
+            }
+            let sinks = pipeline.sinks.iter_mut().map(Spanned::get_mut);
+            for sink in sinks.chain(pipeline.dead_letter.as_mut()) {
+                if let SinkConfig::File { path, .. } = sink {
+                    resolve(path);
+                }
+            }
+        }
+    }
+}
+
+impl PluginConfig {
+    /// Where the plugin comes from, and the byte offset to blame for it.
+    pub fn source(&self) -> (PluginSource, usize) {
+        match (&self.wasm, &self.crate_dir) {
+            (Some(wasm), _) => (PluginSource::Wasm(wasm.get_ref().clone()), wasm.span().start),
+            (None, Some(dir)) => (PluginSource::Crate(dir.get_ref().clone()), dir.span().start),
+            // `check` refuses a plugin with neither.
+            (None, None) => (PluginSource::Crate(PathBuf::new()), 0),
+        }
+    }
+}
+
+/// The 1-based line holding byte `at` of `source`.
+fn line_of(source: &str, at: usize) -> usize {
+    let at = at.min(source.len());
+    source.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
+}

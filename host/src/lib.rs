@@ -1,0 +1,25 @@
+//! Weir: a stream processor whose host owns ingestion, delivery, state and
+//! sinks, and whose every transformation is a sandboxed WebAssembly
+//! component written against the `weir:plugin` WIT contract.
+//!
+//! The concerns, one module each:
+//! - [`config`]: the pipeline file, with file:line errors.
+//! - [`engine`]: wasmtime (compile cache, limits, instances); the only
+//!   module that names wasmtime types.
+//! - [`plugin`]: where plugins come from, which version runs, swapping.
+//! - [`source`], [`sink`]: where records come from and go to.
+//! - [`pipeline`]: wiring, dead letters and delivery.
+//! - [`metrics`]: counters and typed telemetry events.
+//! - [`cli`]: the `weir` command.
+//! - [`testkit`]: run a built plugin in the real engine from a test.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod pipeline;
+pub mod plugin;
+pub mod record;
+pub mod sink;
+pub mod source;
+pub mod testkit;

@@ -1,0 +1,56 @@
+//! Typed telemetry events: each logs and counts in one place, once per batch.
+
+use std::sync::atomic::Ordering;
+
+use super::PipelineMetrics;
+
+/// A batch went through the plugin chain and reached the sinks.
+pub struct BatchProcessed {
+    /// Records read from the source in this batch.
+    pub received: u64,
+    /// Records written to sinks.
+    pub sent: u64,
+    /// Records dropped by a plugin.
+    pub dropped: u64,
+}
+
+impl BatchProcessed {
+    /// Counts the batch.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.batches.fetch_add(1, Ordering::Relaxed);
+        metrics.records_in.fetch_add(self.received, Ordering::Relaxed);
+        metrics.records_out.fetch_add(self.sent, Ordering::Relaxed);
+        metrics.records_dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        tracing::trace!(
+            pipeline = %metrics.pipeline,
+            received = self.received,
+            sent = self.sent,
+            dropped = self.dropped,
+            "Batch processed."
+        );
+    }
+}
+
+/// Records of a batch went to the dead-letter sink.
+pub struct RecordsDeadLettered<'a> {
+    /// How many.
+    pub count: u64,
+    /// The first one's reason, as an example for the log.
+    pub first_reason: &'a str,
+}
+
+impl RecordsDeadLettered<'_> {
+    /// Counts and logs them.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        if self.count == 0 {
+            return;
+        }
+        metrics.records_dead_lettered.fetch_add(self.count, Ordering::Relaxed);
+        tracing::warn!(
+            pipeline = %metrics.pipeline,
+            count = self.count,
+            first_reason = self.first_reason,
+            "Records sent to the dead-letter sink."
+        );
+    }
+}

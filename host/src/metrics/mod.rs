@@ -1,0 +1,109 @@
+//! Counters a pipeline keeps about itself, and the typed events that bump
+//! them and log together (`events`).
+//!
+//! Counters are atomics read by the progress line and the end-of-run
+//! summary; names follow `weir_<name>_<unit>_total` so that the Prometheus
+//! endpoint can export them unchanged.
+
+pub mod events;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One pipeline's counters.
+#[derive(Debug)]
+pub struct PipelineMetrics {
+    /// The pipeline's name.
+    pub pipeline: String,
+    started: Instant,
+    records_in: AtomicU64,
+    records_out: AtomicU64,
+    records_dropped: AtomicU64,
+    records_dead_lettered: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl PipelineMetrics {
+    /// Zeroed counters for `pipeline`, its clock starting now.
+    pub fn new(pipeline: &str) -> Self {
+        PipelineMetrics {
+            pipeline: pipeline.to_owned(),
+            started: Instant::now(),
+            records_in: AtomicU64::new(0),
+            records_out: AtomicU64::new(0),
+            records_dropped: AtomicU64::new(0),
+            records_dead_lettered: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+        }
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            pipeline: self.pipeline.clone(),
+            elapsed: self.started.elapsed(),
+            records_in: self.records_in.load(Ordering::Relaxed),
+            records_out: self.records_out.load(Ordering::Relaxed),
+            records_dropped: self.records_dropped.load(Ordering::Relaxed),
+            records_dead_lettered: self.records_dead_lettered.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The counters of a pipeline at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// Time since the pipeline started.
+    pub elapsed: Duration,
+    /// `weir_records_received_total`: records read from the source.
+    pub records_in: u64,
+    /// `weir_records_sent_total`: records written to sinks (not counting dead letters).
+    pub records_out: u64,
+    /// `weir_records_dropped_total`: records a plugin emitted nothing for.
+    pub records_dropped: u64,
+    /// `weir_records_dead_lettered_total`: records sent to the dead-letter sink.
+    pub records_dead_lettered: u64,
+    /// `weir_batches_processed_total`.
+    pub batches: u64,
+}
+
+impl MetricsSnapshot {
+    /// Records read per second since the start.
+    pub fn rate_in(&self) -> f64 {
+        self.records_in as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Counters a plugin bumps through the `add-to-counter` host import.
+#[derive(Debug, Default, Clone)]
+pub struct PluginCounters {
+    counts: BTreeMap<String, u64>,
+}
+
+impl PluginCounters {
+    /// Caps how many distinct names one plugin may create, so a plugin
+    /// cannot grow host memory without bound.
+    const MAX_NAMES: usize = 256;
+
+    pub(crate) fn add(&mut self, name: &str, delta: u64) {
+        if let Some(count) = self.counts.get_mut(name) {
+            *count = count.saturating_add(delta);
+        } else if self.counts.len() < Self::MAX_NAMES {
+            self.counts.insert(name.to_owned(), delta);
+        }
+    }
+
+    /// The value of counter `name`.
+    pub fn get(&self, name: &str) -> u64 {
+        self.counts.get(name).copied().unwrap_or(0)
+    }
+
+    /// All counters, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.counts.iter().map(|(name, count)| (name.as_str(), *count))
+    }
+}

@@ -1,0 +1,395 @@
+//! Wiring and delivery: a pipeline reads batches from its source, runs them
+//! through its plugin chain on a blocking worker (never on the reactor),
+//! routes the outputs to sinks and failures to the dead-letter sink, and
+//! commits source positions once every sink has flushed.
+//!
+//! Guarantees:
+//! - Order: records keep source order through the chain and into each sink.
+//! - At-least-once: a position is committed only after every sink, the
+//!   dead-letter sink included, has durably written all that derives from it.
+//! - Nothing silent: every input is counted as sent, dropped (a plugin
+//!   emitted nothing) or dead-lettered (malformed, failed, or routed where no
+//!   sink listens), with the reason in its headers.
+//! - Backpressure: stages are joined by bounded channels, so a slow sink
+//!   slows the source instead of growing memory.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use weir::{config::PipelineFile, engine::{EngineOptions, PluginEngine}, pipeline::Pipeline};
+//! let file = PipelineFile::load("examples/quickstart.toml".as_ref())?;
+//! let engine = PluginEngine::new(EngineOptions::default())?;
+//! let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine).await?;
+//! let (_stop, shutdown) = tokio::sync::watch::channel(false);
+//! let summary = pipeline.run(shutdown).await?;
+//! println!("{} records out", summary.records_out);
+//! # Ok(()) }
+//! ```
+
+mod chain;
+pub mod dead_letter;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{ConfigError, PipelineConfig, PipelineFile, RecordFormat, SinkConfig};
+use crate::engine::{PluginEngine, PluginError};
+use crate::metrics::events::{BatchProcessed, RecordsDeadLettered};
+use crate::metrics::{MetricsSnapshot, PipelineMetrics};
+use crate::plugin::{PluginSlot, locate};
+use crate::record::Record;
+use crate::sink::{self, Sink, SinkError};
+use crate::source::{self, Checkpoint, Source, SourceBatch, SourceError};
+
+pub use chain::{Chain, ChainOutput};
+pub use dead_letter::{DeadLetter, Stage};
+
+/// How often sinks are flushed and source positions committed while
+/// records flow; the end of the run always flushes and commits.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// Batches in flight between two stages.
+const IN_FLIGHT: usize = 2;
+
+/// Why a pipeline could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Its config (or a plugin it names) is at fault.
+    #[error(transparent)]
+    Setup(#[from] ConfigError),
+    /// The source failed.
+    #[error("pipeline `{pipeline}`: {source}")]
+    Source {
+        /// The pipeline.
+        pipeline: String,
+        /// What failed.
+        source: SourceError,
+    },
+    /// A plugin trapped, hit a limit or replied garbage.
+    #[error("pipeline `{pipeline}`: {source}")]
+    Plugin {
+        /// The pipeline.
+        pipeline: String,
+        /// What failed.
+        source: PluginError,
+    },
+    /// A sink failed.
+    #[error("pipeline `{pipeline}`: {source}")]
+    Sink {
+        /// The pipeline.
+        pipeline: String,
+        /// What failed.
+        source: SinkError,
+    },
+}
+
+/// Builds (if needed), loads and starts every plugin of `pipeline`, with its
+/// config: a plugin that is not a weir component, or rejects its config, is
+/// reported at the line of the pipeline file that names it. Blocking: it may
+/// run cargo and compile.
+pub fn prepare_chain(file: &PipelineFile, pipeline: &PipelineConfig, engine: &PluginEngine) -> Result<Chain, ConfigError> {
+    let limits = pipeline.limits.to_limits();
+    let mut slots = Vec::with_capacity(pipeline.plugins.len());
+    for (index, plugin) in pipeline.plugins.iter().enumerate() {
+        let (source, at) = plugin.source();
+        let blame = |err: &dyn std::fmt::Display| {
+            file.error_at(
+                at,
+                format!("pipeline `{}`, plugin #{}: {err}", pipeline.name.get_ref(), index + 1),
+            )
+        };
+        let wasm = locate(&source).map_err(|e| blame(&e))?;
+        let slot = PluginSlot::start(engine, &wasm, plugin, &limits).map_err(|e| blame(&e))?;
+        tracing::info!(
+            pipeline = %pipeline.name.get_ref(),
+            plugin = %slot.label(),
+            version = %slot.version(),
+            wasm = %wasm.display(),
+            "Plugin loaded."
+        );
+        slots.push(slot);
+    }
+    Ok(Chain::new(slots))
+}
+
+struct SinkEntry {
+    sink: Box<dyn Sink>,
+}
+
+/// A pipeline ready to run.
+pub struct Pipeline {
+    name: String,
+    source: Box<dyn Source>,
+    chain: Chain,
+    sinks: Vec<SinkEntry>,
+    routes: HashMap<String, Vec<usize>>,
+    dead_letter: Box<dyn Sink>,
+    metrics: Arc<PipelineMetrics>,
+}
+
+impl Pipeline {
+    /// Prepares `pipeline` of `file`: plugins started, sinks opened, source
+    /// opened.
+    pub async fn build(file: &PipelineFile, pipeline: &PipelineConfig, engine: &PluginEngine) -> Result<Self, PipelineError> {
+        let name = pipeline.name.get_ref().clone();
+        let chain = {
+            // On a blocking worker: building may run cargo and compile.
+            let (file, config, engine) = (file.clone(), pipeline.clone(), engine.clone());
+            match tokio::task::spawn_blocking(move || prepare_chain(&file, &config, &engine)).await {
+                Ok(chain) => chain?,
+                Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            }
+        };
+        let sink_error = |source| PipelineError::Sink {
+            pipeline: name.clone(),
+            source,
+        };
+        let mut sinks = Vec::new();
+        let mut routes: HashMap<String, Vec<usize>> = HashMap::new();
+        for (index, config) in pipeline.sinks.iter().enumerate() {
+            let config: &SinkConfig = config.get_ref();
+            for route in config.routes() {
+                routes.entry(route.clone()).or_default().push(index);
+            }
+            sinks.push(SinkEntry {
+                sink: sink::build(config, RecordFormat::Value).await.map_err(sink_error)?,
+            });
+        }
+        let dead_letter = match &pipeline.dead_letter {
+            Some(config) => sink::build(config, RecordFormat::Envelope).await.map_err(sink_error)?,
+            None => sink::default_dead_letter(),
+        };
+        let source = source::build(&pipeline.source, &pipeline.batch).map_err(|source| PipelineError::Source {
+            pipeline: name.clone(),
+            source,
+        })?;
+        Ok(Pipeline {
+            metrics: Arc::new(PipelineMetrics::new(&name)),
+            name,
+            source,
+            chain,
+            sinks,
+            routes,
+            dead_letter,
+        })
+    }
+
+    /// The pipeline's live counters.
+    pub fn metrics(&self) -> Arc<PipelineMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until the source is drained (or `shutdown` turns true), then
+    /// flushes every sink, commits, and returns the final counters.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: dropping the future abandons records in flight
+    /// without committing them. Use `shutdown` to stop cleanly.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<MetricsSnapshot, PipelineError> {
+        let Pipeline {
+            name,
+            mut source,
+            mut chain,
+            sinks,
+            routes,
+            dead_letter,
+            metrics,
+        } = self;
+        let (to_chain, mut from_source) = mpsc::channel::<SourceBatch>(IN_FLIGHT);
+        let (to_sinks, from_chain) = mpsc::channel::<Processed>(IN_FLIGHT);
+        let (to_source, mut commits) = mpsc::unbounded_channel::<Checkpoint>();
+
+        let processor = tokio::task::spawn_blocking(move || -> Result<(), PluginError> {
+            while let Some(batch) = from_source.blocking_recv() {
+                let received = batch.len() as u64;
+                let mut dead: Vec<DeadLetter> = batch
+                    .rejected
+                    .into_iter()
+                    .map(|rejected| DeadLetter {
+                        record: rejected.record,
+                        reason: rejected.reason,
+                        stage: Stage::Source,
+                    })
+                    .collect();
+                let output = chain.process(batch.records)?;
+                dead.extend(output.dead);
+                let processed = Processed {
+                    records: output.records,
+                    dead,
+                    dropped: output.dropped,
+                    received,
+                    checkpoint: batch.checkpoint,
+                };
+                if to_sinks.blocking_send(processed).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+
+        let writer = SinkWriter {
+            pipeline: name.clone(),
+            sinks,
+            routes,
+            dead_letter,
+            metrics: metrics.clone(),
+            to_source,
+        };
+        let writer = tokio::spawn(writer.run(from_chain));
+
+        let stop = async move {
+            if shutdown.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(stop);
+        let mut source_result = Ok(());
+        loop {
+            while let Ok(checkpoint) = commits.try_recv() {
+                if let Err(err) = source.commit(&checkpoint).await {
+                    source_result = Err(err);
+                }
+            }
+            let batch = tokio::select! {
+                biased;
+                () = &mut stop => {
+                    tracing::info!(pipeline = %name, "Stopping: finishing the batches in flight.");
+                    break;
+                }
+                batch = source.next_batch() => batch,
+            };
+            match batch {
+                Ok(Some(batch)) if batch.is_empty() => {}
+                Ok(Some(batch)) => {
+                    if to_chain.send(batch).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    source_result = Err(err);
+                    break;
+                }
+            }
+        }
+        drop(to_chain);
+        while let Some(checkpoint) = commits.recv().await {
+            if let Err(err) = source.commit(&checkpoint).await {
+                source_result = Err(err);
+            }
+        }
+
+        let processed = processor.await;
+        let written = writer.await;
+        // The plugin's error explains a closed channel better than the sink's.
+        match processed {
+            Ok(Err(source)) => return Err(PipelineError::Plugin { pipeline: name, source }),
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            Ok(Ok(())) => {}
+        }
+        match written {
+            Ok(Err(SinkError::Closed { sink })) => {
+                tracing::info!(pipeline = %name, %sink, "Output closed by its reader; stopped.");
+            }
+            Ok(Err(source)) => return Err(PipelineError::Sink { pipeline: name, source }),
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            Ok(Ok(())) => {}
+        }
+        source_result.map_err(|source| PipelineError::Source { pipeline: name, source })?;
+        Ok(metrics.snapshot())
+    }
+}
+
+/// A batch after the chain, on its way to the sinks.
+struct Processed {
+    records: Vec<Record>,
+    dead: Vec<DeadLetter>,
+    dropped: u64,
+    received: u64,
+    checkpoint: Checkpoint,
+}
+
+/// Writes processed batches to sinks and hands checkpoints back once all
+/// sinks have flushed.
+struct SinkWriter {
+    pipeline: String,
+    sinks: Vec<SinkEntry>,
+    routes: HashMap<String, Vec<usize>>,
+    dead_letter: Box<dyn Sink>,
+    metrics: Arc<PipelineMetrics>,
+    to_source: mpsc::UnboundedSender<Checkpoint>,
+}
+
+impl SinkWriter {
+    async fn run(mut self, mut batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
+        let mut pending: Option<Checkpoint> = None;
+        let mut last_commit = Instant::now();
+        while let Some(batch) = batches.recv().await {
+            self.write(batch.records, batch.dead, batch.dropped, batch.received).await?;
+            let checkpoint = pending.get_or_insert_with(Checkpoint::default);
+            for position in &batch.checkpoint.positions {
+                checkpoint.advance(position);
+            }
+            if last_commit.elapsed() >= COMMIT_INTERVAL {
+                self.commit(pending.take()).await?;
+                last_commit = Instant::now();
+            }
+        }
+        self.commit(pending.take()).await
+    }
+
+    async fn write(&mut self, records: Vec<Record>, mut dead: Vec<DeadLetter>, dropped: u64, received: u64) -> Result<(), SinkError> {
+        let mut per_sink: Vec<Vec<Record>> = vec![Vec::new(); self.sinks.len()];
+        let mut sent = 0;
+        for record in records {
+            match self.routes.get(record.route_name()) {
+                Some(targets) => {
+                    sent += 1;
+                    if let Some((last, others)) = targets.split_last() {
+                        for &target in others {
+                            per_sink[target].push(record.clone());
+                        }
+                        per_sink[*last].push(record);
+                    }
+                }
+                None => dead.push(DeadLetter {
+                    reason: format!("no sink takes route `{}`", record.route_name()),
+                    record,
+                    stage: Stage::Route,
+                }),
+            }
+        }
+        for (entry, records) in self.sinks.iter_mut().zip(&per_sink) {
+            if !records.is_empty() {
+                entry.sink.write(records).await?;
+            }
+        }
+        if let Some(first) = dead.first() {
+            let first_reason = first.reason.clone();
+            let count = dead.len() as u64;
+            let dead: Vec<Record> = dead.into_iter().map(|d| d.into_record(&self.pipeline)).collect();
+            self.dead_letter.write(&dead).await?;
+            RecordsDeadLettered {
+                count,
+                first_reason: &first_reason,
+            }
+            .emit(&self.metrics);
+        }
+        BatchProcessed { received, sent, dropped }.emit(&self.metrics);
+        Ok(())
+    }
+
+    async fn commit(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), SinkError> {
+        for entry in &mut self.sinks {
+            entry.sink.flush().await?;
+        }
+        self.dead_letter.flush().await?;
+        if let Some(checkpoint) = checkpoint {
+            // The source may have stopped listening after an error of its own.
+            let _ = self.to_source.send(checkpoint);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! Sources: where a pipeline's records come from, a batch at a time.
+//!
+//! Every source implements [`Source`]. A batch carries a [`Checkpoint`]: the
+//! last position read per topic and partition. The pipeline hands the
+//! checkpoint back through [`Source::commit`] only once every sink
+//! (dead-letter sink included) has durably written everything derived from
+//! the batch, so a source that can commit (Kafka) never commits a record
+//! that could still be lost: at-least-once.
+//!
+//! Input a source cannot make into a record (a malformed JSON line) is not
+//! dropped: it comes back in [`SourceBatch::rejected`] with the reason and
+//! its position, for the dead-letter sink.
+
+pub mod generator;
+mod lines;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{BatchConfig, SourceConfig};
+use crate::record::{Record, SourcePosition};
+
+pub use generator::Generator;
+pub use lines::LineSource;
+
+/// Why a source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Reading failed.
+    #[error("cannot read `{what}`: {source}")]
+    Io {
+        /// The file or stream.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Input the source could not turn into a record, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The raw input, as a record at its position.
+    pub record: Record,
+    /// Why, quoting the input's fault.
+    pub reason: String,
+}
+
+/// The last position read per topic and partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// One entry per topic and partition.
+    pub positions: Vec<SourcePosition>,
+}
+
+impl Checkpoint {
+    /// Records that `position` has been read.
+    pub fn advance(&mut self, position: &SourcePosition) {
+        let same = |p: &&mut SourcePosition| p.partition == position.partition && p.topic == position.topic;
+        match self.positions.iter_mut().find(same) {
+            Some(p) => p.offset = p.offset.max(position.offset),
+            None => self.positions.push(position.clone()),
+        }
+    }
+}
+
+/// One batch from a source.
+#[derive(Debug, Default)]
+pub struct SourceBatch {
+    /// Records to process.
+    pub records: Vec<Record>,
+    /// Input that could not become a record.
+    pub rejected: Vec<Rejected>,
+    /// Where this batch ends.
+    pub checkpoint: Checkpoint,
+}
+
+impl SourceBatch {
+    /// How many inputs the batch holds, records and rejects.
+    pub fn len(&self) -> usize {
+        self.records.len() + self.rejected.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A source of records.
+#[async_trait]
+pub trait Source: Send {
+    /// The next batch, or `None` once a bounded source is drained.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: records read into a batch that is cancelled are
+    /// lost. They were never committed, so a committing source reads them
+    /// again; the pipeline cancels only on shutdown.
+    async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError>;
+
+    /// Everything up to `checkpoint` is durably written by every sink.
+    async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SourceError> {
+        let _ = checkpoint;
+        Ok(())
+    }
+}
+
+/// Builds the source a pipeline's config describes.
+pub fn build(config: &SourceConfig, batch: &BatchConfig) -> Result<Box<dyn Source>, SourceError> {
+    Ok(match config {
+        SourceConfig::File { path, format } => Box::new(LineSource::file(path.get_ref(), *format, batch)?),
+        SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch)),
+        SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
+    })
+}
+
+fn position(topic: &Arc<str>, partition: i32, offset: i64) -> SourcePosition {
+    SourcePosition {
+        topic: topic.clone(),
+        partition,
+        offset,
+    }
+}
