@@ -36,7 +36,8 @@ pub fn build_crate(dir: &Path) -> Result<PathBuf, BuildError> {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(cargo)
-        .args(["build", "--release", "--target", WASM_TARGET, "--message-format=json-render-diagnostics"])
+        .args(["build", "--quiet", "--release", "--target", WASM_TARGET])
+        .arg("--message-format=json-render-diagnostics")
         .arg("--manifest-path")
         .arg(&manifest)
         .stdout(Stdio::piped())
