@@ -53,6 +53,10 @@ pub mod __private {
 #[macro_export]
 macro_rules! export_transform {
     ($plugin:ty) => {
+        // Only the component exports anything: a native build (for `cargo
+        // test`) would put WIT export names, which native linkers reject,
+        // into the cdylib's symbol table.
+        #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct WeirTransformExport;
 

@@ -15,10 +15,10 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     })?;
     for pipeline in &file.pipelines {
         if let SourceConfig::File { path: input, .. } = &pipeline.source {
-            if !input.get_ref().is_file() {
-                return Err(file
-                    .error_at(input.span().start, format!("input file `{}` does not exist", input.get_ref().display()))
-                    .into());
+            if !input.is_file() {
+                let at = pipeline.name.span().start;
+                let message = format!("pipeline `{}`: input file `{}` does not exist", pipeline.name.get_ref(), input.display());
+                return Err(file.error_at(at, message).into());
             }
         }
         let mut chain = prepare_chain(&file, pipeline, &engine)?;

@@ -78,7 +78,7 @@ pub struct PipelineConfig {
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
     /// Where outputs go; each sink takes the routes it lists.
-    #[serde(rename = "sink")]
+    #[serde(default, rename = "sink")]
     pub sinks: Vec<Spanned<SinkConfig>>,
     /// Where failed and malformed records go, with the reason in headers.
     /// Without one, they go to stderr as JSON envelopes: never silently lost.
@@ -92,7 +92,7 @@ pub enum SourceConfig {
     /// A file, read to its end; the run ends when it is drained.
     File {
         /// Path, relative to the pipeline file.
-        path: Spanned<PathBuf>,
+        path: PathBuf,
         /// `json` checks each line is JSON (malformed lines go to the
         /// dead-letter sink with their line number); `lines` passes lines as
         /// they are.
@@ -373,7 +373,7 @@ impl PipelineFile {
         };
         for pipeline in &mut self.pipelines {
             if let SourceConfig::File { path, .. } = &mut pipeline.source {
-                resolve(path.get_mut());
+                resolve(path);
             }
             for plugin in &mut pipeline.plugins {
                 if let Some(wasm) = &mut plugin.wasm {

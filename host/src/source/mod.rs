@@ -109,7 +109,7 @@ pub trait Source: Send {
 /// Builds the source a pipeline's config describes.
 pub fn build(config: &SourceConfig, batch: &BatchConfig) -> Result<Box<dyn Source>, SourceError> {
     Ok(match config {
-        SourceConfig::File { path, format } => Box::new(LineSource::file(path.get_ref(), *format, batch)?),
+        SourceConfig::File { path, format } => Box::new(LineSource::file(path, *format, batch)?),
         SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch)),
         SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
     })

@@ -1,5 +1,6 @@
 //! Test fixture: behaves like identity until a record's value names a
-//! misdeed (`panic`, `spin`, `hog`, `fail`), then commits it. Lets the
+//! misdeed (`panic`, `spin`, `hog`, `fail`) or a probe of ambient
+//! capabilities (`env`, `read`, `connect`), then commits it. Lets the
 //! tests prove that each limit stops a plugin with its own error.
 
 use serde::Deserialize;
@@ -31,6 +32,24 @@ impl Transform for Misbehave {
                 let hog = vec![1u8; self.hog_mib << 20];
                 std::hint::black_box(&hog);
                 out.forward(&record);
+            }
+            b"env" => {
+                let seen = format!("{} variables, cwd {:?}", std::env::vars().count(), std::env::current_dir().ok());
+                drop(out.emit(seen.as_bytes()));
+            }
+            b"read" => {
+                let seen = match std::fs::read_to_string("/etc/hostname") {
+                    Ok(text) => format!("read {} bytes", text.len()),
+                    Err(err) => format!("denied: {err}"),
+                };
+                drop(out.emit(seen.as_bytes()));
+            }
+            b"connect" => {
+                let seen = match std::net::TcpStream::connect("127.0.0.1:5432") {
+                    Ok(_) => "connected".to_owned(),
+                    Err(err) => format!("denied: {err}"),
+                };
+                drop(out.emit(seen.as_bytes()));
             }
             b"fail" => return Err(Error::new(format!("record at offset {} is marked fail", record.offset()))),
             _ => out.forward(&record),

@@ -1,0 +1,88 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<PipelineFile, ConfigError> {
+    PipelineFile::parse(Path::new("/etc/weir/p.toml"), text.to_owned())
+}
+
+const MINIMAL: &str = r#"
+[[pipeline]]
+name = "p"
+source = { type = "file", path = "in.jsonl" }
+
+[[pipeline.plugin]]
+crate = "plugins/f"
+config = { field = "amount", min = 1.5, nested = { a = [1, 2] } }
+
+[[pipeline.sink]]
+type = "file"
+path = "out/x.jsonl"
+"#;
+
+#[test]
+fn defaults_paths_and_plugin_config_are_filled_in() {
+    let file = parse(MINIMAL).unwrap();
+    let pipeline = &file.pipelines[0];
+    assert_eq!(pipeline.batch.max_records, 1024);
+    assert_eq!(pipeline.limits.to_limits().memory_bytes, 64 << 20);
+    let SourceConfig::File { path, format } = &pipeline.source else {
+        panic!("file source expected");
+    };
+    assert_eq!(path, Path::new("/etc/weir/in.jsonl"));
+    assert_eq!(*format, LineFormat::Json);
+    assert_eq!(
+        pipeline.plugins[0].source().0,
+        PluginSource::Crate("/etc/weir/plugins/f".into())
+    );
+    let config: serde_json::Value = serde_json::from_str(&pipeline.plugins[0].config_json()).unwrap();
+    assert_eq!(config, serde_json::json!({"field": "amount", "min": 1.5, "nested": {"a": [1, 2]}}));
+    let sink = pipeline.sinks[0].get_ref();
+    assert_eq!(sink.routes(), ["default"]);
+    assert_eq!(sink.format_or(RecordFormat::Envelope), RecordFormat::Envelope);
+}
+
+#[test]
+fn unknown_keys_are_reported_with_file_and_line() {
+    let text = MINIMAL.replace("path = \"out/x.jsonl\"", "paht = \"out/x.jsonl\"");
+    let err = parse(&text).unwrap_err();
+    // The sink's table, whose key is wrong.
+    assert_eq!(err.line, 10, "{err}");
+    assert!(err.to_string().starts_with("/etc/weir/p.toml:10: "), "{err}");
+    assert!(err.message.contains("unknown field `paht`"), "{err}");
+}
+
+#[test]
+fn semantic_mistakes_point_at_their_line() {
+    let twice = format!("{MINIMAL}\n{MINIMAL}");
+    let err = parse(&twice).unwrap_err();
+    assert!(err.message.contains("two pipelines are named `p`"), "{err}");
+    assert_eq!(err.line, 16, "{err}");
+
+    let both = MINIMAL.replace("crate = \"plugins/f\"", "crate = \"plugins/f\"\nwasm = \"f.wasm\"");
+    let err = parse(&both).unwrap_err();
+    assert!(err.message.contains("`wasm` or `crate`, not both"), "{err}");
+    assert_eq!(err.line, 8);
+
+    let no_sink = MINIMAL.split("[[pipeline.sink]]").next().unwrap_or_default().to_owned();
+    let err = parse(&no_sink).unwrap_err();
+    assert!(err.message.contains("has no `[[pipeline.sink]]`"), "{err}");
+
+    let bad_rate = MINIMAL.replace(
+        "source = { type = \"file\", path = \"in.jsonl\" }",
+        "source = { type = \"generator\", kind = \"payments\", malformed = 2.0 }",
+    );
+    let err = parse(&bad_rate).unwrap_err();
+    assert!(err.message.contains("`malformed` must be within 0.0..=1.0, not 2"), "{err}");
+
+    let err = parse("").unwrap_err();
+    assert!(err.message.contains("no `[[pipeline]]`"), "{err}");
+}
+
+#[test]
+fn unknown_source_types_and_kinds_name_the_choices() {
+    let text = MINIMAL.replace("type = \"file\", path", "type = \"kafka\", path");
+    let err = parse(&text).unwrap_err();
+    assert!(err.message.contains("unknown variant `kafka`"), "{err}");
+    assert_eq!(err.line, 4);
+}

@@ -1,0 +1,169 @@
+//! The `weir` command as an operator or plugin author meets it.
+
+use std::process::Command;
+
+use crate::support::{Scratch, plugin, stderr, stdout, weir, weir_bin, workspace};
+
+fn pipeline_with_plugin(scratch: &Scratch, wasm: &str) -> std::path::PathBuf {
+    scratch.write("in.jsonl", "{\"amount\": 5}\n");
+    scratch.pipeline(&format!(
+        r#"[[pipeline]]
+name = "p"
+source = {{ type = "file", path = "in.jsonl" }}
+
+[[pipeline.plugin]]
+wasm = "{wasm}"
+config = {{ field = "amount", min = 1 }}
+
+[[pipeline.sink]]
+type = "stdout"
+"#
+    ))
+}
+
+#[test]
+fn check_and_run_refuse_garbage_and_wrong_world_wasm_naming_file_and_line() {
+    let scratch = Scratch::new();
+    let cache = scratch.path("cache");
+    let garbage = scratch.write("garbage.wasm", "\u{7f}ELF not a component");
+    let wrong_world = plugin("wrong-world");
+    for (wasm, says) in [
+        (garbage.display().to_string(), "is not a WebAssembly file"),
+        (wrong_world.display().to_string(), "is a component but not a weir plugin"),
+    ] {
+        let path = pipeline_with_plugin(&scratch, &wasm);
+        for command in ["check", "run"] {
+            let output = weir(&[command, path.to_str().unwrap()], &cache);
+            let err = stderr(&output);
+            assert!(!output.status.success(), "weir {command} accepted {wasm}");
+            assert!(err.contains(&format!("{}:6:", path.display())), "weir {command}: {err}");
+            assert!(err.contains(&wasm) && err.contains(says), "weir {command}: {err}");
+            assert!(stdout(&output).is_empty(), "nothing ran");
+        }
+    }
+}
+
+#[test]
+fn check_starts_the_plugins_with_their_config_and_reports_them() {
+    let scratch = Scratch::new();
+    let path = pipeline_with_plugin(&scratch, "{plugin:json-filter}");
+    let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("ok: pipeline `p`: 1 plugin(s): json-filter 0.1.0"), "{}", stdout(&output));
+
+    // A config the plugin rejects is refused at check time, with its words.
+    let bad = std::fs::read_to_string(&path).unwrap().replace("min = 1", "min = 5, max = 1");
+    std::fs::write(&path, bad).unwrap();
+    let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("rejected its config: `min` (5) is above `max` (1)"), "{err}");
+}
+
+#[test]
+fn config_mistakes_are_reported_at_their_line_with_the_bad_key() {
+    let scratch = Scratch::new();
+    let path = scratch.write(
+        "pipeline.toml",
+        "[[pipeline]]\nname = \"p\"\nsorce = { type = \"stdin\" }\n\n[[pipeline.sink]]\ntype = \"stdout\"\n",
+    );
+    let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
+    let err = stderr(&output);
+    assert!(!output.status.success());
+    assert!(err.contains(&format!("{}:3:", path.display())) && err.contains("unknown field `sorce`"), "{err}");
+
+    let path = scratch.write(
+        "pipeline.toml",
+        "[[pipeline]]\nname = \"p\"\nsource = { type = \"stdin\" }\n\n[[pipeline.sink]]\ntype = \"kafka-ish\"\n",
+    );
+    let err = stderr(&weir(&["run", path.to_str().unwrap()], &scratch.path("cache")));
+    assert!(err.contains(&format!("{}:6:", path.display())) && err.contains("kafka-ish"), "{err}");
+}
+
+#[test]
+fn a_trapping_plugin_fails_its_own_pipeline_and_the_others_finish() {
+    let scratch = Scratch::new();
+    scratch.write("bad.jsonl", "ok\npanic\n");
+    scratch.write("good.jsonl", "{\"n\":1}\n{\"n\":2}\n");
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "bad"
+source = { type = "file", path = "bad.jsonl", format = "lines" }
+[[pipeline.plugin]]
+wasm = "{plugin:misbehave}"
+[[pipeline.sink]]
+type = "file"
+path = "bad-out.jsonl"
+
+[[pipeline]]
+name = "good"
+source = { type = "file", path = "good.jsonl" }
+[[pipeline.plugin]]
+wasm = "{plugin:identity}"
+[[pipeline.sink]]
+type = "file"
+path = "good-out.jsonl"
+"#,
+    );
+    let output = weir(&["run", path.to_str().unwrap()], &scratch.path("cache"));
+    let err = stderr(&output);
+    assert!(!output.status.success(), "{err}");
+    assert!(err.contains("pipeline `bad`: plugin `misbehave` 0.1.0: trapped"), "{err}");
+    assert!(err.contains("asked for a panic"), "{err}");
+    assert!(err.contains("pipeline `good`: 2 records in, 2 out"), "{err}");
+    assert_eq!(scratch.json_lines("good-out.jsonl").len(), 2);
+}
+
+#[test]
+fn the_quickstart_prints_redacted_payments() {
+    let quickstart = workspace().join("examples/quickstart.toml");
+    let scratch = Scratch::new();
+    let output = weir(&["run", quickstart.to_str().unwrap()], &scratch.path("cache"));
+    let err = stderr(&output);
+    assert!(output.status.success(), "{err}");
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 50, "{} records printed", lines.len());
+    for line in &lines {
+        assert!(line["amount"].as_f64().unwrap() >= 100.0);
+        assert!(line["email"].as_str().unwrap().contains("***@"), "{line}");
+    }
+    assert!(err.contains("pipeline `payments`: 200 records in"), "{err}");
+}
+
+#[test]
+fn plugin_new_scaffolds_a_crate_that_passes_its_tests_and_builds() {
+    let scratch = Scratch::new();
+    let dir = scratch.path("my-plugin");
+    let cache = scratch.path("cache");
+    let output = weir(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()], &cache);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // Share the workspace's target folder so dependencies are not rebuilt.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), Into::into);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let test = Command::new(&cargo)
+        .args(["test", "--release", "--quiet"])
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    let test_out = stdout(&test);
+    assert!(test.status.success(), "{test_out}\n{}", stderr(&test));
+    assert!(test_out.contains("3 passed"), "{test_out}");
+
+    let built = Command::new(weir_bin())
+        .args(["plugin", "build", dir.to_str().unwrap()])
+        .env("WEIR_CACHE_DIR", &cache)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", stderr(&built));
+    assert!(stdout(&built).contains("built my-plugin 0.1.0"), "{}", stdout(&built));
+
+    let again = weir(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()], &cache);
+    assert!(stderr(&again).contains("already exists"));
+}
