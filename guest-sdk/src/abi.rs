@@ -13,6 +13,10 @@ pub const NO_TIMESTAMP: i64 = i64::MIN;
 pub const TAG_EMIT: u8 = 0;
 /// Outcome tag: the record failed, with a reason.
 pub const TAG_FAIL: u8 = 1;
+/// Output kind: a record the plugin wrote.
+pub const OUTPUT_NEW: u8 = 0;
+/// Output kind: the input record, unchanged.
+pub const OUTPUT_FORWARD: u8 = 1;
 
 const RECORD_FIXED: usize = 32;
 const OUTPUT_FIXED: usize = 20;
@@ -39,6 +43,7 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    #[inline]
     fn take(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], AbiError> {
         let end = self.pos.checked_add(len).filter(|&end| end <= self.buf.len());
         let end = end.ok_or(AbiError { what, at: self.pos })?;
@@ -47,6 +52,7 @@ impl<'a> Cursor<'a> {
         Ok(bytes)
     }
 
+    #[inline]
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], AbiError> {
         let bytes = self.take(N, what)?;
         let mut out = [0; N];
@@ -54,14 +60,17 @@ impl<'a> Cursor<'a> {
         Ok(out)
     }
 
+    #[inline]
     fn u8(&mut self, what: &'static str) -> Result<u8, AbiError> {
         Ok(self.array::<1>(what)?[0])
     }
 
+    #[inline]
     fn u32(&mut self, what: &'static str) -> Result<u32, AbiError> {
         self.array(what).map(u32::from_le_bytes)
     }
 
+    #[inline]
     fn str(&mut self, len: usize, what: &'static str) -> Result<&'a str, AbiError> {
         let at = self.pos;
         let bytes = self.take(len, what)?;
@@ -69,12 +78,15 @@ impl<'a> Cursor<'a> {
     }
 }
 
+#[inline]
 fn le_u16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
+#[inline]
 fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
+#[inline]
 fn le_i64(b: &[u8], at: usize) -> i64 {
     let mut raw = [0; 8];
     raw.copy_from_slice(&b[at..at + 8]);
@@ -115,12 +127,8 @@ impl<'a> Headers<'a> {
         }
     }
 
-    /// The packed bytes, to copy into another buffer unchanged.
-    pub(crate) fn raw(&self) -> &'a [u8] {
-        self.raw
-    }
-
     /// Validates `count` headers at the cursor and returns them.
+    #[inline]
     fn read(cursor: &mut Cursor<'a>, count: u16) -> Result<Self, AbiError> {
         let start = cursor.pos;
         for _ in 0..count {
@@ -146,6 +154,7 @@ pub struct HeaderIter<'a> {
 impl<'a> Iterator for HeaderIter<'a> {
     type Item = (&'a str, &'a [u8]);
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         // The bytes were validated when the headers were read.
         self.left = self.left.checked_sub(1)?;
@@ -164,7 +173,7 @@ pub struct RecordView<'a> {
     key: Option<&'a [u8]>,
     value: &'a [u8],
     timestamp: Option<i64>,
-    topic: &'a str,
+    topic: &'a [u8],
     partition: i32,
     offset: i64,
     headers: Headers<'a>,
@@ -172,30 +181,37 @@ pub struct RecordView<'a> {
 
 impl<'a> RecordView<'a> {
     /// The record's key, if it has one.
+    #[inline]
     pub fn key(&self) -> Option<&'a [u8]> {
         self.key
     }
     /// The record's value (payload).
+    #[inline]
     pub fn value(&self) -> &'a [u8] {
         self.value
     }
     /// Event time in milliseconds since the Unix epoch, if known.
+    #[inline]
     pub fn timestamp(&self) -> Option<i64> {
         self.timestamp
     }
     /// Where the record came from: Kafka topic, file path or generator name.
     pub fn topic(&self) -> &'a str {
-        self.topic
+        // Checked here rather than per record read: most plugins never ask.
+        core::str::from_utf8(self.topic).unwrap_or_default()
     }
     /// The source partition (0 for files and generators).
+    #[inline]
     pub fn partition(&self) -> i32 {
         self.partition
     }
     /// The source offset (Kafka offset; line number for files).
+    #[inline]
     pub fn offset(&self) -> i64 {
         self.offset
     }
     /// The record's headers.
+    #[inline]
     pub fn headers(&self) -> Headers<'a> {
         self.headers
     }
@@ -224,6 +240,7 @@ impl<'a> BatchReader<'a> {
         self.left
     }
 
+    #[inline]
     fn read_one(&mut self) -> Result<RecordView<'a>, AbiError> {
         let c = &mut self.cursor;
         let fixed = c.take(RECORD_FIXED, "record header")?;
@@ -239,7 +256,7 @@ impl<'a> BatchReader<'a> {
             NO_KEY => None,
             len => Some(c.take(len as usize, "record key")?),
         };
-        let topic = c.str(topic_len, "record topic")?;
+        let topic = c.take(topic_len, "record topic")?;
         let headers = Headers::read(c, header_count)?;
         Ok(RecordView {
             key,
@@ -256,6 +273,7 @@ impl<'a> BatchReader<'a> {
 impl<'a> Iterator for BatchReader<'a> {
     type Item = Result<RecordView<'a>, AbiError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.left = self.left.checked_sub(1)?;
         let item = self.read_one();
@@ -270,10 +288,12 @@ impl<'a> Iterator for BatchReader<'a> {
     }
 }
 
+#[inline]
 fn len_u16(len: usize) -> u16 {
     u16::try_from(len).unwrap_or(u16::MAX)
 }
 
+#[inline]
 fn len_u32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX - 1)
 }
@@ -339,6 +359,7 @@ impl BatchWriter {
     }
 
     /// Appends one record with its headers.
+    #[inline]
     pub fn push<'h>(
         &mut self,
         record: RecordParts<'_>,
@@ -348,14 +369,16 @@ impl BatchWriter {
         let topic = &record.topic.as_bytes()[..usize::from(len_u16(record.topic.len()))];
         let value = &record.value[..len_u32(record.value.len()) as usize];
         let key = record.key.map(|k| &k[..len_u32(k.len()) as usize]);
+        let mut fixed = [0u8; RECORD_FIXED];
+        fixed[0..4].copy_from_slice(&key.map_or(NO_KEY, |k| len_u32(k.len())).to_le_bytes());
+        fixed[4..8].copy_from_slice(&len_u32(value.len()).to_le_bytes());
+        fixed[8..16].copy_from_slice(&record.timestamp.unwrap_or(NO_TIMESTAMP).to_le_bytes());
+        fixed[16..24].copy_from_slice(&record.offset.to_le_bytes());
+        fixed[24..28].copy_from_slice(&record.partition.to_le_bytes());
+        fixed[28..30].copy_from_slice(&len_u16(topic.len()).to_le_bytes());
+        fixed[30..32].copy_from_slice(&len_u16(headers.len()).to_le_bytes());
         buf.reserve(RECORD_FIXED + value.len() + key.map_or(0, <[u8]>::len) + topic.len());
-        buf.extend_from_slice(&key.map_or(NO_KEY, |k| len_u32(k.len())).to_le_bytes());
-        buf.extend_from_slice(&len_u32(value.len()).to_le_bytes());
-        buf.extend_from_slice(&record.timestamp.unwrap_or(NO_TIMESTAMP).to_le_bytes());
-        buf.extend_from_slice(&record.offset.to_le_bytes());
-        buf.extend_from_slice(&record.partition.to_le_bytes());
-        buf.extend_from_slice(&len_u16(topic.len()).to_le_bytes());
-        buf.extend_from_slice(&len_u16(headers.len()).to_le_bytes());
+        buf.extend_from_slice(&fixed);
         buf.extend_from_slice(value);
         buf.extend_from_slice(key.unwrap_or_default());
         buf.extend_from_slice(topic);
@@ -385,7 +408,7 @@ pub struct OutcomeWriter {
 }
 
 impl OutcomeWriter {
-    /// A reply expecting about `records` outcomes of `bytes` bytes.
+    /// A reply with room for `bytes` bytes before it grows.
     pub fn with_capacity(bytes: usize) -> Self {
         let mut buf = Vec::with_capacity(bytes);
         buf.extend_from_slice(&0u32.to_le_bytes());
@@ -398,17 +421,21 @@ impl OutcomeWriter {
     }
 
     /// Starts the outcome of the next record.
+    #[inline]
     pub fn begin(&mut self) {
         self.current = self.buf.len();
         self.outputs = 0;
         self.buf.push(TAG_EMIT);
-        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        self.buf.extend_from_slice(&[0; 8]);
     }
 
     /// Ends the current outcome as "emitted what was written".
+    #[inline]
     pub fn commit(&mut self) {
         let at = self.current + 1;
+        let bytes = len_u32(self.buf.len() - at - 8);
         self.buf[at..at + 4].copy_from_slice(&self.outputs.to_le_bytes());
+        self.buf[at + 4..at + 8].copy_from_slice(&bytes.to_le_bytes());
         self.outcomes += 1;
     }
 
@@ -421,15 +448,19 @@ impl OutcomeWriter {
         self.outcomes += 1;
     }
 
-    /// Starts an output of the current outcome and returns the buffer to
-    /// write its value into; finish it with [`OutcomeWriter::end_output`].
+    /// Starts a new output record of the current outcome and returns the
+    /// buffer to write its value into; finish it with
+    /// [`OutcomeWriter::end_output`].
+    #[inline]
     pub fn begin_output(&mut self) -> (usize, &mut Vec<u8>) {
+        self.buf.push(OUTPUT_NEW);
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; OUTPUT_FIXED]);
         (start, &mut self.buf)
     }
 
     /// Finishes the output begun at `start`, whose value has been written.
+    #[inline]
     pub fn end_output<'h>(
         &mut self,
         start: usize,
@@ -458,17 +489,16 @@ impl OutcomeWriter {
         self.outputs += 1;
     }
 
-    /// Copies an input record to the current outcome unchanged (key, value,
-    /// headers, timestamp), optionally routed.
-    pub fn forward(&mut self, record: &RecordView<'_>, route: Option<&str>) {
-        let (start, buf) = self.begin_output();
-        buf.extend_from_slice(record.value);
-        let raw = record.headers.raw();
-        self.end_output(start, record.key, None, route, core::iter::empty());
-        // Headers are packed identically in batches and outputs: copy them whole.
-        self.buf.extend_from_slice(raw);
-        let count = record.headers.count.to_le_bytes();
-        self.buf[start + 18..start + 20].copy_from_slice(&count);
+    /// Passes the current input record on unchanged, optionally to another
+    /// route. Nothing of the record is copied: the host already has it.
+    #[inline]
+    pub fn forward(&mut self, route: Option<&str>) {
+        let route = route.unwrap_or_default();
+        let route = &route.as_bytes()[..usize::from(len_u16(route.len()))];
+        self.buf.push(OUTPUT_FORWARD);
+        self.buf.extend_from_slice(&len_u16(route.len()).to_le_bytes());
+        self.buf.extend_from_slice(route);
+        self.outputs += 1;
     }
 
     /// The finished reply.
@@ -478,19 +508,31 @@ impl OutcomeWriter {
     }
 }
 
-/// One output of a record, borrowed from the reply.
+/// A new record a plugin wrote, borrowed from the reply.
 #[derive(Clone, Copy, Debug)]
-pub struct OutputView<'a> {
+pub struct NewRecordView<'a> {
     /// The key, if any.
     pub key: Option<&'a [u8]>,
     /// The value.
     pub value: &'a [u8],
     /// A new event time, or `None` to keep the input's.
     pub timestamp: Option<i64>,
-    /// The named output to route to, or `None` for the default one.
+    /// The named output to route to, or `None` for the input's route.
     pub route: Option<&'a str>,
     /// The output's headers.
     pub headers: Headers<'a>,
+}
+
+/// One output of a record, borrowed from the reply.
+#[derive(Clone, Copy, Debug)]
+pub enum OutputView<'a> {
+    /// A record the plugin wrote.
+    New(NewRecordView<'a>),
+    /// The input record unchanged, to this route (`None`: the input's).
+    Forward {
+        /// The route.
+        route: Option<&'a str>,
+    },
 }
 
 /// The outcome of one record, borrowed from the reply.
@@ -514,42 +556,64 @@ impl<'a> OutputsView<'a> {
     pub fn len(&self) -> usize {
         self.count as usize
     }
+
     /// Whether the record was dropped.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
-    /// The outputs in order.
-    pub fn iter(&self) -> impl Iterator<Item = OutputView<'a>> + use<'a> {
-        let mut cursor = Cursor {
-            buf: self.raw,
-            pos: 0,
-        };
-        // Validated by `OutcomeReader`, so reading again cannot fail.
-        (0..self.count).map_while(move |_| read_output(&mut cursor).ok())
+
+    /// The outputs in order; an output that does not parse is an error.
+    pub fn iter(&self) -> impl Iterator<Item = Result<OutputView<'a>, AbiError>> + use<'a> {
+        let mut cursor = Cursor { buf: self.raw, pos: 0 };
+        let mut left = self.count;
+        core::iter::from_fn(move || {
+            left = left.checked_sub(1)?;
+            let item = read_output(&mut cursor);
+            if item.is_err() {
+                left = 0;
+            }
+            Some(item)
+        })
     }
 }
 
+#[inline]
 fn read_output<'a>(c: &mut Cursor<'a>) -> Result<OutputView<'a>, AbiError> {
-    let fixed = c.take(OUTPUT_FIXED, "output header")?;
-    let key_len = le_u32(fixed, 0);
-    let value_len = le_u32(fixed, 4) as usize;
-    let timestamp = le_i64(fixed, 8);
-    let route_len = usize::from(le_u16(fixed, 16));
-    let header_count = le_u16(fixed, 18);
-    let value = c.take(value_len, "output value")?;
-    let key = match key_len {
-        NO_KEY => None,
-        len => Some(c.take(len as usize, "output key")?),
-    };
-    let route = c.str(route_len, "output route")?;
-    let headers = Headers::read(c, header_count)?;
-    Ok(OutputView {
-        key,
-        value,
-        timestamp: (timestamp != NO_TIMESTAMP).then_some(timestamp),
-        route: (!route.is_empty()).then_some(route),
-        headers,
-    })
+    match c.u8("output kind")? {
+        OUTPUT_FORWARD => {
+            let len = usize::from(u16::from_le_bytes(c.array("forward route length")?));
+            let route = c.str(len, "forward route")?;
+            Ok(OutputView::Forward {
+                route: (!route.is_empty()).then_some(route),
+            })
+        }
+        OUTPUT_NEW => {
+            let fixed = c.take(OUTPUT_FIXED, "output header")?;
+            let key_len = le_u32(fixed, 0);
+            let value_len = le_u32(fixed, 4) as usize;
+            let timestamp = le_i64(fixed, 8);
+            let route_len = usize::from(le_u16(fixed, 16));
+            let header_count = le_u16(fixed, 18);
+            let value = c.take(value_len, "output value")?;
+            let key = match key_len {
+                NO_KEY => None,
+                len => Some(c.take(len as usize, "output key")?),
+            };
+            let route = c.str(route_len, "output route")?;
+            let headers = Headers::read(c, header_count)?;
+            Ok(OutputView::New(NewRecordView {
+                key,
+                value,
+                timestamp: (timestamp != NO_TIMESTAMP).then_some(timestamp),
+                route: (!route.is_empty()).then_some(route),
+                headers,
+            }))
+        }
+        _ => Err(AbiError {
+            what: "unknown output kind",
+            at: c.pos - 1,
+        }),
+    }
 }
 
 /// Reads a plugin's reply: one [`OutcomeView`] per input record.
@@ -572,19 +636,15 @@ impl<'a> OutcomeReader<'a> {
         Ok(OutcomeReader { cursor, left })
     }
 
+    #[inline]
     fn read_one(&mut self) -> Result<OutcomeView<'a>, AbiError> {
         let c = &mut self.cursor;
         match c.u8("outcome tag")? {
             TAG_EMIT => {
                 let count = c.u32("output count")?;
-                let start = c.pos;
-                for _ in 0..count {
-                    read_output(c)?;
-                }
-                Ok(OutcomeView::Emit(OutputsView {
-                    raw: &c.buf[start..c.pos],
-                    count,
-                }))
+                let len = c.u32("outputs length")? as usize;
+                let raw = c.take(len, "outputs")?;
+                Ok(OutcomeView::Emit(OutputsView { raw, count }))
             }
             TAG_FAIL => {
                 let len = c.u32("failure reason length")? as usize;
@@ -613,6 +673,7 @@ impl<'a> OutcomeReader<'a> {
 impl<'a> Iterator for OutcomeReader<'a> {
     type Item = Result<OutcomeView<'a>, AbiError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.left = self.left.checked_sub(1)?;
         let item = self.read_one();
@@ -667,44 +728,34 @@ mod tests {
 
     #[test]
     fn outcomes_round_trip_and_fail_discards_partial_outputs() {
-        let mut batch = BatchWriter::new();
-        batch.push(
-            RecordParts {
-                key: Some(b"k"),
-                value: b"v",
-                topic: "t",
-                ..RecordParts::default()
-            },
-            [("h", &b"1"[..])].into_iter(),
-        );
-        let input = BatchReader::new(batch.as_bytes()).unwrap().next().unwrap().unwrap();
-
         let mut out = OutcomeWriter::with_capacity(64);
         out.begin();
-        out.forward(&input, Some("audit"));
+        out.forward(Some("audit"));
         let (start, buf) = out.begin_output();
         buf.extend_from_slice(b"new");
-        out.end_output(start, None, Some(7), None, [("x", &b"y"[..])].into_iter());
+        out.end_output(start, Some(b"k"), Some(7), None, [("x", &b"y"[..])].into_iter());
         out.commit();
         out.begin();
-        out.forward(&input, None);
+        out.forward(None);
         out.fail("bad amount");
+        out.begin();
+        out.commit();
         let reply = out.finish();
 
-        let mut reader = OutcomeReader::new(&reply, 2).unwrap();
+        let mut reader = OutcomeReader::new(&reply, 3).unwrap();
         let OutcomeView::Emit(outputs) = reader.next().unwrap().unwrap() else {
             panic!("first outcome should emit");
         };
-        let outputs: Vec<_> = outputs.iter().collect();
+        let outputs: Vec<_> = outputs.iter().collect::<Result<_, _>>().unwrap();
         assert_eq!(outputs.len(), 2);
-        assert_eq!(outputs[0].value, b"v");
-        assert_eq!(outputs[0].key, Some(&b"k"[..]));
-        assert_eq!(outputs[0].route, Some("audit"));
-        assert_eq!(outputs[0].headers.get("h"), Some(&b"1"[..]));
-        assert_eq!(outputs[1].value, b"new");
-        assert_eq!(outputs[1].timestamp, Some(7));
-        assert_eq!(outputs[1].headers.get("x"), Some(&b"y"[..]));
+        assert!(matches!(outputs[0], OutputView::Forward { route: Some("audit") }));
+        let OutputView::New(new) = outputs[1] else {
+            panic!("second output should be new");
+        };
+        assert_eq!((new.value, new.key, new.timestamp, new.route), (&b"new"[..], Some(&b"k"[..]), Some(7), None));
+        assert_eq!(new.headers.get("x"), Some(&b"y"[..]));
         assert!(matches!(reader.next(), Some(Ok(OutcomeView::Fail("bad amount")))));
+        assert!(matches!(reader.next(), Some(Ok(OutcomeView::Emit(o))) if o.is_empty()));
         assert!(reader.next().is_none());
         reader.finish().unwrap();
     }
@@ -731,5 +782,13 @@ mod tests {
         let reply = OutcomeWriter::with_capacity(8).finish();
         assert!(OutcomeReader::new(&reply, 1).is_err());
         assert!(OutcomeReader::new(&[9, 0, 0, 0, 7], 9).unwrap().next().unwrap().is_err());
+        // An emit whose outputs length runs past the end, and a bad output kind.
+        let overlong = [1, 0, 0, 0, TAG_EMIT, 1, 0, 0, 0, 200, 0, 0, 0];
+        assert!(OutcomeReader::new(&overlong, 1).unwrap().next().unwrap().is_err());
+        let bad_kind = [1, 0, 0, 0, TAG_EMIT, 1, 0, 0, 0, 1, 0, 0, 0, 9];
+        let Some(Ok(OutcomeView::Emit(outputs))) = OutcomeReader::new(&bad_kind, 1).unwrap().next() else {
+            panic!("the outcome frame itself is well formed");
+        };
+        assert!(outputs.iter().next().unwrap().is_err());
     }
 }

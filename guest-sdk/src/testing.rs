@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::abi::{AbiError, BatchWriter, OutcomeReader, OutcomeView, RecordParts};
+use crate::abi::{AbiError, BatchWriter, OutcomeReader, OutcomeView, OutputView, RecordParts};
 
 /// An input record owned by a test.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub struct TestOutput {
     pub value: Vec<u8>,
     /// A new event time, or `None` to keep the input's.
     pub timestamp: Option<i64>,
-    /// The named output, or `None` for the default.
+    /// The named output, or `None` to keep the input's.
     pub route: Option<String>,
     /// Headers, in order.
     pub headers: Vec<(String, Vec<u8>)>,
@@ -136,25 +136,35 @@ pub fn pack(records: &[TestRecord]) -> Vec<u8> {
     batch.as_bytes().to_vec()
 }
 
-/// Unpacks a plugin's reply to a batch of `expected` records.
-pub fn unpack(reply: &[u8], expected: usize) -> Result<Vec<TestOutcome>, AbiError> {
-    let mut reader = OutcomeReader::new(reply, expected)?;
-    let mut outcomes = Vec::with_capacity(expected);
-    for outcome in reader.by_ref() {
+/// Unpacks a plugin's reply to a batch of `inputs`; a forwarded input
+/// becomes an output equal to it.
+pub fn unpack(reply: &[u8], inputs: &[TestRecord]) -> Result<Vec<TestOutcome>, AbiError> {
+    let mut reader = OutcomeReader::new(reply, inputs.len())?;
+    let mut outcomes = Vec::with_capacity(inputs.len());
+    for (outcome, input) in reader.by_ref().zip(inputs) {
         outcomes.push(match outcome? {
             OutcomeView::Fail(reason) => TestOutcome::Fail(reason.to_owned()),
-            OutcomeView::Emit(outputs) => TestOutcome::Emit(
-                outputs
-                    .iter()
-                    .map(|o| TestOutput {
-                        key: o.key.map(<[u8]>::to_vec),
-                        value: o.value.to_vec(),
-                        timestamp: o.timestamp,
-                        route: o.route.map(str::to_owned),
-                        headers: o.headers.iter().map(|(n, v)| (n.to_owned(), v.to_vec())).collect(),
+            OutcomeView::Emit(outputs) => {
+                let outputs = outputs.iter().map(|output| {
+                    Ok(match output? {
+                        OutputView::Forward { route } => TestOutput {
+                            key: input.key.clone(),
+                            value: input.value.clone(),
+                            timestamp: None,
+                            route: route.map(str::to_owned),
+                            headers: input.headers.clone(),
+                        },
+                        OutputView::New(o) => TestOutput {
+                            key: o.key.map(<[u8]>::to_vec),
+                            value: o.value.to_vec(),
+                            timestamp: o.timestamp,
+                            route: o.route.map(str::to_owned),
+                            headers: o.headers.iter().map(|(n, v)| (n.to_owned(), v.to_vec())).collect(),
+                        },
                     })
-                    .collect(),
-            ),
+                });
+                TestOutcome::Emit(outputs.collect::<Result<_, AbiError>>()?)
+            }
         });
     }
     reader.finish()?;
@@ -166,7 +176,7 @@ pub fn unpack(reply: &[u8], expected: usize) -> Result<Vec<TestOutcome>, AbiErro
 #[cfg(feature = "bindings")]
 pub fn run<T: crate::Transform>(plugin: &mut T, records: &[TestRecord]) -> Vec<TestOutcome> {
     let reply = crate::process_batch(plugin, &pack(records));
-    match unpack(&reply, records.len()) {
+    match unpack(&reply, records) {
         Ok(outcomes) => outcomes,
         Err(err) => panic!("the SDK wrote a reply that does not unpack: {err}"),
     }

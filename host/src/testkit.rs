@@ -58,7 +58,7 @@ impl PluginHarness {
     /// Runs `records` as one batch.
     pub fn process(&mut self, records: &[TestRecord]) -> Result<Vec<TestOutcome>, PluginError> {
         let reply = self.instance.process(&weir_guest::testing::pack(records))?;
-        weir_guest::testing::unpack(&reply, records.len()).map_err(|err| PluginError {
+        weir_guest::testing::unpack(&reply, records).map_err(|err| PluginError {
             plugin: self.instance.name().to_owned(),
             version: self.instance.version().to_owned(),
             export: "process",

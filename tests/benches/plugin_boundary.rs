@@ -1,1 +1,243 @@
-fn main() {}
+//! What the plugin boundary costs, measured against native Rust in the same
+//! process, on one core, with 100-byte JSON records.
+//!
+//! - identity: the host's real path (pack the batch, call the component,
+//!   unpack outputs into records) against a native identity that moves the
+//!   same records into a new batch. Their difference is the boundary cost.
+//! - json: parse, filter on a number, re-serialise three fields, in the
+//!   `json-filter` component against the same logic written natively over
+//!   the host's records.
+//!
+//! Run: `cargo bench -p weir-tests --bench plugin_boundary`. Prints a table,
+//! then one JSON summary line.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use weir::config::PluginConfig;
+use weir::engine::{EngineOptions, Limits, PluginEngine};
+use weir::pipeline::Chain;
+use weir::plugin::PluginSlot;
+use weir::record::{Record, SourcePosition};
+
+const RECORD_BYTES: usize = 100;
+const SAMPLES: usize = 9;
+const SAMPLE_TIME: Duration = Duration::from_millis(150);
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn build_plugins() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "identity", "-p", "json-filter"])
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the benchmark plugins failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
+    target.join("wasm32-wasip2/release")
+}
+
+/// `count` JSON records of exactly `RECORD_BYTES` bytes, amounts spread so
+/// that about half pass the filter.
+fn records(count: usize) -> Vec<Record> {
+    let topic: Arc<str> = "bench".into();
+    (0..count)
+        .map(|i| {
+            let head = format!(r#"{{"id":{i},"user":"user-{}","amount":{}.{:02},"pad":""#, i % 997, i % 200, i % 100);
+            let mut value = head.into_bytes();
+            value.resize(RECORD_BYTES - 2, b'x');
+            value.extend_from_slice(b"\"}");
+            debug_assert!(serde_json::from_slice::<serde_json::Value>(&value).is_ok());
+            let mut record = Record::new(
+                value,
+                SourcePosition {
+                    topic: topic.clone(),
+                    partition: 0,
+                    offset: i as i64,
+                },
+            );
+            record.key = Some(Bytes::from(format!("user-{}", i % 997)));
+            record
+        })
+        .collect()
+}
+
+/// Median nanoseconds per record of `run` over batches of `batch` records.
+/// The input batches are copied before the clock starts; dropping the
+/// outputs is inside the timing, as it is in a pipeline.
+fn measure(batch: usize, total: &[Record], mut run: impl FnMut(Vec<Record>) -> usize) -> f64 {
+    let batches: Vec<Vec<Record>> = total.chunks(batch).map(<[Record]>::to_vec).collect();
+    // Calibrate how many passes over the input fill a sample.
+    let started = Instant::now();
+    for batch in &batches {
+        black_box(run(batch.clone()));
+    }
+    let passes = (SAMPLE_TIME.as_secs_f64() / started.elapsed().as_secs_f64()).ceil().max(1.0) as usize;
+
+    let mut per_record = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        let inputs: Vec<Vec<Record>> = (0..passes).flat_map(|_| batches.iter().cloned()).collect();
+        let count: usize = inputs.iter().map(Vec::len).sum();
+        let started = Instant::now();
+        for input in inputs {
+            black_box(run(input));
+        }
+        per_record.push(started.elapsed().as_nanos() as f64 / count as f64);
+    }
+    per_record.sort_by(f64::total_cmp);
+    per_record[per_record.len() / 2]
+}
+
+fn chain(engine: &PluginEngine, wasm: PathBuf, config: &str) -> Chain {
+    let plugin = PluginConfig {
+        name: None,
+        wasm: None,
+        crate_dir: None,
+        config: toml::from_str(config).expect("bench config"),
+    };
+    let limits = Limits {
+        memory_bytes: 256 << 20,
+        batch_deadline: Duration::from_secs(30),
+    };
+    Chain::new(vec![PluginSlot::start(engine, &wasm, &plugin, &limits).expect("plugin starts")])
+}
+
+/// Native identity: every record moves into the next stage's batch, as the
+/// host does with forwarded plugin outputs.
+fn native_identity(records: Vec<Record>) -> usize {
+    let out: Vec<Record> = records.into_iter().map(black_box).collect();
+    out.len()
+}
+
+/// Native json filter: the `json-filter` plugin's logic on host records.
+fn native_json(records: Vec<Record>) -> usize {
+    let mut out = Vec::with_capacity(records.len());
+    let mut buf = Vec::with_capacity(records.len() * 64);
+    let mut spans = Vec::with_capacity(records.len());
+    for record in &records {
+        let Ok(doc) = serde_json::from_slice::<HashMap<Cow<'_, str>, &RawValue>>(&record.value) else {
+            continue;
+        };
+        let Some(amount) = doc.get("amount").and_then(|raw| raw.get().parse::<f64>().ok()) else {
+            continue;
+        };
+        if amount < 100.0 {
+            continue;
+        }
+        let start = buf.len();
+        buf.push(b'{');
+        for (i, name) in ["id", "user", "amount"].into_iter().enumerate() {
+            if let Some(raw) = doc.get(name) {
+                if i > 0 {
+                    buf.push(b',');
+                }
+                serde_json::to_writer(&mut buf, name).expect("writes to a Vec");
+                buf.push(b':');
+                buf.extend_from_slice(raw.get().as_bytes());
+            }
+        }
+        buf.push(b'}');
+        spans.push((start, buf.len(), record));
+    }
+    let buf = Bytes::from(buf);
+    for (start, end, input) in spans {
+        out.push(Record {
+            key: input.key.clone(),
+            value: buf.slice(start..end),
+            headers: Vec::new(),
+            timestamp: input.timestamp,
+            source: input.source.clone(),
+            route: None,
+        });
+    }
+    out.len()
+}
+
+fn main() {
+    let dir = build_plugins();
+    let cache = tempfile::tempdir().expect("temp dir");
+    let engine = PluginEngine::new(EngineOptions {
+        cache_dir: Some(cache.path().to_owned()),
+    })
+    .expect("engine");
+
+    let total = records(64 * 1024);
+    let mut identity = chain(&engine, dir.join("identity.wasm"), "");
+    let mut summary = serde_json::Map::new();
+    println!("plugin boundary, {RECORD_BYTES}-byte JSON records, one core, median of {SAMPLES}");
+    println!("{:<28} {:>10} {:>10} {:>10} {:>12}", "case", "wasm ns", "native ns", "ratio", "boundary ns");
+
+    let mut identity_json = serde_json::Map::new();
+    for batch in [1, 64, 1024] {
+        let slice = if batch == 1 { &total[..8 * 1024] } else { &total[..] };
+        let wasm = measure(batch, slice, |records| {
+            let out = identity.process(records).expect("identity runs");
+            out.records.len()
+        });
+        let native = measure(batch, slice, native_identity);
+        let boundary = wasm - native;
+        println!(
+            "{:<28} {wasm:>10.1} {native:>10.1} {:>9.2}x {boundary:>12.1}",
+            format!("identity, batch {batch}"),
+            wasm / native
+        );
+        identity_json.insert(
+            batch.to_string(),
+            serde_json::json!({ "wasm_ns": round(wasm), "native_ns": round(native), "boundary_ns": round(boundary) }),
+        );
+    }
+    summary.insert("identity".into(), identity_json.clone().into());
+
+    let config = "field = \"amount\"\nmin = 100.0\nproject = [\"id\", \"user\", \"amount\"]";
+    let mut filter = chain(&engine, dir.join("json_filter.wasm"), config);
+    // Both sides must keep the same records before their speed means anything.
+    let sample = total[..1024].to_vec();
+    let kept = filter.process(sample.clone()).expect("json filter runs").records;
+    assert_eq!(kept.len(), native_json(sample), "wasm and native disagree");
+    let wasm = measure(1024, &total, |records| filter.process(records).expect("json filter runs").records.len());
+    let native = measure(1024, &total, native_json);
+    let ratio = wasm / native;
+    println!(
+        "{:<28} {wasm:>10.1} {native:>10.1} {ratio:>9.2}x {:>12.1}",
+        "json filter+project, 1024",
+        wasm - native
+    );
+    println!(
+        "throughput: json filter {:.2} M rec/s in wasm, {:.2} M rec/s native",
+        1e3 / wasm,
+        1e3 / native
+    );
+    summary.insert(
+        "json_filter".into(),
+        serde_json::json!({ "batch": 1024, "wasm_ns": round(wasm), "native_ns": round(native), "ratio": round(ratio) }),
+    );
+
+    let boundary_64 = identity_json["64"]["boundary_ns"].as_f64().unwrap_or(f64::MAX);
+    let boundary_1024 = identity_json["1024"]["boundary_ns"].as_f64().unwrap_or(f64::MAX);
+    summary.insert(
+        "goals".into(),
+        serde_json::json!({
+            "boundary_ns_at_batch_ge_64_max": 20,
+            "boundary_met": boundary_64 <= 20.0 && boundary_1024 <= 20.0,
+            "json_ratio_max": 1.5,
+            "json_met": ratio <= 1.5,
+        }),
+    );
+    summary.insert("bench".into(), "plugin_boundary".into());
+    summary.insert("record_bytes".into(), RECORD_BYTES.into());
+    println!("{}", serde_json::Value::Object(summary));
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}

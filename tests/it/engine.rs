@@ -126,8 +126,9 @@ fn compiled_components_are_reused_from_the_cache_across_engines() {
     let loaded = second.load(&plugin("identity")).unwrap();
     assert_eq!((second.cache().misses(), second.cache().hits()), (0, 1));
     let mut instance = loaded.instantiate(&Limits::default(), "{}").unwrap();
-    let reply = instance.process(&weir_guest::testing::pack(&records(&["x"]))).unwrap();
-    let outcomes = weir_guest::testing::unpack(&reply, 1).unwrap();
+    let input = records(&["x"]);
+    let reply = instance.process(&weir_guest::testing::pack(&input)).unwrap();
+    let outcomes = weir_guest::testing::unpack(&reply, &input).unwrap();
     assert_eq!(outcomes[0].outputs()[0].value, b"x");
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use weir_guest::abi::{BatchWriter, OutcomeReader, OutcomeView, RecordParts};
+use weir_guest::abi::{BatchWriter, OutcomeReader, OutcomeView, OutputView, RecordParts};
 
 use super::dead_letter::{DeadLetter, Stage};
 use crate::engine::{PluginError, PluginErrorKind};
@@ -93,35 +93,55 @@ fn run_slot(
     let mut outcomes = OutcomeReader::new(&reply, records.len()).map_err(bad_reply)?;
     for input in records {
         let Some(outcome) = outcomes.next() else { break };
-        match outcome.map_err(bad_reply)? {
-            OutcomeView::Emit(outputs) if outputs.is_empty() => output.dropped += 1,
-            OutcomeView::Emit(outputs) => {
-                for out in outputs.iter() {
-                    next.push(Record {
-                        key: out.key.map(|key| reply.slice_ref(key)),
-                        value: reply.slice_ref(out.value),
-                        headers: out
-                            .headers
-                            .iter()
-                            .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
-                            .collect(),
-                        timestamp: out.timestamp.or(input.timestamp),
-                        source: input.source.clone(),
-                        route: match out.route {
-                            Some(route) => Some(intern(routes, route)),
-                            None => input.route.clone(),
-                        },
-                    });
+        let outputs = match outcome.map_err(bad_reply)? {
+            OutcomeView::Emit(outputs) => outputs,
+            OutcomeView::Fail(reason) => {
+                output.dead.push(DeadLetter {
+                    record: input,
+                    reason: reason.to_owned(),
+                    stage: Stage::Plugin {
+                        name: slot.name().to_owned(),
+                        version: slot.version().to_owned(),
+                    },
+                });
+                continue;
+            }
+        };
+        if outputs.is_empty() {
+            output.dropped += 1;
+            continue;
+        }
+        let mut rest = outputs.len();
+        let mut input = Some(input);
+        for out in outputs.iter() {
+            rest -= 1;
+            // The last output may take the input itself; earlier ones copy it.
+            let base = match rest {
+                0 => input.take(),
+                _ => input.clone(),
+            };
+            let Some(mut record) = base else { break };
+            match out.map_err(bad_reply)? {
+                OutputView::Forward { route } => {
+                    if let Some(route) = route {
+                        record.route = Some(intern(routes, route));
+                    }
+                }
+                OutputView::New(new) => {
+                    record.key = new.key.map(|key| reply.slice_ref(key));
+                    record.value = reply.slice_ref(new.value);
+                    record.headers = new
+                        .headers
+                        .iter()
+                        .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
+                        .collect();
+                    record.timestamp = new.timestamp.or(record.timestamp);
+                    if let Some(route) = new.route {
+                        record.route = Some(intern(routes, route));
+                    }
                 }
             }
-            OutcomeView::Fail(reason) => output.dead.push(DeadLetter {
-                record: input,
-                reason: reason.to_owned(),
-                stage: Stage::Plugin {
-                    name: slot.name().to_owned(),
-                    version: slot.version().to_owned(),
-                },
-            }),
+            next.push(record);
         }
     }
     outcomes.finish().map_err(bad_reply)?;
