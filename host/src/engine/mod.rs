@@ -167,7 +167,7 @@ impl PluginEngine {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
-            .epoch_interruption(std::env::var_os("WEIR_NO_EPOCH").is_none())
+            .epoch_interruption(true)
             .cranelift_opt_level(OptLevel::Speed);
         let engine = Engine::new(&config)?;
 

@@ -9,14 +9,20 @@
 //!
 //! A record that is not a JSON object, or whose field is missing or not a
 //! number, fails (and goes to the dead-letter sink) unless `missing =
-//! "drop"`. Values are borrowed from the input, not parsed into a tree:
-//! only the filtered field is read as a number.
+//! "drop"`. The record is scanned once without building a tree: only the
+//! filtered and projected fields are kept (borrowed), and only the filtered
+//! one is read as a number.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::fmt;
 
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use weir_guest::{Error, Output, RecordView, Result, Transform, export_transform};
+
+/// Most fields `project` may name: the picked values live on the stack.
+const MAX_PROJECT: usize = 16;
 
 /// What to do with a record whose field is missing or not a number.
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,6 +51,134 @@ pub struct JsonFilter {
     /// What to do when `field` is missing or not a number.
     #[serde(default)]
     missing: Missing,
+    /// The projection being written, reused from record to record.
+    #[serde(skip)]
+    scratch: Vec<u8>,
+}
+
+/// What [`JsonFilter::apply`] decided for one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Drop the record.
+    Drop,
+    /// Keep it unchanged.
+    Keep,
+    /// Keep the projection appended to the output buffer.
+    Projected,
+}
+
+impl JsonFilter {
+    /// Decides on one JSON value; with `project`, appends the projection
+    /// to `out`. The same code runs inside the component and natively.
+    pub fn apply(&self, value: &[u8], out: &mut Vec<u8>) -> Result<Verdict> {
+        let mut picked: [Option<&RawValue>; MAX_PROJECT + 1] = [None; MAX_PROJECT + 1];
+        let mut de = serde_json::Deserializer::from_slice(value);
+        Picker {
+            filter: self,
+            picked: &mut picked,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|err| Error::new(format!("not a JSON object: {err}")))?;
+
+        let number = picked[0].and_then(|raw| raw.get().parse::<f64>().ok());
+        let Some(number) = number else {
+            return match self.missing {
+                Missing::Drop => Ok(Verdict::Drop),
+                Missing::Fail => Err(Error::new(format!("field `{}` is missing or not a number", self.field))),
+            };
+        };
+        let keep = self.min.is_none_or(|min| number >= min) && self.max.is_none_or(|max| number <= max);
+        if !keep {
+            return Ok(Verdict::Drop);
+        }
+        if self.project.is_empty() {
+            return Ok(Verdict::Keep);
+        }
+        out.push(b'{');
+        let mut first = true;
+        for (name, raw) in self.project.iter().zip(&picked[1..]) {
+            let Some(raw) = raw else { continue };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut *out, name)?;
+            out.push(b':');
+            out.extend_from_slice(raw.get().as_bytes());
+        }
+        out.push(b'}');
+        Ok(Verdict::Projected)
+    }
+
+    /// Slot 0 is the filtered field; slots 1.. follow `project`.
+    fn slots<'s>(&'s self, key: &'s str) -> impl Iterator<Item = usize> + 's {
+        std::iter::once(&self.field)
+            .chain(&self.project)
+            .enumerate()
+            .filter(move |(_, name)| name.as_str() == key)
+            .map(|(slot, _)| slot)
+    }
+}
+
+/// Reads one JSON object, keeping (borrowed) only the fields the filter
+/// needs and skipping the rest without building a map.
+struct Picker<'f, 'p, 'de> {
+    filter: &'f JsonFilter,
+    picked: &'p mut [Option<&'de RawValue>; MAX_PROJECT + 1],
+}
+
+impl<'de> DeserializeSeed<'de> for Picker<'_, '_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Picker<'_, '_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let mut slots = self.filter.slots(&key).peekable();
+            if slots.peek().is_none() {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let raw: &'de RawValue = map.next_value()?;
+            for slot in slots {
+                self.picked[slot] = Some(raw);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed unless it had escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
 }
 
 impl Transform for JsonFilter {
@@ -60,49 +194,32 @@ impl Transform for JsonFilter {
                 return Err(Error::new(format!("`min` ({min}) is above `max` ({max})")));
             }
         }
+        if self.project.len() > MAX_PROJECT {
+            return Err(Error::new(format!(
+                "`project` names {} fields; at most {MAX_PROJECT} are supported",
+                self.project.len()
+            )));
+        }
         Ok(())
     }
 
     fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
-        let doc: HashMap<std::borrow::Cow<'_, str>, &RawValue> = serde_json::from_slice(record.value())
-            .map_err(|err| Error::new(format!("not a JSON object: {err}")))?;
-        let number = doc.get(self.field.as_str()).and_then(|raw| raw.get().parse::<f64>().ok());
-        let Some(number) = number else {
-            return match self.missing {
-                Missing::Drop => Ok(()),
-                Missing::Fail => Err(Error::new(format!("field `{}` is missing or not a number", self.field))),
-            };
-        };
-        let keep = self.min.is_none_or(|min| number >= min) && self.max.is_none_or(|max| number <= max);
-        if !keep {
-            return Ok(());
-        }
-        if self.project.is_empty() {
-            out.forward(&record);
-            return Ok(());
-        }
-        let emitted = out.emit_with(|buf| {
-            buf.push(b'{');
-            let mut first = true;
-            for name in &self.project {
-                if let Some(raw) = doc.get(name.as_str()) {
-                    if !first {
-                        buf.push(b',');
-                    }
-                    first = false;
-                    serde_json::to_writer(&mut *buf, name)?;
-                    buf.push(b':');
-                    buf.extend_from_slice(raw.get().as_bytes());
+        let mut projection = std::mem::take(&mut self.scratch);
+        projection.clear();
+        let verdict = self.apply(record.value(), &mut projection);
+        match verdict {
+            Ok(Verdict::Keep) => out.forward(&record),
+            Ok(Verdict::Projected) => {
+                let emitted = out.emit(&projection);
+                match record.key() {
+                    Some(key) => drop(emitted.key(key)),
+                    None => drop(emitted),
                 }
             }
-            buf.push(b'}');
-            Ok(())
-        })?;
-        match record.key() {
-            Some(key) => drop(emitted.key(key)),
-            None => drop(emitted),
+            Ok(Verdict::Drop) | Err(_) => {}
         }
-        Ok(())
+        self.scratch = projection;
+        verdict.map(drop)
     }
 }
 
