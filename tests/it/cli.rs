@@ -167,3 +167,51 @@ fn plugin_new_scaffolds_a_crate_that_passes_its_tests_and_builds() {
     let again = weir(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()], &cache);
     assert!(stderr(&again).contains("already exists"));
 }
+
+#[test]
+fn stdin_lines_flow_to_stdout_until_stdin_closes() {
+    use std::io::Write as _;
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "pipe"
+source = { type = "stdin" }
+[[pipeline.plugin]]
+wasm = "{plugin:router}"
+config = { field = "level", routes = { ERROR = "alerts" } }
+[[pipeline.sink]]
+type = "stdout"
+routes = ["alerts"]
+format = "envelope"
+[[pipeline.sink]]
+type = "file"
+path = "rest.jsonl"
+"#,
+    );
+    let mut child = Command::new(weir_bin())
+        .args(["run", path.to_str().unwrap()])
+        .env("WEIR_CACHE_DIR", scratch.path("cache"))
+        .env("WEIR_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"{\"level\":\"ERROR\",\"n\":1}\n{\"level\":\"INFO\",\"n\":2}\n{oops\n{\"level\":\"ERROR\",\"n\":3}\n")
+        .unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let alerts: Vec<serde_json::Value> = stdout(&output).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let numbers: Vec<i64> = alerts.iter().map(|a| a["value"]["n"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, [1, 3]);
+    assert_eq!(alerts[0]["route"], "alerts");
+    assert_eq!(alerts[1]["offset"], 4, "offsets are stdin line numbers");
+    assert_eq!(scratch.json_lines("rest.jsonl").len(), 1);
+    // No dead-letter sink configured: the malformed line reaches stderr as an envelope.
+    let err = stderr(&output);
+    assert!(err.contains(r#""value":"{oops""#) && err.contains("malformed JSON at stdin:3"), "{err}");
+}

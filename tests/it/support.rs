@@ -53,11 +53,18 @@ pub fn plugin(name: &str) -> PathBuf {
     target_dir().join("wasm32-wasip2/release").join(format!("{file}.wasm"))
 }
 
-/// The `weir` binary, built from this tree.
+/// The `weir` binary. `cargo nextest run --workspace --release` builds it
+/// (the host crate has integration tests); when only this crate's tests are
+/// run it is built here.
 pub fn weir_bin() -> PathBuf {
+    let bin = target_dir().join("release/weir");
     static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| run_cargo(&["build", "--quiet", "--release", "-p", "weir", "--bin", "weir"]));
-    target_dir().join("release/weir")
+    BUILT.get_or_init(|| {
+        if !bin.is_file() {
+            run_cargo(&["build", "--quiet", "--release", "-p", "weir", "--bin", "weir"]);
+        }
+    });
+    bin
 }
 
 /// Runs `weir ARGS` with a private compile cache.

@@ -141,6 +141,10 @@ impl Pipeline {
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
         };
+        let source = source::build(&pipeline.source, &pipeline.batch).map_err(|source| PipelineError::Source {
+            pipeline: name.clone(),
+            source,
+        })?;
         let sink_error = |source| PipelineError::Sink {
             pipeline: name.clone(),
             source,
@@ -160,10 +164,6 @@ impl Pipeline {
             Some(config) => sink::build(config, RecordFormat::Envelope).await.map_err(sink_error)?,
             None => sink::default_dead_letter(),
         };
-        let source = source::build(&pipeline.source, &pipeline.batch).map_err(|source| PipelineError::Source {
-            pipeline: name.clone(),
-            source,
-        })?;
         Ok(Pipeline {
             metrics: Arc::new(PipelineMetrics::new(&name)),
             name,
