@@ -8,6 +8,7 @@
 //!   module that names wasmtime types.
 //! - [`plugin`]: where plugins come from, which version runs, swapping.
 //! - [`source`], [`sink`]: where records come from and go to.
+//! - [`kafka`]: what Kafka sources and sinks share, and exactly-once transactions.
 //! - [`pipeline`]: wiring, dead letters and delivery.
 //! - [`metrics`]: counters and typed telemetry events.
 //! - [`cli`]: the `weir` command.
@@ -16,6 +17,7 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin;

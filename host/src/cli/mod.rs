@@ -3,6 +3,7 @@
 //! layer over the library.
 
 mod check;
+mod produce;
 mod run;
 mod scaffold;
 
@@ -45,6 +46,53 @@ enum Command {
     /// Build and create plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Produce generated events (click-stream, payments, logs) to a Kafka
+    /// topic.
+    Produce {
+        /// Bootstrap servers, `host:port[,host:port...]`.
+        #[arg(long, env = "WEIR_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// The topic to produce to.
+        #[arg(long)]
+        topic: String,
+        /// Which events.
+        #[arg(long, value_enum, default_value = "payments")]
+        kind: KindArg,
+        /// How many events; endless (until Ctrl-C) when absent.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Events per second; as fast as possible when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Same seed, same events.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// How many distinct users (keys).
+        #[arg(long, default_value_t = 1000)]
+        users: u32,
+        /// Share (0.0–1.0) of events deliberately cut into invalid JSON.
+        #[arg(long, default_value_t = 0.0)]
+        malformed: f64,
+        /// Partitions of the topic, if it has to be created.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// A librdkafka setting, `key=value` (TLS, SASL...); repeatable.
+        #[arg(short = 'X', value_parser = parse_option)]
+        option: Vec<(String, String)>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Clickstream,
+    Payments,
+    Logs,
+}
+
+fn parse_option(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{text}` is not key=value"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +136,38 @@ pub fn main() -> ExitCode {
         Command::Check { file } => check::check(&file),
         Command::Plugin(PluginCommand::Build { dir }) => check::build_plugin(&dir),
         Command::Plugin(PluginCommand::New { name, dir, sdk }) => scaffold::new_plugin(&name, dir, sdk),
+        Command::Produce {
+            brokers,
+            topic,
+            kind,
+            count,
+            rate,
+            seed,
+            users,
+            malformed,
+            partitions,
+            option,
+        } => produce::produce(produce::ProduceArgs {
+            connection: crate::kafka::KafkaConnection {
+                brokers,
+                options: option.into_iter().collect(),
+            },
+            topic,
+            generator: crate::source::generator::GeneratorConfig {
+                kind: match kind {
+                    KindArg::Clickstream => crate::source::generator::EventKind::Clickstream,
+                    KindArg::Payments => crate::source::generator::EventKind::Payments,
+                    KindArg::Logs => crate::source::generator::EventKind::Logs,
+                },
+                count,
+                rate,
+                seed,
+                users,
+                malformed,
+            },
+            partitions,
+            progress: std::io::stderr().is_terminal(),
+        }),
     };
     match result {
         Ok(code) => code,

@@ -35,11 +35,10 @@ async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode
 
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!();
-            tracing::info!("Ctrl-C: stopping after the batches in flight (press again to abort).");
+        if stop_requested().await {
+            tracing::info!("Stopping after the batches in flight (Ctrl-C again aborts).");
             let _ = stop.send(true);
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if stop_requested().await {
                 std::process::exit(130);
             }
         }
@@ -73,6 +72,18 @@ async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode
         eprintln!("{}", summary_line(summary));
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Waits for Ctrl-C or SIGTERM; false if neither can be listened for.
+async fn stop_requested() -> bool {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return tokio::signal::ctrl_c().await.is_ok(),
+    };
+    tokio::select! {
+        ctrl_c = tokio::signal::ctrl_c() => ctrl_c.is_ok(),
+        _ = term.recv() => true,
+    }
 }
 
 /// Rewrites one status line on stderr every second.

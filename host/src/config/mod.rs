@@ -83,6 +83,23 @@ pub struct PipelineConfig {
     /// Where failed and malformed records go, with the reason in headers.
     /// Without one, they go to stderr as JSON envelopes: never silently lost.
     pub dead_letter: Option<SinkConfig>,
+    /// The delivery guarantee.
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// What a pipeline promises about each input record.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Every input's outputs are written at least once: positions are
+    /// committed only after every sink has acknowledged them.
+    #[default]
+    AtLeastOnce,
+    /// Kafka to Kafka only: outputs, dead letters and the consumed offsets
+    /// commit in one transaction; read-committed readers see each output
+    /// exactly once.
+    ExactlyOnce,
 }
 
 /// Where records come from.
@@ -107,6 +124,8 @@ pub enum SourceConfig {
     },
     /// Seeded, realistic events keyed by user.
     Generator(crate::source::generator::GeneratorConfig),
+    /// Kafka topics, through one consumer group.
+    Kafka(crate::source::kafka::KafkaSourceConfig),
 }
 
 /// How a line-based source checks its lines.
@@ -190,6 +209,10 @@ pub struct PluginConfig {
     /// The plugin's settings, passed to its `init` as JSON.
     #[serde(default)]
     pub config: toml::Table,
+    /// The source topics whose records this plugin processes; all when
+    /// empty. Records of other topics pass it unchanged.
+    #[serde(default)]
+    pub topics: Vec<String>,
 }
 
 /// Where a plugin comes from.
@@ -221,6 +244,9 @@ pub enum SinkConfig {
         /// dead-letter sink.
         format: Option<RecordFormat>,
     },
+    /// Kafka topics, through an idempotent (or, exactly-once, transactional)
+    /// producer.
+    Kafka(crate::sink::kafka::KafkaSinkConfig),
     /// A JSON-lines file, created or truncated at start.
     File {
         /// Path, relative to the pipeline file.
@@ -234,7 +260,8 @@ pub enum SinkConfig {
     },
 }
 
-fn default_routes() -> Vec<String> {
+/// The routes a sink takes when it names none.
+pub fn default_routes() -> Vec<String> {
     vec![DEFAULT_ROUTE.to_owned()]
 }
 
@@ -243,6 +270,7 @@ impl SinkConfig {
     pub fn format_or(&self, default: RecordFormat) -> RecordFormat {
         match self {
             SinkConfig::Stdout { format, .. } | SinkConfig::File { format, .. } => format.unwrap_or(default),
+            SinkConfig::Kafka(_) => default,
         }
     }
 
@@ -250,6 +278,7 @@ impl SinkConfig {
     pub fn routes(&self) -> &[String] {
         match self {
             SinkConfig::Stdout { routes, .. } | SinkConfig::File { routes, .. } => routes,
+            SinkConfig::Kafka(kafka) => &kafka.routes,
         }
     }
 }
@@ -359,6 +388,50 @@ impl PipelineFile {
                 generator
                     .check()
                     .map_err(|message| self.error_at(name.span().start, message))?;
+            }
+            self.check_kafka(pipeline)?;
+        }
+        Ok(())
+    }
+
+    fn check_kafka(&self, pipeline: &PipelineConfig) -> Result<(), ConfigError> {
+        let name = &pipeline.name;
+        let at = |message: String| self.error_at(name.span().start, message);
+        let source_topics = match &pipeline.source {
+            SourceConfig::Kafka(kafka) => {
+                if kafka.topics.is_empty() {
+                    return Err(at(format!("pipeline `{}`: the kafka source lists no `topics`", name.get_ref())));
+                }
+                Some(&kafka.topics)
+            }
+            _ => None,
+        };
+        for plugin in &pipeline.plugins {
+            let unknown = plugin
+                .topics
+                .iter()
+                .find(|topic| source_topics.is_none_or(|known| !known.contains(topic)));
+            if let Some(topic) = unknown {
+                let at = plugin.source().1;
+                return Err(self.error_at(
+                    at,
+                    format!("plugin `topics` names `{topic}`, which pipeline `{}` does not consume", name.get_ref()),
+                ));
+            }
+        }
+        if pipeline.delivery == Delivery::ExactlyOnce {
+            let all_kafka = source_topics.is_some()
+                && pipeline
+                    .sinks
+                    .iter()
+                    .map(Spanned::get_ref)
+                    .chain(pipeline.dead_letter.as_ref())
+                    .all(|sink| matches!(sink, SinkConfig::Kafka(_)));
+            if !all_kafka || pipeline.dead_letter.is_none() {
+                return Err(at(format!(
+                    "pipeline `{}`: `delivery = \"exactly_once\"` needs a kafka source, kafka sinks and a kafka `dead_letter`",
+                    name.get_ref()
+                )));
             }
         }
         Ok(())

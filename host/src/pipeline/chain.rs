@@ -53,7 +53,18 @@ impl Chain {
             if records.is_empty() {
                 break;
             }
-            records = run_slot(slot, &mut self.batch, &mut self.routes, records, &mut output)?;
+            if records.iter().all(|r| slot.takes_topic(&r.source.topic)) {
+                records = run_slot(slot, &mut self.batch, &mut self.routes, records, &mut output)?;
+                continue;
+            }
+            // Records of other topics pass this plugin; a partition belongs
+            // to one topic, so each partition keeps its order.
+            let (taken, mut passed): (Vec<Record>, Vec<Record>) =
+                records.into_iter().partition(|r| slot.takes_topic(&r.source.topic));
+            if !taken.is_empty() {
+                passed.extend(run_slot(slot, &mut self.batch, &mut self.routes, taken, &mut output)?);
+            }
+            records = passed;
         }
         output.records = records;
         Ok(output)

@@ -34,13 +34,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ConfigError, PipelineConfig, PipelineFile, RecordFormat, SinkConfig};
+use crate::config::{ConfigError, Delivery, PipelineConfig, PipelineFile, RecordFormat, SinkConfig, SourceConfig};
+use crate::kafka::KafkaTransaction;
 use crate::engine::{PluginEngine, PluginError};
 use crate::metrics::events::{BatchProcessed, RecordsDeadLettered};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
 use crate::record::Record;
 use crate::sink::{self, Sink, SinkError};
+use crate::source::kafka::KafkaSource;
 use crate::source::{self, Checkpoint, Source, SourceBatch, SourceError};
 
 pub use chain::{Chain, ChainOutput};
@@ -126,6 +128,7 @@ pub struct Pipeline {
     routes: HashMap<String, Vec<usize>>,
     dead_letter: Box<dyn Sink>,
     metrics: Arc<PipelineMetrics>,
+    transaction: Option<Arc<KafkaTransaction>>,
 }
 
 impl Pipeline {
@@ -141,10 +144,37 @@ impl Pipeline {
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
         };
-        let source = source::build(&pipeline.source, &pipeline.batch).map_err(|source| PipelineError::Source {
+        let source_error = |source| PipelineError::Source {
             pipeline: name.clone(),
             source,
-        })?;
+        };
+        let exactly_once = pipeline.delivery == Delivery::ExactlyOnce;
+        let (source, transaction): (Box<dyn Source>, _) = match &pipeline.source {
+            SourceConfig::Kafka(kafka) => {
+                let source = KafkaSource::new(kafka, &name, &pipeline.batch, exactly_once).map_err(source_error)?;
+                let transaction = if exactly_once {
+                    let worker = std::env::var("WEIR_WORKER_ID").unwrap_or_else(|_| "0".into());
+                    let id = format!("{}-{worker}", kafka.group_for(&name));
+                    let (connection, consumer) = (kafka.connection(), source.consumer());
+                    let started = tokio::task::spawn_blocking(move || KafkaTransaction::start(&connection, &id, consumer));
+                    let started = match started.await {
+                        Ok(started) => started,
+                        Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+                    };
+                    Some(Arc::new(started.map_err(|err| PipelineError::Sink {
+                        pipeline: name.clone(),
+                        source: SinkError::Io {
+                            sink: "kafka transactions".into(),
+                            source: std::io::Error::other(err),
+                        },
+                    })?))
+                } else {
+                    None
+                };
+                (Box::new(source), transaction)
+            }
+            other => (source::build(other, &pipeline.batch).map_err(source_error)?, None),
+        };
         let sink_error = |source| PipelineError::Sink {
             pipeline: name.clone(),
             source,
@@ -157,11 +187,15 @@ impl Pipeline {
                 routes.entry(route.clone()).or_default().push(index);
             }
             sinks.push(SinkEntry {
-                sink: sink::build(config, RecordFormat::Value).await.map_err(sink_error)?,
+                sink: sink::build(config, RecordFormat::Value, transaction.as_deref())
+                    .await
+                    .map_err(sink_error)?,
             });
         }
         let dead_letter = match &pipeline.dead_letter {
-            Some(config) => sink::build(config, RecordFormat::Envelope).await.map_err(sink_error)?,
+            Some(config) => sink::build(config, RecordFormat::Envelope, transaction.as_deref())
+                .await
+                .map_err(sink_error)?,
             None => sink::default_dead_letter(),
         };
         Ok(Pipeline {
@@ -172,6 +206,7 @@ impl Pipeline {
             sinks,
             routes,
             dead_letter,
+            transaction,
         })
     }
 
@@ -196,6 +231,7 @@ impl Pipeline {
             routes,
             dead_letter,
             metrics,
+            transaction,
         } = self;
         let (to_chain, mut from_source) = mpsc::channel::<SourceBatch>(IN_FLIGHT);
         let (to_sinks, from_chain) = mpsc::channel::<Processed>(IN_FLIGHT);
@@ -236,6 +272,7 @@ impl Pipeline {
             dead_letter,
             metrics: metrics.clone(),
             to_source,
+            transaction,
         };
         let writer = tokio::spawn(writer.run(from_chain));
 
@@ -320,10 +357,22 @@ struct SinkWriter {
     dead_letter: Box<dyn Sink>,
     metrics: Arc<PipelineMetrics>,
     to_source: mpsc::UnboundedSender<Checkpoint>,
+    /// Exactly-once: commits outputs and offsets together instead of the
+    /// source committing.
+    transaction: Option<Arc<KafkaTransaction>>,
 }
 
 impl SinkWriter {
-    async fn run(mut self, mut batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
+    async fn run(mut self, batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
+        let result = self.write_all(batches).await;
+        if let (Err(_), Some(transaction)) = (&result, &self.transaction) {
+            let transaction = transaction.clone();
+            let _ = tokio::task::spawn_blocking(move || transaction.abort()).await;
+        }
+        result
+    }
+
+    async fn write_all(&mut self, mut batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
         let mut pending: Option<Checkpoint> = None;
         let mut last_commit = Instant::now();
         while let Some(batch) = batches.recv().await {
@@ -386,10 +435,17 @@ impl SinkWriter {
             entry.sink.flush().await?;
         }
         self.dead_letter.flush().await?;
-        if let Some(checkpoint) = checkpoint {
-            // The source may have stopped listening after an error of its own.
-            let _ = self.to_source.send(checkpoint);
+        let Some(checkpoint) = checkpoint else { return Ok(()) };
+        match &self.transaction {
+            Some(transaction) => transaction.commit(&checkpoint).await.map_err(|err| SinkError::Io {
+                sink: "kafka transaction".into(),
+                source: std::io::Error::other(err),
+            }),
+            None => {
+                // The source may have stopped listening after an error of its own.
+                let _ = self.to_source.send(checkpoint);
+                Ok(())
+            }
         }
-        Ok(())
     }
 }

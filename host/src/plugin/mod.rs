@@ -42,6 +42,7 @@ pub fn locate(source: &PluginSource) -> Result<PathBuf, BuildError> {
 /// One position of a pipeline's plugin chain and the version running there.
 pub struct PluginSlot {
     label: String,
+    topics: Vec<String>,
     config: String,
     limits: Limits,
     loaded: LoadedPlugin,
@@ -56,6 +57,7 @@ impl PluginSlot {
         let instance = loaded.instantiate(limits, &settings)?;
         Ok(PluginSlot {
             label: config.name.clone().unwrap_or_else(|| instance.name().to_owned()),
+            topics: config.topics.clone(),
             config: settings,
             limits: limits.clone(),
             loaded,
@@ -66,6 +68,11 @@ impl PluginSlot {
     /// The label from the pipeline file, else the plugin's own name.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// Whether records of source `topic` go through this plugin.
+    pub fn takes_topic(&self, topic: &str) -> bool {
+        self.topics.is_empty() || self.topics.iter().any(|t| t == topic)
     }
 
     /// The running instance.

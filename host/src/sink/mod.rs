@@ -10,6 +10,7 @@
 
 mod encode;
 mod file;
+pub mod kafka;
 mod stdout;
 
 use async_trait::async_trait;
@@ -73,11 +74,20 @@ pub trait Sink: Send {
 /// Builds the sink `config` describes, writing `default_format` unless it
 /// sets one (dead-letter sinks default to `envelope`, keeping the reason
 /// headers).
-pub async fn build(config: &SinkConfig, default_format: RecordFormat) -> Result<Box<dyn Sink>, SinkError> {
+/// Kafka sinks of an exactly-once pipeline write through its `transaction`.
+pub async fn build(
+    config: &SinkConfig,
+    default_format: RecordFormat,
+    transaction: Option<&crate::kafka::KafkaTransaction>,
+) -> Result<Box<dyn Sink>, SinkError> {
     let format = config.format_or(default_format);
     Ok(match config {
         SinkConfig::Stdout { .. } => Box::new(StdoutSink::new(format)),
         SinkConfig::File { path, .. } => Box::new(FileSink::create(path, format).await?),
+        SinkConfig::Kafka(kafka) => match transaction {
+            Some(transaction) => Box::new(kafka::KafkaSink::with_producer(kafka.clone(), transaction.producer())),
+            None => Box::new(kafka::KafkaSink::new(kafka.clone())?),
+        },
     })
 }
 

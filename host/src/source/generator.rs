@@ -104,6 +104,7 @@ pub struct EventGenerator {
     config: GeneratorConfig,
     rng: fastrand::Rng,
     sequence: u64,
+    malformed: u64,
     clock_ms: i64,
 }
 
@@ -114,6 +115,7 @@ impl EventGenerator {
             rng: fastrand::Rng::with_seed(config.seed),
             config,
             sequence: 0,
+            malformed: 0,
             clock_ms: EPOCH_MS,
         }
     }
@@ -121,6 +123,11 @@ impl EventGenerator {
     /// How many events have been produced.
     pub fn produced(&self) -> u64 {
         self.sequence
+    }
+
+    /// How many of them were deliberately malformed.
+    pub fn malformed(&self) -> u64 {
+        self.malformed
     }
 
     /// Whether a bounded generator has produced all its events.
@@ -146,6 +153,7 @@ impl EventGenerator {
             // Cut inside the document: what remains never parses.
             let cut = rng.usize(1..value.len() / 2);
             value.truncate(cut);
+            self.malformed += 1;
         }
         Event {
             key,

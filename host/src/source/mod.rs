@@ -12,6 +12,7 @@
 //! its position, for the dead-letter sink.
 
 pub mod generator;
+pub mod kafka;
 mod lines;
 
 use std::sync::Arc;
@@ -112,6 +113,13 @@ pub fn build(config: &SourceConfig, batch: &BatchConfig) -> Result<Box<dyn Sourc
         SourceConfig::File { path, format } => Box::new(LineSource::file(path, *format, batch)?),
         SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch)),
         SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
+        // Needs the pipeline's name and delivery: built by the pipeline.
+        SourceConfig::Kafka(kafka) => {
+            return Err(SourceError::Io {
+                what: format!("kafka topics {:?}", kafka.topics),
+                source: std::io::Error::other("a kafka source is built by its pipeline"),
+            });
+        }
     })
 }
 

@@ -1,0 +1,48 @@
+use serde::Deserialize;
+
+use crate::kafka::KafkaConnection;
+
+/// Settings of a `kafka` source.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// librdkafka settings passed through unchanged (TLS, SASL, tuning).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Topics to consume; plugins pick theirs with `topics = [...]`.
+    pub topics: Vec<String>,
+    /// The consumer group; `weir-<pipeline>` by default. Workers running the
+    /// same pipeline share it, and with it the partitions.
+    pub group: Option<String>,
+    /// Where a group with no committed offset starts.
+    #[serde(default)]
+    pub start: StartFrom,
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The oldest record still kept.
+    #[default]
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+}
+
+impl KafkaSourceConfig {
+    /// The cluster.
+    pub fn connection(&self) -> KafkaConnection {
+        KafkaConnection {
+            brokers: self.brokers.clone(),
+            options: self.options.clone(),
+        }
+    }
+
+    /// The consumer group for `pipeline`.
+    pub fn group_for(&self, pipeline: &str) -> String {
+        self.group.clone().unwrap_or_else(|| format!("weir-{pipeline}"))
+    }
+}
