@@ -139,6 +139,7 @@ fn chain(engine: &PluginEngine, wasm: PathBuf, config: &str) -> Chain {
         wasm: None,
         crate_dir: None,
         config: toml::from_str(config).expect("bench config"),
+        topics: Vec::new(),
     };
     let limits = Limits {
         memory_bytes: 256 << 20,

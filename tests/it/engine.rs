@@ -154,6 +154,7 @@ fn a_swap_replaces_the_version_only_when_the_new_one_starts() {
         wasm: None,
         crate_dir: None,
         config: toml::Table::new(),
+        topics: Vec::new(),
     };
     let mut slot = PluginSlot::start(&engine, &plugin("identity"), &config, &Limits::default()).unwrap();
     assert_eq!(slot.name(), "identity");

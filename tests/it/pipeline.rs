@@ -64,6 +64,7 @@ path = "dead.jsonl"
         seed: 11,
         users: 1000,
         malformed: 0.03,
+        start_ms: None,
     });
     let (mut expected_ids, mut malformed_offsets) = (BTreeSet::new(), BTreeSet::new());
     let mut offset = 0;

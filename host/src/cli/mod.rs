@@ -164,6 +164,7 @@ pub fn main() -> ExitCode {
                 seed,
                 users,
                 malformed,
+                start_ms: None,
             },
             partitions,
             progress: std::io::stderr().is_terminal(),

@@ -25,14 +25,8 @@ pub fn run(path: &Path, progress: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode> {
-    let engine = PluginEngine::new(EngineOptions {
-        cache_dir: file.cache_dir.clone(),
-    })?;
-    let mut pipelines = Vec::new();
-    for config in &file.pipelines {
-        pipelines.push(Pipeline::build(&file, config, &engine).await?);
-    }
-
+    // Listen first: a stop requested while plugins build is honoured as
+    // soon as the pipelines start.
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
         if stop_requested().await {
@@ -43,6 +37,14 @@ async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode
             }
         }
     });
+
+    let engine = PluginEngine::new(EngineOptions {
+        cache_dir: file.cache_dir.clone(),
+    })?;
+    let mut pipelines = Vec::new();
+    for config in &file.pipelines {
+        pipelines.push(Pipeline::build(&file, config, &engine).await?);
+    }
 
     let metrics: Vec<Arc<PipelineMetrics>> = pipelines.iter().map(Pipeline::metrics).collect();
     let ticker = progress.then(|| tokio::spawn(show_progress(metrics.clone())));

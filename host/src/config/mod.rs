@@ -86,6 +86,16 @@ pub struct PipelineConfig {
     /// The delivery guarantee.
     #[serde(default)]
     pub delivery: Delivery,
+    /// How often sinks are flushed and source positions committed (or, with
+    /// exactly-once, transactions committed), in milliseconds. Shorter means
+    /// less replayed after a crash and fresher read-committed output; longer
+    /// means fewer, larger commits.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+fn default_commit_interval_ms() -> u64 {
+    1000
 }
 
 /// What a pipeline promises about each input record.
@@ -355,6 +365,9 @@ impl PipelineFile {
             }
             if pipeline.batch.max_records == 0 {
                 return Err(self.error_at(name.span().start, "`batch.max_records` must be at least 1"));
+            }
+            if pipeline.commit_interval_ms == 0 {
+                return Err(self.error_at(name.span().start, "`commit_interval_ms` must be above 0"));
             }
             if pipeline.limits.memory_mb == 0 || pipeline.limits.batch_timeout_ms == 0 {
                 return Err(self.error_at(

@@ -30,7 +30,7 @@ pub mod dead_letter;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -43,14 +43,11 @@ use crate::plugin::{PluginSlot, locate};
 use crate::record::Record;
 use crate::sink::{self, Sink, SinkError};
 use crate::source::kafka::KafkaSource;
-use crate::source::{self, Checkpoint, Source, SourceBatch, SourceError};
+use crate::source::{self, Checkpoint, Committer, Source, SourceBatch, SourceError};
 
 pub use chain::{Chain, ChainOutput};
 pub use dead_letter::{DeadLetter, Stage};
 
-/// How often sinks are flushed and source positions committed while
-/// records flow; the end of the run always flushes and commits.
-const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// Batches in flight between two stages.
 const IN_FLIGHT: usize = 2;
 
@@ -129,6 +126,7 @@ pub struct Pipeline {
     dead_letter: Box<dyn Sink>,
     metrics: Arc<PipelineMetrics>,
     transaction: Option<Arc<KafkaTransaction>>,
+    commit_interval: Duration,
 }
 
 impl Pipeline {
@@ -207,6 +205,7 @@ impl Pipeline {
             routes,
             dead_letter,
             transaction,
+            commit_interval: Duration::from_millis(pipeline.commit_interval_ms),
         })
     }
 
@@ -232,10 +231,10 @@ impl Pipeline {
             dead_letter,
             metrics,
             transaction,
+            commit_interval,
         } = self;
         let (to_chain, mut from_source) = mpsc::channel::<SourceBatch>(IN_FLIGHT);
         let (to_sinks, from_chain) = mpsc::channel::<Processed>(IN_FLIGHT);
-        let (to_source, mut commits) = mpsc::unbounded_channel::<Checkpoint>();
 
         let processor = tokio::task::spawn_blocking(move || -> Result<(), PluginError> {
             while let Some(batch) = from_source.blocking_recv() {
@@ -271,7 +270,8 @@ impl Pipeline {
             routes,
             dead_letter,
             metrics: metrics.clone(),
-            to_source,
+            committer: source.committer(),
+            commit_interval,
             transaction,
         };
         let writer = tokio::spawn(writer.run(from_chain));
@@ -284,11 +284,6 @@ impl Pipeline {
         tokio::pin!(stop);
         let mut source_result = Ok(());
         loop {
-            while let Ok(checkpoint) = commits.try_recv() {
-                if let Err(err) = source.commit(&checkpoint).await {
-                    source_result = Err(err);
-                }
-            }
             let batch = tokio::select! {
                 biased;
                 () = &mut stop => {
@@ -312,11 +307,6 @@ impl Pipeline {
             }
         }
         drop(to_chain);
-        while let Some(checkpoint) = commits.recv().await {
-            if let Err(err) = source.commit(&checkpoint).await {
-                source_result = Err(err);
-            }
-        }
 
         let processed = processor.await;
         let written = writer.await;
@@ -356,7 +346,8 @@ struct SinkWriter {
     routes: HashMap<String, Vec<usize>>,
     dead_letter: Box<dyn Sink>,
     metrics: Arc<PipelineMetrics>,
-    to_source: mpsc::UnboundedSender<Checkpoint>,
+    committer: Arc<dyn Committer>,
+    commit_interval: Duration,
     /// Exactly-once: commits outputs and offsets together instead of the
     /// source committing.
     transaction: Option<Arc<KafkaTransaction>>,
@@ -374,16 +365,26 @@ impl SinkWriter {
 
     async fn write_all(&mut self, mut batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
         let mut pending: Option<Checkpoint> = None;
-        let mut last_commit = Instant::now();
-        while let Some(batch) = batches.recv().await {
-            self.write(batch.records, batch.dead, batch.dropped, batch.received).await?;
-            let checkpoint = pending.get_or_insert_with(Checkpoint::default);
-            for position in &batch.checkpoint.positions {
-                checkpoint.advance(position);
-            }
-            if last_commit.elapsed() >= COMMIT_INTERVAL {
-                self.commit(pending.take()).await?;
-                last_commit = Instant::now();
+        // Commits at least every interval while records flow, and once more
+        // when they stop, so an idle pipeline does not sit on uncommitted
+        // positions.
+        let mut tick = tokio::time::interval(self.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                batch = batches.recv() => {
+                    let Some(batch) = batch else { break };
+                    self.write(batch.records, batch.dead, batch.dropped, batch.received).await?;
+                    let checkpoint = pending.get_or_insert_with(Checkpoint::default);
+                    for position in &batch.checkpoint.positions {
+                        checkpoint.advance(position);
+                    }
+                }
+                _ = tick.tick() => {
+                    if pending.is_some() {
+                        self.commit(pending.take()).await?;
+                    }
+                }
             }
         }
         self.commit(pending.take()).await
@@ -441,11 +442,10 @@ impl SinkWriter {
                 sink: "kafka transaction".into(),
                 source: std::io::Error::other(err),
             }),
-            None => {
-                // The source may have stopped listening after an error of its own.
-                let _ = self.to_source.send(checkpoint);
-                Ok(())
-            }
+            None => self.committer.commit(&checkpoint).await.map_err(|err| SinkError::Io {
+                sink: "source commit".into(),
+                source: std::io::Error::other(err),
+            }),
         }
     }
 }

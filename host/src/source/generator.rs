@@ -60,6 +60,11 @@ pub struct GeneratorConfig {
     /// Share of events (0.0–1.0) deliberately cut short into invalid JSON.
     #[serde(default)]
     pub malformed: f64,
+    /// Event time of the first event, ms since the epoch; the wall clock at
+    /// start when absent. Events then advance 1–250 ms each. (A fixed time
+    /// far in the past makes Kafka expire the records at once: retention
+    /// goes by record time.)
+    pub start_ms: Option<i64>,
 }
 
 fn default_seed() -> u64 {
@@ -86,8 +91,6 @@ impl GeneratorConfig {
     }
 }
 
-/// 2026-01-01T00:00:00Z, where generated event time starts.
-const EPOCH_MS: i64 = 1_767_225_600_000;
 
 /// One generated event.
 pub struct Event {
@@ -112,11 +115,11 @@ impl EventGenerator {
     /// Starts the sequence for `config`.
     pub fn new(config: GeneratorConfig) -> Self {
         EventGenerator {
+            clock_ms: config.start_ms.unwrap_or_else(now_ms),
             rng: fastrand::Rng::with_seed(config.seed),
             config,
             sequence: 0,
             malformed: 0,
-            clock_ms: EPOCH_MS,
         }
     }
 
@@ -161,6 +164,11 @@ impl EventGenerator {
             timestamp: ts,
         }
     }
+}
+
+fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since_epoch.map_or(0, |d| d.as_millis() as i64)
 }
 
 const PAGES: &[&str] = &["/", "/search", "/products", "/cart", "/checkout", "/account", "/help"];
@@ -291,6 +299,7 @@ mod tests {
             seed: 7,
             users: 50,
             malformed,
+            start_ms: Some(1_767_225_600_000),
         }
     }
 

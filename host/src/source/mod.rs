@@ -2,7 +2,7 @@
 //!
 //! Every source implements [`Source`]. A batch carries a [`Checkpoint`]: the
 //! last position read per topic and partition. The pipeline hands the
-//! checkpoint back through [`Source::commit`] only once every sink
+//! checkpoint to the source's [`Committer`] only once every sink
 //! (dead-letter sink included) has durably written everything derived from
 //! the batch, so a source that can commit (Kafka) never commits a record
 //! that could still be lost: at-least-once.
@@ -100,9 +100,27 @@ pub trait Source: Send {
     /// again; the pipeline cancels only on shutdown.
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError>;
 
+    /// What the pipeline calls, concurrently with `next_batch`, once every
+    /// sink has durably written everything up to a checkpoint.
+    fn committer(&self) -> Arc<dyn Committer> {
+        Arc::new(NothingToCommit)
+    }
+}
+
+/// Commits a source's positions.
+#[async_trait]
+pub trait Committer: Send + Sync {
     /// Everything up to `checkpoint` is durably written by every sink.
-    async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SourceError> {
-        let _ = checkpoint;
+    async fn commit(&self, checkpoint: &Checkpoint) -> Result<(), SourceError>;
+}
+
+/// For sources that cannot replay (files, stdin, generators): nothing to
+/// remember.
+pub struct NothingToCommit;
+
+#[async_trait]
+impl Committer for NothingToCommit {
+    async fn commit(&self, _checkpoint: &Checkpoint) -> Result<(), SourceError> {
         Ok(())
     }
 }

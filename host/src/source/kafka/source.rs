@@ -14,7 +14,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::{KafkaSourceConfig, StartFrom};
 use crate::config::BatchConfig;
 use crate::kafka::to_record;
-use crate::source::{Checkpoint, Source, SourceBatch, SourceError};
+use crate::source::{Checkpoint, Committer, Source, SourceBatch, SourceError};
 
 /// Assigns partitions at explicit offsets, and logs rebalances so an
 /// operator can see partitions move.
@@ -80,6 +80,8 @@ pub struct KafkaSource {
     linger: Duration,
     commits: bool,
     what: String,
+    unavailable_since: Option<std::time::Instant>,
+    last_warning: Option<std::time::Instant>,
 }
 
 fn io(what: &str, err: KafkaError) -> SourceError {
@@ -106,14 +108,24 @@ impl KafkaSource {
             StartFrom::Latest => "latest",
         };
         let isolation = if read_committed { "read_committed" } else { "read_uncommitted" };
-        let consumer: GroupConsumer = config
-            .connection()
-            .client_config(&[
+        let mut client = config.connection().client_config(&[
                 ("group.id", &group),
                 ("enable.auto.commit", "false"),
                 ("auto.offset.reset", start),
                 ("isolation.level", isolation),
-            ])
+                // A worker that dies is noticed in 10 s, not 45: its
+                // partitions move to the survivors (or its restart) sooner.
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "3000"),
+            ]);
+        if let Ok(worker) = std::env::var("WEIR_WORKER_ID") {
+            // Static membership: a restarted worker takes its partitions back
+            // at once instead of waiting out the session of its dead self.
+            if !config.options.contains_key("group.instance.id") {
+                client.set("group.instance.id", format!("{group}-{worker}"));
+            }
+        }
+        let consumer: GroupConsumer = client
             .create_with_context(RebalanceLog {
                 group: group.clone(),
                 start: match config.start {
@@ -131,6 +143,8 @@ impl KafkaSource {
             linger: batch.linger(),
             commits: !read_committed,
             what,
+            unavailable_since: None,
+            last_warning: None,
         })
     }
 
@@ -140,12 +154,17 @@ impl KafkaSource {
     }
 
 
-    /// The next message, retrying (and logging) while the cluster is away.
+    /// The next message. While the cluster is away librdkafka reconnects by
+    /// itself and reports each failed attempt here; those are logged (at most
+    /// every few seconds) and passed over, not slept on, so that a backlog of
+    /// them does not delay reading once the cluster is back.
     async fn recv(&mut self) -> Result<(Arc<str>, crate::record::Record), SourceError> {
-        let mut backoff = Duration::from_millis(100);
         loop {
             match self.consumer.recv().await {
                 Ok(message) => {
+                    if self.unavailable_since.take().is_some() {
+                        tracing::info!(source = %self.what, "Kafka reachable again.");
+                    }
                     let name = rdkafka::Message::topic(&message);
                     let topic = match self.topics.get(name) {
                         Some(topic) => topic.clone(),
@@ -155,15 +174,22 @@ impl KafkaSource {
                     return Ok((topic, record));
                 }
                 Err(err) if is_transient(&err) => {
-                    tracing::warn!(source = %self.what, %err, retry_in = ?backoff, "Kafka unavailable; retrying.");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let now = std::time::Instant::now();
+                    let since = *self.unavailable_since.get_or_insert(now);
+                    if self.last_warning.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+                        self.last_warning = Some(now);
+                        tracing::warn!(source = %self.what, %err, down_for = ?now.duration_since(since), "Kafka unavailable; librdkafka is reconnecting.");
+                    }
+                    tokio::task::yield_now().await;
                 }
                 Err(err) => return Err(io(&self.what, err)),
             }
         }
     }
 }
+
+/// How often an unavailable cluster is reported.
+const WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// Errors librdkafka recovers from by itself: the broker is down or a
 /// partition is moving.
@@ -211,8 +237,27 @@ impl Source for KafkaSource {
         Ok(Some(batch))
     }
 
-    async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<(), SourceError> {
-        if !self.commits || checkpoint.positions.is_empty() {
+    fn committer(&self) -> Arc<dyn Committer> {
+        Arc::new(KafkaCommitter {
+            consumer: self.consumer.clone(),
+            what: self.what.clone(),
+            enabled: self.commits,
+        })
+    }
+}
+
+/// Commits a Kafka source's offsets while it goes on reading.
+struct KafkaCommitter {
+    consumer: Arc<GroupConsumer>,
+    what: String,
+    /// Off when a transaction commits the offsets (exactly-once).
+    enabled: bool,
+}
+
+#[async_trait]
+impl Committer for KafkaCommitter {
+    async fn commit(&self, checkpoint: &Checkpoint) -> Result<(), SourceError> {
+        if !self.enabled || checkpoint.positions.is_empty() {
             return Ok(());
         }
         let offsets = next_offsets(checkpoint).map_err(|e| io(&self.what, e))?;

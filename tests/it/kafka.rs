@@ -1,0 +1,440 @@
+//! Kafka end to end, against a real Kafka-protocol broker process: what
+//! reaches the output and dead-letter topics, what is committed, and what
+//! survives a worker killed with SIGKILL.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir::config::PipelineFile;
+use weir::engine::{EngineOptions, PluginEngine};
+use weir::metrics::MetricsSnapshot;
+use weir::pipeline::Pipeline;
+
+use crate::broker::Broker;
+use crate::support::{Scratch, weir_bin};
+
+/// Runs the pipelines of `path` in process until `done` says so (checked
+/// every 100 ms, for at most two minutes), then stops them cleanly.
+async fn run_until(path: &std::path::Path, done: impl Fn(&[MetricsSnapshot]) -> bool) -> Vec<MetricsSnapshot> {
+    let file = PipelineFile::load(path).unwrap();
+    let engine = PluginEngine::new(EngineOptions::default()).unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut runs = Vec::new();
+    let mut metrics = Vec::new();
+    for config in &file.pipelines {
+        let pipeline = Pipeline::build(&file, config, &engine).await.unwrap();
+        metrics.push(pipeline.metrics());
+        runs.push(tokio::spawn(pipeline.run(shutdown.clone())));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now: Vec<MetricsSnapshot> = metrics.iter().map(|m| m.snapshot()).collect();
+        if done(&now) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    let mut summaries = Vec::new();
+    for run in runs {
+        summaries.push(run.await.unwrap().unwrap());
+    }
+    summaries
+}
+
+fn payment(i: usize) -> (String, String) {
+    let amount = (i * 37) % 500;
+    (format!("user-{}", i % 17), format!(r#"{{"id":{i},"amount":{amount}}}"#))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_reach_the_dead_letter_topic_with_the_documented_headers() {
+    let broker = Broker::start();
+    for (topic, partitions) in [("in", 3), ("out", 3), ("dlq", 1)] {
+        broker.create_topic(topic, partitions).await;
+    }
+    let mut input: Vec<(String, String)> = (0..200).map(payment).collect();
+    for i in (0..200).step_by(20) {
+        input[i].1 = format!("{{oops {i}");
+    }
+    broker.produce("in", &input).await;
+
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "payments"
+source = {{ type = "kafka", brokers = "{b}", topics = ["in"] }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:json-filter}}"
+config = {{ field = "amount", min = 0 }}
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "{b}"
+topic = "out"
+
+[pipeline.dead_letter]
+type = "kafka"
+brokers = "{b}"
+topic = "dlq"
+"#,
+        b = broker.brokers()
+    ));
+    let summary = run_until(&path, |m| m[0].records_in >= 200).await.remove(0);
+    assert_eq!((summary.records_in, summary.records_out, summary.records_dead_lettered), (200, 190, 10));
+
+    let out = broker.read_all("out", false);
+    let sent: BTreeSet<(Option<String>, String)> = out.iter().map(|r| (r.key.clone(), r.value.clone())).collect();
+    let expected: BTreeSet<(Option<String>, String)> = input
+        .iter()
+        .filter(|(_, v)| !v.starts_with("{oops"))
+        .map(|(k, v)| (Some(k.clone()), v.clone()))
+        .collect();
+    assert_eq!(sent, expected);
+    assert_eq!(out.len(), 190);
+
+    let dead = broker.read_all("dlq", false);
+    assert_eq!(dead.len(), 10);
+    for letter in &dead {
+        assert!(letter.value.starts_with("{oops "), "original value kept: {letter:?}");
+        let i: usize = letter.value["{oops ".len()..].parse().unwrap();
+        assert_eq!(letter.key.as_deref(), Some(input[i].0.as_str()), "original key kept");
+        let h = &letter.headers;
+        assert!(h["weir.error.reason"].starts_with("not a JSON object"), "{h:?}");
+        assert_eq!(h["weir.error.stage"], "plugin");
+        assert_eq!(h["weir.error.plugin"], "json-filter");
+        assert_eq!(h["weir.error.plugin.version"], "0.1.0");
+        assert_eq!(h["weir.pipeline"], "payments");
+        assert_eq!(h["weir.source.topic"], "in");
+        assert!(h["weir.source.partition"].parse::<i32>().unwrap() < 3);
+        assert!(h["weir.source.offset"].parse::<i64>().unwrap() >= 0);
+    }
+    let offsets: BTreeSet<(String, String)> = dead
+        .iter()
+        .map(|d| (d.headers["weir.source.partition"].clone(), d.headers["weir.source.offset"].clone()))
+        .collect();
+    assert_eq!(offsets.len(), 10, "each dead letter names its own source position");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_topics_in_one_pipeline_go_through_their_own_plugins() {
+    let broker = Broker::start();
+    broker.create_topic("clicks", 2).await;
+    broker.create_topic("payments", 2).await;
+    let clicks: Vec<(String, String)> = (0..100)
+        .map(|i| {
+            let action = if i % 10 == 0 { "purchase" } else { "view" };
+            (format!("user-{i}"), format!(r#"{{"n":{i},"action":"{action}"}}"#))
+        })
+        .collect();
+    let payments: Vec<(String, String)> = (0..100).map(payment).collect();
+    broker.produce("clicks", &clicks).await;
+    broker.produce("payments", &payments).await;
+
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "two-topics"
+source = {{ type = "kafka", brokers = "{b}", topics = ["clicks", "payments"] }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:router}}"
+topics = ["clicks"]
+config = {{ field = "action", routes = {{ purchase = "purchases" }} }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:json-filter}}"
+topics = ["payments"]
+config = {{ field = "amount", min = 250 }}
+
+[[pipeline.sink]]
+type = "file"
+path = "default.jsonl"
+
+[[pipeline.sink]]
+type = "file"
+path = "purchases.jsonl"
+routes = ["purchases"]
+
+[pipeline.dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+        b = broker.brokers()
+    ));
+    let summary = run_until(&path, |m| m[0].records_in >= 200).await.remove(0);
+    assert_eq!(summary.records_in, 200);
+
+    let purchases = scratch.json_lines("purchases.jsonl");
+    let default = scratch.json_lines("default.jsonl");
+    assert!(scratch.json_lines("dead.jsonl").is_empty(), "the filter never saw a click");
+    assert_eq!(purchases.len(), 10);
+    assert!(purchases.iter().all(|p| p["action"] == "purchase"));
+    let views = default.iter().filter(|r| r["action"] == "view").count();
+    let kept_payments: Vec<&serde_json::Value> = default.iter().filter(|r| r.get("amount").is_some()).collect();
+    assert_eq!(views, 90);
+    let expected = payments.iter().filter(|(_, v)| {
+        let doc: serde_json::Value = serde_json::from_str(v).unwrap();
+        doc["amount"].as_i64().unwrap() >= 250
+    });
+    assert_eq!(kept_payments.len(), expected.count());
+    assert!(kept_payments.iter().all(|p| p["amount"].as_i64().unwrap() >= 250));
+}
+
+/// A `weir run` child process.
+fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
+    Command::new(weir_bin())
+        .args(["run", path.to_str().unwrap()])
+        .env("WEIR_CACHE_DIR", cache)
+        .env("WEIR_LOG", "warn")
+        .env("WEIR_WORKER_ID", worker)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn stop_gracefully(mut child: Child) {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "worker exited with {status}");
+}
+
+/// Watches a group's committed offsets and a topic's size with one client,
+/// so that checks are cheap enough to kill a worker mid-stream.
+struct Watcher {
+    consumer: rdkafka::consumer::BaseConsumer,
+    partitions: i32,
+}
+
+impl Watcher {
+    fn new(broker: &Broker, group: &str, partitions: i32) -> Self {
+        let consumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.brokers())
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        Watcher { consumer, partitions }
+    }
+
+    fn committed(&self, topic: &str) -> i64 {
+        use rdkafka::consumer::Consumer as _;
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition(topic, p);
+        }
+        let committed = self.consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+        committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn size(&self, topic: &str) -> i64 {
+        use rdkafka::consumer::Consumer as _;
+        (0..self.partitions)
+            .map(|p| {
+                let watermarks = self.consumer.fetch_watermarks(topic, p, Duration::from_secs(10));
+                watermarks.map_or(0, |(_, high)| high)
+            })
+            .sum()
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what} after {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills a worker with SIGKILL three times as soon as it has written more
+/// output, restarts it each time, and finally lets it finish. Returns the
+/// input ids and the output topic as read (committed only, if asked).
+async fn kill_and_restart(delivery: &str, read_committed: bool) -> (Vec<usize>, Vec<usize>) {
+    const RECORDS: usize = 100_000;
+    let broker = broker_with_input(RECORDS).await;
+    let scratch = Scratch::new();
+    let path = survivor_pipeline(&scratch, &broker, delivery);
+    let cache = scratch.path("cache");
+    let watch = Watcher::new(&broker, "survivors", 6);
+    tokio::task::block_in_place(|| {
+        for _ in 0..3 {
+            let before = watch.size("out");
+            let mut worker = spawn_worker(&path, &cache, "1");
+            wait_for("new output before a kill", Duration::from_secs(60), || {
+                watch.size("out") > before + 2_000 || watch.committed("in") >= RECORDS as i64
+            });
+            worker.kill().unwrap();
+            worker.wait().unwrap();
+            eprintln!("killed: {} outputs written, {} inputs committed", watch.size("out"), watch.committed("in"));
+        }
+        let worker = spawn_worker(&path, &cache, "1");
+        wait_for("every input offset committed", Duration::from_secs(120), || {
+            watch.committed("in") >= RECORDS as i64
+        });
+        stop_gracefully(worker);
+    });
+
+    (
+        (0..RECORDS).collect(),
+        tokio::task::block_in_place(|| ids(&broker.read_all("out", read_committed))),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_a_worker_killed_mid_stream_loses_nothing() {
+    let (input, output) = kill_and_restart("at_least_once", false).await;
+    let seen: BTreeSet<usize> = output.iter().copied().collect();
+    let missing: Vec<usize> = input.iter().filter(|id| !seen.contains(id)).copied().collect();
+    assert!(missing.is_empty(), "{} inputs missing from the output, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    // Kills replay what was not committed: duplicates are allowed here, and
+    // show the kills did land mid-stream.
+    eprintln!("{} outputs for {} inputs", output.len(), input.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_a_worker_killed_mid_stream_neither_loses_nor_doubles() {
+    let (input, output) = kill_and_restart("exactly_once", true).await;
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for id in &output {
+        *counts.entry(*id).or_default() += 1;
+    }
+    let doubled: Vec<usize> = counts.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
+    let missing: Vec<usize> = input.iter().filter(|id| !counts.contains_key(id)).copied().collect();
+    assert!(doubled.is_empty(), "{} inputs written twice, e.g. {:?}", doubled.len(), &doubled[..doubled.len().min(10)]);
+    assert!(missing.is_empty(), "{} inputs missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert_eq!(output.len(), input.len());
+}
+
+fn survivor_pipeline(scratch: &Scratch, broker: &Broker, delivery: &str) -> std::path::PathBuf {
+    scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "survivor"
+delivery = "{delivery}"
+commit_interval_ms = 100
+source = {{ type = "kafka", brokers = "{b}", topics = ["in"], group = "survivors" }}
+batch = {{ max_records = 200, linger_ms = 5 }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:identity}}"
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "{b}"
+topic = "out"
+
+[pipeline.dead_letter]
+type = "kafka"
+brokers = "{b}"
+topic = "dlq"
+"#,
+        b = broker.brokers()
+    ))
+}
+
+async fn broker_with_input(records: usize) -> Broker {
+    let broker = Broker::start();
+    broker.create_topic("in", 6).await;
+    broker.create_topic("out", 6).await;
+    broker.create_topic("dlq", 1).await;
+    let input: Vec<(String, String)> = (0..records).map(payment).collect();
+    broker.produce("in", &input).await;
+    broker
+}
+
+fn ids(records: &[crate::broker::Consumed]) -> Vec<usize> {
+    records
+        .iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.value).unwrap()["id"].as_u64().unwrap() as usize)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_the_partitions_and_together_write_each_record_once() {
+    const RECORDS: usize = 60_000;
+    let broker = broker_with_input(RECORDS).await;
+    let scratch = Scratch::new();
+    let path = survivor_pipeline(&scratch, &broker, "exactly_once");
+    let cache = scratch.path("cache");
+    let watch = Watcher::new(&broker, "survivors", 6);
+    let summaries = tokio::task::block_in_place(|| {
+        let workers: Vec<Child> = ["1", "2"]
+            .into_iter()
+            .map(|id| {
+                Command::new(weir_bin())
+                    .args(["run", path.to_str().unwrap()])
+                    .env("WEIR_CACHE_DIR", &cache)
+                    .env("WEIR_LOG", "warn")
+                    .env("WEIR_WORKER_ID", id)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        wait_for("every input offset committed", Duration::from_secs(120), || {
+            watch.committed("in") >= RECORDS as i64
+        });
+        workers
+            .into_iter()
+            .map(|worker| {
+                let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+                let output = worker.wait_with_output().unwrap();
+                let err = String::from_utf8_lossy(&output.stderr).into_owned();
+                assert!(output.status.success(), "{err}");
+                err
+            })
+            .collect::<Vec<String>>()
+    });
+    let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", true)));
+    let distinct: BTreeSet<usize> = output.iter().copied().collect();
+    assert_eq!(distinct.len(), RECORDS, "every input once");
+    assert_eq!(output.len(), RECORDS, "no input twice");
+    for summary in &summaries {
+        // Each worker's summary: both took part.
+        let line = summary.lines().find(|l| l.starts_with("pipeline `survivor`")).unwrap_or_default();
+        assert!(!line.contains(": 0 records in"), "a worker took no partition: {summary}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_at_start_and_gone_for_ten_seconds_loses_nothing() {
+    const RECORDS: usize = 50_000;
+    let mut broker = broker_with_input(RECORDS).await;
+    let scratch = Scratch::new();
+    let path = survivor_pipeline(&scratch, &broker, "at_least_once");
+    let cache = scratch.path("cache");
+    tokio::task::block_in_place(|| {
+        broker.stop();
+        let worker = spawn_worker(&path, &cache, "1");
+        std::thread::sleep(Duration::from_secs(3));
+        broker.resume();
+        let watch = Watcher::new(&broker, "survivors", 6);
+        wait_for("output after the broker came up", Duration::from_secs(60), || watch.size("out") > 0);
+        drop(watch);
+        broker.stop();
+        std::thread::sleep(Duration::from_secs(10));
+        broker.resume();
+        let watch = Watcher::new(&broker, "survivors", 6);
+        wait_for("every input offset committed", Duration::from_secs(120), || {
+            watch.committed("in") >= RECORDS as i64
+        });
+        stop_gracefully(worker);
+    });
+    let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", false)));
+    let seen: BTreeSet<usize> = output.iter().copied().collect();
+    let missing: Vec<usize> = (0..RECORDS).filter(|id| !seen.contains(id)).collect();
+    assert!(missing.is_empty(), "{} inputs missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+}
