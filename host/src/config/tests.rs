@@ -81,8 +81,63 @@ fn semantic_mistakes_point_at_their_line() {
 
 #[test]
 fn unknown_source_types_and_kinds_name_the_choices() {
-    let text = MINIMAL.replace("type = \"file\", path", "type = \"kafka\", path");
+    let text = MINIMAL.replace("type = \"file\", path", "type = \"s3\", path");
     let err = parse(&text).unwrap_err();
-    assert!(err.message.contains("unknown variant `kafka`"), "{err}");
+    assert!(err.message.contains("unknown variant `s3`"), "{err}");
     assert_eq!(err.line, 4);
+}
+
+const KAFKA: &str = r#"
+[[pipeline]]
+name = "k"
+delivery = "exactly_once"
+source = { type = "kafka", brokers = "b:9092", topics = ["payments", "clicks"] }
+
+[[pipeline.plugin]]
+wasm = "f.wasm"
+topics = ["payments"]
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "b:9092"
+topic = "out"
+route_topics = { alerts = "alerts-topic" }
+options = { "security.protocol" = "ssl" }
+
+[pipeline.dead_letter]
+type = "kafka"
+brokers = "b:9092"
+topic = "dlq"
+"#;
+
+#[test]
+fn kafka_pipelines_parse_with_their_pass_through_options() {
+    let file = parse(KAFKA).unwrap();
+    let pipeline = &file.pipelines[0];
+    assert_eq!(pipeline.delivery, Delivery::ExactlyOnce);
+    let SourceConfig::Kafka(source) = &pipeline.source else {
+        panic!("kafka source expected");
+    };
+    assert_eq!(source.group_for("k"), "weir-k");
+    let SinkConfig::Kafka(sink) = pipeline.sinks[0].get_ref() else {
+        panic!("kafka sink expected");
+    };
+    assert_eq!(sink.connection().options["security.protocol"], "ssl");
+    assert_eq!(sink.route_topics["alerts"], "alerts-topic");
+}
+
+#[test]
+fn exactly_once_needs_kafka_everywhere_and_plugin_topics_must_be_consumed() {
+    let file_sink = KAFKA.replace(
+        "type = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"out\"",
+        "type = \"file\"\npath = \"out.jsonl\"",
+    );
+    let file_sink = file_sink.replace("route_topics = { alerts = \"alerts-topic\" }\noptions = { \"security.protocol\" = \"ssl\" }\n", "");
+    let err = parse(&file_sink).unwrap_err();
+    assert!(err.message.contains("needs a kafka source, kafka sinks and a kafka `dead_letter`"), "{err}");
+
+    let stray = KAFKA.replace("topics = [\"payments\"]", "topics = [\"payment\"]");
+    let err = parse(&stray).unwrap_err();
+    assert!(err.message.contains("`payment`, which pipeline `k` does not consume"), "{err}");
+    assert_eq!(err.line, 8, "{err}");
 }
