@@ -120,16 +120,19 @@ impl Broker {
             .client_config(KafkaConnection::PRODUCER)
             .create()
             .expect("producer");
-        let deliveries: Vec<_> = records
-            .iter()
-            .map(|(key, value)| {
-                producer
-                    .send_result(FutureRecord::to(topic).key(key).payload(value))
-                    .expect("queued")
-            })
-            .collect();
-        for delivery in deliveries {
-            delivery.await.expect("not cancelled").expect("delivered");
+        // In chunks: librdkafka queues at most 100 000 messages.
+        for chunk in records.chunks(50_000) {
+            let deliveries: Vec<_> = chunk
+                .iter()
+                .map(|(key, value)| {
+                    producer
+                        .send_result(FutureRecord::to(topic).key(key).payload(value))
+                        .expect("queued")
+                })
+                .collect();
+            for delivery in deliveries {
+                delivery.await.expect("not cancelled").expect("delivered");
+            }
         }
     }
 

@@ -437,15 +437,16 @@ impl SinkWriter {
         }
         self.dead_letter.flush().await?;
         let Some(checkpoint) = checkpoint else { return Ok(()) };
-        match &self.transaction {
-            Some(transaction) => transaction.commit(&checkpoint).await.map_err(|err| SinkError::Io {
+        if let Some(transaction) = &self.transaction {
+            transaction.commit(&checkpoint).await.map_err(|err| SinkError::Io {
                 sink: "kafka transaction".into(),
                 source: std::io::Error::other(err),
-            }),
-            None => self.committer.commit(&checkpoint).await.map_err(|err| SinkError::Io {
-                sink: "source commit".into(),
-                source: std::io::Error::other(err),
-            }),
+            })?;
         }
+        // With a transaction this only tells the source what is committed.
+        self.committer.commit(&checkpoint).await.map_err(|err| SinkError::Io {
+            sink: "source commit".into(),
+            source: std::io::Error::other(err),
+        })
     }
 }

@@ -1,8 +1,8 @@
 //! Consumes with a `StreamConsumer`; commits synchronously on a blocking
 //! worker once the pipeline hands back a checkpoint.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,8 +16,115 @@ use crate::config::BatchConfig;
 use crate::kafka::to_record;
 use crate::source::{Checkpoint, Committer, Source, SourceBatch, SourceError};
 
-/// Assigns partitions at explicit offsets, and logs rebalances so an
-/// operator can see partitions move.
+/// Per partition: the last offset handed to the pipeline and the last one
+/// committed. A revoke waits on it until what was handed over from the
+/// revoked partitions is committed, so the next owner starts exactly after
+/// it: no record of an in-flight batch is processed twice.
+#[derive(Default)]
+pub struct Progress {
+    state: Mutex<ProgressState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    handed_over: HashMap<(String, i32), i64>,
+    committed: HashMap<(String, i32), i64>,
+    /// Bumped at every revoke, so a batch being read can drop the records
+    /// of partitions it no longer owns.
+    revokes: u64,
+    revoked: HashSet<(String, i32)>,
+    /// The broker refused a commit for the current generation: draining
+    /// cannot succeed, so a revoke stops waiting.
+    refused: bool,
+}
+
+/// How long a revoke waits for in-flight batches to commit before letting
+/// the partitions go anyway (their records are then read again by the next
+/// owner: at-least-once still holds). A broker that refuses commits once a
+/// rebalance has begun (noida-db does; Kafka accepts them from the current
+/// generation) ends the wait at once.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Progress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn handed_over(&self, checkpoint: &Checkpoint) {
+        let mut state = self.lock();
+        for p in &checkpoint.positions {
+            state.handed_over.insert((p.topic.to_string(), p.partition), p.offset);
+        }
+    }
+
+    fn refused(&self) {
+        self.lock().refused = true;
+        self.changed.notify_all();
+    }
+
+    fn committed(&self, checkpoint: &Checkpoint) {
+        let mut state = self.lock();
+        for p in &checkpoint.positions {
+            let slot = state.committed.entry((p.topic.to_string(), p.partition)).or_insert(p.offset);
+            *slot = (*slot).max(p.offset);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Blocks until every record handed over from `partitions` is committed,
+    /// or `DRAIN_TIMEOUT`; then forgets them. Returns whether they drained.
+    fn drain(&self, partitions: &[(String, i32)]) -> bool {
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        let mut state = self.lock();
+        state.revokes += 1;
+        state.revoked.extend(partitions.iter().cloned());
+        let pending = |state: &ProgressState| {
+            partitions.iter().any(|key| {
+                let handed = state.handed_over.get(key);
+                handed.is_some_and(|h| state.committed.get(key).is_none_or(|c| c < h))
+            })
+        };
+        let mut drained = true;
+        while pending(&state) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || state.refused {
+                drained = false;
+                break;
+            }
+            state = match self.changed.wait_timeout(state, left) {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        for key in partitions {
+            state.handed_over.remove(key);
+            state.committed.remove(key);
+        }
+        drained
+    }
+
+    /// After an assign, the partitions are ours again.
+    fn assigned(&self, partitions: &[(String, i32)]) {
+        let mut state = self.lock();
+        state.refused = false;
+        for key in partitions {
+            state.revoked.remove(key);
+        }
+    }
+}
+
+fn keys(partitions: &TopicPartitionList) -> Vec<(String, i32)> {
+    partitions
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+/// Assigns partitions at explicit offsets, drains in-flight batches before
+/// giving partitions up, and logs rebalances so an operator can see
+/// partitions move.
 ///
 /// Each assigned partition starts at the group's committed offset, or, with
 /// none, at the configured start. We set it ourselves rather than leave it
@@ -26,6 +133,7 @@ use crate::source::{Checkpoint, Committer, Source, SourceBatch, SourceError};
 pub struct RebalanceLog {
     group: String,
     start: Offset,
+    progress: Arc<Progress>,
 }
 
 impl ClientContext for RebalanceLog {}
@@ -48,12 +156,26 @@ impl ConsumerContext for RebalanceLog {
                         tracing::warn!(group = %self.group, %err, "Cannot read committed offsets; using the reset policy.");
                     }
                 }
+                self.progress.assigned(&keys(partitions));
                 if let Err(err) = consumer.assign(partitions) {
                     tracing::error!(group = %self.group, %err, "Cannot take the assigned partitions.");
                 }
                 tracing::info!(group = %self.group, partitions = partitions.count(), "Partitions assigned.");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // Runs inside the source's poll, so no new batch starts while
+                // the pipeline finishes and commits the ones in flight.
+                let revoked = keys(partitions);
+                let drain = || self.progress.drain(&revoked);
+                let drained = match tokio::runtime::Handle::try_current() {
+                    Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                        tokio::task::block_in_place(drain)
+                    }
+                    _ => drain(),
+                };
+                if !drained {
+                    tracing::warn!(group = %self.group, "In-flight batches did not commit before the revoke; their records will be read again by the next owner.");
+                }
                 if let Err(err) = consumer.unassign() {
                     tracing::warn!(group = %self.group, %err, "Cannot release the revoked partitions.");
                 }
@@ -82,6 +204,7 @@ pub struct KafkaSource {
     what: String,
     unavailable_since: Option<std::time::Instant>,
     last_warning: Option<std::time::Instant>,
+    progress: Arc<Progress>,
 }
 
 fn io(what: &str, err: KafkaError) -> SourceError {
@@ -125,9 +248,11 @@ impl KafkaSource {
                 client.set("group.instance.id", format!("{group}-{worker}"));
             }
         }
+        let progress = Arc::new(Progress::default());
         let consumer: GroupConsumer = client
             .create_with_context(RebalanceLog {
                 group: group.clone(),
+                progress: progress.clone(),
                 start: match config.start {
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => Offset::End,
@@ -145,6 +270,7 @@ impl KafkaSource {
             what,
             unavailable_since: None,
             last_warning: None,
+            progress,
         })
     }
 
@@ -219,26 +345,34 @@ fn is_transient(err: &KafkaError) -> bool {
 #[async_trait]
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
-        let mut batch = SourceBatch::default();
-        let (_, first) = self.recv().await?;
-        batch.checkpoint.advance(&first.source);
-        batch.records.push(first);
+        let revokes_before = self.progress.lock().revokes;
+        let mut records = vec![self.recv().await?.1];
         let deadline = tokio::time::Instant::now() + self.linger;
-        while batch.records.len() < self.max_records {
+        while records.len() < self.max_records {
             match tokio::time::timeout_at(deadline, self.recv()).await {
-                Ok(next) => {
-                    let (_, record) = next?;
-                    batch.checkpoint.advance(&record.source);
-                    batch.records.push(record);
-                }
+                Ok(next) => records.push(next?.1),
                 Err(_linger_over) => break,
             }
         }
+        // A revoke during this batch: its partitions' records belong to the
+        // next owner, who starts at the last commit.
+        let state = self.progress.lock();
+        if state.revokes != revokes_before {
+            records.retain(|r| !state.revoked.contains(&(r.source.topic.to_string(), r.source.partition)));
+        }
+        drop(state);
+        let mut batch = SourceBatch::default();
+        for record in &records {
+            batch.checkpoint.advance(&record.source);
+        }
+        batch.records = records;
+        self.progress.handed_over(&batch.checkpoint);
         Ok(Some(batch))
     }
 
     fn committer(&self) -> Arc<dyn Committer> {
         Arc::new(KafkaCommitter {
+            progress: self.progress.clone(),
             consumer: self.consumer.clone(),
             what: self.what.clone(),
             enabled: self.commits,
@@ -248,6 +382,7 @@ impl Source for KafkaSource {
 
 /// Commits a Kafka source's offsets while it goes on reading.
 struct KafkaCommitter {
+    progress: Arc<Progress>,
     consumer: Arc<GroupConsumer>,
     what: String,
     /// Off when a transaction commits the offsets (exactly-once).
@@ -257,17 +392,26 @@ struct KafkaCommitter {
 #[async_trait]
 impl Committer for KafkaCommitter {
     async fn commit(&self, checkpoint: &Checkpoint) -> Result<(), SourceError> {
-        if !self.enabled || checkpoint.positions.is_empty() {
+        if checkpoint.positions.is_empty() {
+            return Ok(());
+        }
+        if !self.enabled {
+            // The transaction committed these offsets already.
+            self.progress.committed(checkpoint);
             return Ok(());
         }
         let offsets = next_offsets(checkpoint).map_err(|e| io(&self.what, e))?;
         let consumer = self.consumer.clone();
         let committed = tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
         match committed {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.progress.committed(checkpoint);
+                Ok(())
+            }
             // After a rebalance the partitions may be someone else's: their
             // records will be read again there (at-least-once), not lost.
             Ok(Err(err)) => {
+                self.progress.refused();
                 tracing::warn!(source = %self.what, %err, "Offset commit refused; records since the last commit will be read again.");
                 Ok(())
             }
