@@ -136,7 +136,30 @@ pub struct RebalanceLog {
     progress: Arc<Progress>,
 }
 
-impl ClientContext for RebalanceLog {}
+impl ClientContext for RebalanceLog {
+    /// Connection failures are what `recv` reports (as one warning every few
+    /// seconds) while librdkafka reconnects; at error level they would flood
+    /// the log with lines no operator must act on.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_transient(&error) {
+            tracing::debug!(group = %self.group, %error, reason, "librdkafka");
+        } else {
+            tracing::error!(group = %self.group, %error, reason, "Kafka client error.");
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as Level;
+        match level {
+            Level::Emerg | Level::Alert | Level::Critical => {
+                tracing::error!(group = %self.group, facility, "librdkafka: {message}");
+            }
+            // Connection failures and timeouts, reported by `recv` instead.
+            Level::Error | Level::Warning => tracing::debug!(group = %self.group, facility, "librdkafka: {message}"),
+            _ => tracing::trace!(group = %self.group, facility, "librdkafka: {message}"),
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceLog {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, partitions: &mut TopicPartitionList) {
