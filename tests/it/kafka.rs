@@ -185,15 +185,24 @@ path = "dead.jsonl"
     assert!(kept_payments.iter().all(|p| p["amount"].as_i64().unwrap() >= 250));
 }
 
-/// A `weir run` child process.
+/// A `weir run` child process whose log goes to the test's output.
 fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
+    spawn(path, cache, worker, Stdio::inherit())
+}
+
+/// A `weir run` child process whose log (and summary) the test reads.
+fn spawn_logged(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
+    spawn(path, cache, worker, Stdio::piped())
+}
+
+fn spawn(path: &std::path::Path, cache: &std::path::Path, worker: &str, stderr: Stdio) -> Child {
     Command::new(weir_bin())
         .args(["run", path.to_str().unwrap()])
         .env("WEIR_CACHE_DIR", cache)
         .env("WEIR_LOG", "warn")
         .env("WEIR_WORKER_ID", worker)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap()
 }
@@ -463,16 +472,4 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
     let distinct: BTreeSet<usize> = output.iter().copied().collect();
     assert_eq!(distinct.len(), RECORDS, "every input present");
     eprintln!("{} outputs for {RECORDS} inputs across the rebalance", output.len());
-}
-
-fn spawn_logged(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
-    Command::new(weir_bin())
-        .args(["run", path.to_str().unwrap()])
-        .env("WEIR_CACHE_DIR", cache)
-        .env("WEIR_LOG", "warn")
-        .env("WEIR_WORKER_ID", worker)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }

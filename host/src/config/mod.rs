@@ -155,6 +155,9 @@ pub enum LineFormat {
 pub struct BatchConfig {
     /// Most records per batch.
     pub max_records: usize,
+    /// Most bytes (keys and values) per batch; a batch closes once it
+    /// reaches this, so large records make smaller batches.
+    pub max_bytes: usize,
     /// Longest a partial batch waits for more records, in milliseconds.
     pub linger_ms: u64,
 }
@@ -163,12 +166,18 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_records: 1024,
+            max_bytes: 4 << 20,
             linger_ms: 50,
         }
     }
 }
 
 impl BatchConfig {
+    /// Whether a batch of `records` records and `bytes` bytes is full.
+    pub fn is_full(&self, records: usize, bytes: usize) -> bool {
+        records >= self.max_records || bytes >= self.max_bytes
+    }
+
     /// The linger as a duration.
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
@@ -363,8 +372,11 @@ impl PipelineFile {
                     format!("pipeline `{}` has no `[[pipeline.sink]]`", name.get_ref()),
                 ));
             }
-            if pipeline.batch.max_records == 0 {
-                return Err(self.error_at(name.span().start, "`batch.max_records` must be at least 1"));
+            if pipeline.batch.max_records == 0 || pipeline.batch.max_bytes == 0 {
+                return Err(self.error_at(
+                    name.span().start,
+                    "`batch.max_records` and `batch.max_bytes` must be at least 1",
+                ));
             }
             if pipeline.commit_interval_ms == 0 {
                 return Err(self.error_at(name.span().start, "`commit_interval_ms` must be above 0"));

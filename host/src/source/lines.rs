@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,8 +22,7 @@ pub struct LineSource {
     lines: mpsc::Receiver<Result<(i64, Vec<u8>), SourceError>>,
     topic: Arc<str>,
     format: LineFormat,
-    max_records: usize,
-    linger: Duration,
+    batch: BatchConfig,
 }
 
 impl LineSource {
@@ -86,8 +84,7 @@ impl LineSource {
             lines,
             topic,
             format,
-            max_records: batch.max_records,
-            linger: batch.linger(),
+            batch: batch.clone(),
         }
     }
 
@@ -118,8 +115,9 @@ impl Source for LineSource {
                 self.push(&mut batch, number, line);
             }
         }
-        let deadline = tokio::time::Instant::now() + self.linger;
-        while batch.len() < self.max_records {
+        let deadline = tokio::time::Instant::now() + self.batch.linger();
+        let mut bytes = 0;
+        while !self.batch.is_full(batch.len(), bytes) {
             let next = match self.lines.try_recv() {
                 Ok(line) => Some(line),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
@@ -132,6 +130,7 @@ impl Source for LineSource {
             };
             let Some(line) = next else { break };
             let (number, line) = line?;
+            bytes += line.len();
             self.push(&mut batch, number, line);
         }
         Ok(Some(batch))

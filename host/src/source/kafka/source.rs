@@ -221,10 +221,9 @@ pub type GroupConsumer = StreamConsumer<RebalanceLog>;
 pub struct KafkaSource {
     consumer: Arc<GroupConsumer>,
     topics: HashMap<String, Arc<str>>,
-    max_records: usize,
-    linger: Duration,
     commits: bool,
     what: String,
+    batch: BatchConfig,
     unavailable_since: Option<std::time::Instant>,
     last_warning: Option<std::time::Instant>,
     progress: Arc<Progress>,
@@ -287,8 +286,7 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             topics: config.topics.iter().map(|t| (t.clone(), Arc::from(t.as_str()))).collect(),
-            max_records: batch.max_records,
-            linger: batch.linger(),
+            batch: batch.clone(),
             commits: !read_committed,
             what,
             unavailable_since: None,
@@ -369,11 +367,18 @@ fn is_transient(err: &KafkaError) -> bool {
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
         let revokes_before = self.progress.lock().revokes;
-        let mut records = vec![self.recv().await?.1];
-        let deadline = tokio::time::Instant::now() + self.linger;
-        while records.len() < self.max_records {
+        let size = |r: &crate::record::Record| r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
+        let first = self.recv().await?.1;
+        let mut bytes = size(&first);
+        let mut records = vec![first];
+        let deadline = tokio::time::Instant::now() + self.batch.linger();
+        while !self.batch.is_full(records.len(), bytes) {
             match tokio::time::timeout_at(deadline, self.recv()).await {
-                Ok(next) => records.push(next?.1),
+                Ok(next) => {
+                    let record = next?.1;
+                    bytes += size(&record);
+                    records.push(record);
+                }
                 Err(_linger_over) => break,
             }
         }
