@@ -1,5 +1,6 @@
 //! Kafka throughput: the broker's ceiling (rdkafka producing alone, and
-//! consuming alone) against whole weir pipelines, Kafka → identity plugin →
+//! consuming alone) and a native rdkafka pass-through (consume → produce, no
+//! weir) against whole weir pipelines, Kafka → identity plugin →
 //! Kafka and Kafka → json-filter plugin → Kafka, all against the same real
 //! Kafka-protocol broker process (noida-db) in the same run.
 //!
@@ -97,6 +98,50 @@ fn consume(brokers: &str, topic: &str) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// Native pass-through: rdkafka consuming `topic` and producing every record
+/// to `out`, acknowledged, with no weir in between.
+async fn pass_through(connection: &KafkaConnection, topic: &str, out: &str) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &connection.brokers)
+        .set("group.id", "bench-pass-through")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        assignment.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let producer: FutureProducer = connection.client_config(KafkaConnection::PRODUCER).create().expect("producer");
+    let started = Instant::now();
+    let mut deliveries = std::collections::VecDeque::new();
+    let mut read = 0;
+    while read < RECORDS {
+        let Some(message) = tokio::task::block_in_place(|| consumer.poll(Duration::from_secs(10))) else {
+            continue;
+        };
+        let message = message.expect("message");
+        use rdkafka::Message as _;
+        let mut record = FutureRecord::to(out).payload(message.payload().unwrap_or_default());
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        deliveries.push_back(producer.send_result(record).expect("queued"));
+        read += 1;
+        if deliveries.len() >= 50_000 {
+            for _ in 0..25_000 {
+                if let Some(d) = deliveries.pop_front() {
+                    d.await.expect("not cancelled").expect("delivered");
+                }
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery.await.expect("not cancelled").expect("delivered");
+    }
+    started.elapsed().as_secs_f64()
+}
+
 async fn pipeline(brokers: &str, name: &str, plugin_line: &str, out: &str) -> f64 {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("bench.toml");
@@ -155,15 +200,28 @@ async fn main() {
     let json_filter = plugin("json-filter");
     let broker = broker::Broker::start();
     let connection = broker.connection();
-    for (topic, partitions) in [("in", PARTITIONS), ("out-identity", PARTITIONS), ("out-json", PARTITIONS), ("dlq", 1)] {
+    for (topic, partitions) in [
+        ("in", PARTITIONS),
+        ("out-native", PARTITIONS),
+        ("out-identity", PARTITIONS),
+        ("out-json", PARTITIONS),
+        ("dlq", 1),
+    ] {
         connection.ensure_topics(&[topic], partitions).await.expect("topic");
     }
     let rate = |seconds: f64| RECORDS as f64 / seconds;
 
+    // noida-db rewrites its whole state file after changes, which takes CPU
+    // from whatever runs next: let it settle before each measured phase.
+    let settle = || tokio::time::sleep(Duration::from_secs(3));
     let produced = rate(produce(&connection, "in").await);
     let brokers = broker.brokers();
+    settle().await;
     let consumed = rate(tokio::task::block_in_place(|| consume(&brokers, "in")));
     let ceiling = produced.min(consumed);
+    settle().await;
+    let native = rate(pass_through(&connection, "in", "out-native").await);
+    settle().await;
     let identity_rate = rate(
         pipeline(&brokers, "bench-identity", &format!("wasm = {:?}", identity.display().to_string()), "out-identity").await,
     );
@@ -171,17 +229,23 @@ async fn main() {
         "wasm = {:?}\nconfig = {{ field = \"amount\", min = 0.0, project = [\"id\", \"user\", \"amount\"] }}",
         json_filter.display().to_string()
     );
+    settle().await;
     let json_rate = rate(pipeline(&brokers, "bench-json", &json_line, "out-json").await);
 
     println!("kafka throughput, {RECORDS} records of 100 bytes, {PARTITIONS} partitions, one broker process");
-    println!("{:<36} {:>14} {:>12}", "case", "records/s", "of ceiling");
+    println!("{:<36} {:>14} {:>12} {:>16}", "case", "records/s", "of ceiling", "of pass-through");
     for (case, value) in [
         ("broker ceiling: produce only", produced),
         ("broker ceiling: consume only", consumed),
+        ("rdkafka pass-through (native)", native),
         ("kafka -> identity -> kafka", identity_rate),
         ("kafka -> json-filter -> kafka", json_rate),
     ] {
-        println!("{case:<36} {value:>14.0} {:>11.0}%", value / ceiling * 100.0);
+        println!(
+            "{case:<36} {value:>14.0} {:>11.0}% {:>15.0}%",
+            value / ceiling * 100.0,
+            value / native * 100.0
+        );
     }
     let summary = serde_json::json!({
         "bench": "kafka_pipeline",
@@ -192,6 +256,8 @@ async fn main() {
         "json_filter_per_s": json_rate.round(),
         "identity_of_ceiling": (identity_rate / ceiling * 100.0).round() / 100.0,
         "json_of_ceiling": (json_rate / ceiling * 100.0).round() / 100.0,
+        "pass_through_per_s": native.round(),
+        "identity_of_pass_through": (identity_rate / native * 100.0).round() / 100.0,
         "goal_of_ceiling": 0.8,
     });
     println!("{summary}");
