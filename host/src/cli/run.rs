@@ -119,7 +119,7 @@ async fn show_progress(metrics: Vec<Arc<PipelineMetrics>>) {
 
 fn summary_line(s: &MetricsSnapshot) -> String {
     format!(
-        "pipeline `{}`: {} records in, {} out, {} dropped, {} dead-lettered in {:.2} s ({} records/s)",
+        "pipeline `{}`: {} records in, {} out, {} dropped, {} dead-lettered in {:.3} s ({} records/s)",
         s.pipeline,
         thousands(s.records_in),
         thousands(s.records_out),
