@@ -122,41 +122,47 @@ fn run_slot(
             output.dropped += 1;
             continue;
         }
-        let mut rest = outputs.len();
-        let mut input = Some(input);
-        for out in outputs.iter() {
-            rest -= 1;
-            // The last output may take the input itself; earlier ones copy it.
-            let base = match rest {
-                0 => input.take(),
-                _ => input.clone(),
-            };
-            let Some(mut record) = base else { break };
-            match out.map_err(bad_reply)? {
-                OutputView::Forward { route } => {
-                    if let Some(route) = route {
-                        record.route = Some(intern(routes, route));
-                    }
-                }
-                OutputView::New(new) => {
-                    record.key = new.key.map(|key| reply.slice_ref(key));
-                    record.value = reply.slice_ref(new.value);
-                    record.headers = new
-                        .headers
-                        .iter()
-                        .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
-                        .collect();
-                    record.timestamp = new.timestamp.or(record.timestamp);
-                    if let Some(route) = new.route {
-                        record.route = Some(intern(routes, route));
-                    }
-                }
-            }
+        // Every output but the last starts from a copy of the input; the
+        // last takes the input itself (the common single output moves it).
+        let mut outputs_left = outputs.iter();
+        for _ in 1..outputs.len() {
+            let Some(out) = outputs_left.next() else { break };
+            let mut record = input.clone();
+            apply_output(&mut record, out.map_err(bad_reply)?, &reply, routes);
+            next.push(record);
+        }
+        if let Some(out) = outputs_left.next() {
+            let mut record = input;
+            apply_output(&mut record, out.map_err(bad_reply)?, &reply, routes);
             next.push(record);
         }
     }
     outcomes.finish().map_err(bad_reply)?;
     Ok(next)
+}
+
+/// Turns `record` (a copy of the input) into the output `out` describes.
+fn apply_output(record: &mut Record, out: OutputView<'_>, reply: &Bytes, routes: &mut Vec<Arc<str>>) {
+    match out {
+        OutputView::Forward { route } => {
+            if let Some(route) = route {
+                record.route = Some(intern(routes, route));
+            }
+        }
+        OutputView::New(new) => {
+            record.key = new.key.map(|key| reply.slice_ref(key));
+            record.value = reply.slice_ref(new.value);
+            record.headers = new
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
+                .collect();
+            record.timestamp = new.timestamp.or(record.timestamp);
+            if let Some(route) = new.route {
+                record.route = Some(intern(routes, route));
+            }
+        }
+    }
 }
 
 /// One shared `Arc<str>` per route name, so routing allocates nothing per record.
