@@ -30,7 +30,11 @@ pub struct AbiError {
 
 impl fmt::Display for AbiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "malformed packed buffer: {} at byte {}", self.what, self.at)
+        write!(
+            f,
+            "malformed packed buffer: {} at byte {}",
+            self.what, self.at
+        )
     }
 }
 
@@ -45,7 +49,10 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     #[inline]
     fn take(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], AbiError> {
-        let end = self.pos.checked_add(len).filter(|&end| end <= self.buf.len());
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|&end| end <= self.buf.len());
         let end = end.ok_or(AbiError { what, at: self.pos })?;
         let bytes = &self.buf[self.pos..end];
         self.pos = end;
@@ -443,8 +450,10 @@ impl OutcomeWriter {
     pub fn fail(&mut self, reason: &str) {
         self.buf.truncate(self.current);
         self.buf.push(TAG_FAIL);
-        self.buf.extend_from_slice(&len_u32(reason.len()).to_le_bytes());
-        self.buf.extend_from_slice(&reason.as_bytes()[..len_u32(reason.len()) as usize]);
+        self.buf
+            .extend_from_slice(&len_u32(reason.len()).to_le_bytes());
+        self.buf
+            .extend_from_slice(&reason.as_bytes()[..len_u32(reason.len()) as usize]);
         self.outcomes += 1;
     }
 
@@ -496,7 +505,8 @@ impl OutcomeWriter {
         let route = route.unwrap_or_default();
         let route = &route.as_bytes()[..usize::from(len_u16(route.len()))];
         self.buf.push(OUTPUT_FORWARD);
-        self.buf.extend_from_slice(&len_u16(route.len()).to_le_bytes());
+        self.buf
+            .extend_from_slice(&len_u16(route.len()).to_le_bytes());
         self.buf.extend_from_slice(route);
         self.outputs += 1;
     }
@@ -564,7 +574,10 @@ impl<'a> OutputsView<'a> {
 
     /// The outputs in order; an output that does not parse is an error.
     pub fn iter(&self) -> impl Iterator<Item = Result<OutputView<'a>, AbiError>> + use<'a> {
-        let mut cursor = Cursor { buf: self.raw, pos: 0 };
+        let mut cursor = Cursor {
+            buf: self.raw,
+            pos: 0,
+        };
         let mut left = self.count;
         core::iter::from_fn(move || {
             left = left.checked_sub(1)?;
@@ -719,7 +732,10 @@ mod tests {
         assert_eq!(first.key(), Some(&b"user-1"[..]));
         assert_eq!(first.value(), b"{\"a\":1}");
         assert_eq!(first.timestamp(), Some(1_700_000_000_000));
-        assert_eq!((first.topic(), first.partition(), first.offset()), ("clicks", 3, 42));
+        assert_eq!(
+            (first.topic(), first.partition(), first.offset()),
+            ("clicks", 3, 42)
+        );
         assert_eq!(first.header("trace"), Some(&b"abc"[..]));
         assert_eq!(first.headers().iter().count(), 2);
         assert_eq!(records[1].key(), None);
@@ -733,7 +749,13 @@ mod tests {
         out.forward(Some("audit"));
         let (start, buf) = out.begin_output();
         buf.extend_from_slice(b"new");
-        out.end_output(start, Some(b"k"), Some(7), None, [("x", &b"y"[..])].into_iter());
+        out.end_output(
+            start,
+            Some(b"k"),
+            Some(7),
+            None,
+            [("x", &b"y"[..])].into_iter(),
+        );
         out.commit();
         out.begin();
         out.forward(None);
@@ -748,13 +770,24 @@ mod tests {
         };
         let outputs: Vec<_> = outputs.iter().collect::<Result<_, _>>().unwrap();
         assert_eq!(outputs.len(), 2);
-        assert!(matches!(outputs[0], OutputView::Forward { route: Some("audit") }));
+        assert!(matches!(
+            outputs[0],
+            OutputView::Forward {
+                route: Some("audit")
+            }
+        ));
         let OutputView::New(new) = outputs[1] else {
             panic!("second output should be new");
         };
-        assert_eq!((new.value, new.key, new.timestamp, new.route), (&b"new"[..], Some(&b"k"[..]), Some(7), None));
+        assert_eq!(
+            (new.value, new.key, new.timestamp, new.route),
+            (&b"new"[..], Some(&b"k"[..]), Some(7), None)
+        );
         assert_eq!(new.headers.get("x"), Some(&b"y"[..]));
-        assert!(matches!(reader.next(), Some(Ok(OutcomeView::Fail("bad amount")))));
+        assert!(matches!(
+            reader.next(),
+            Some(Ok(OutcomeView::Fail("bad amount")))
+        ));
         assert!(matches!(reader.next(), Some(Ok(OutcomeView::Emit(o))) if o.is_empty()));
         assert!(reader.next().is_none());
         reader.finish().unwrap();
@@ -781,12 +814,25 @@ mod tests {
         }
         let reply = OutcomeWriter::with_capacity(8).finish();
         assert!(OutcomeReader::new(&reply, 1).is_err());
-        assert!(OutcomeReader::new(&[9, 0, 0, 0, 7], 9).unwrap().next().unwrap().is_err());
+        assert!(
+            OutcomeReader::new(&[9, 0, 0, 0, 7], 9)
+                .unwrap()
+                .next()
+                .unwrap()
+                .is_err()
+        );
         // An emit whose outputs length runs past the end, and a bad output kind.
         let overlong = [1, 0, 0, 0, TAG_EMIT, 1, 0, 0, 0, 200, 0, 0, 0];
-        assert!(OutcomeReader::new(&overlong, 1).unwrap().next().unwrap().is_err());
+        assert!(
+            OutcomeReader::new(&overlong, 1)
+                .unwrap()
+                .next()
+                .unwrap()
+                .is_err()
+        );
         let bad_kind = [1, 0, 0, 0, TAG_EMIT, 1, 0, 0, 0, 1, 0, 0, 0, 9];
-        let Some(Ok(OutcomeView::Emit(outputs))) = OutcomeReader::new(&bad_kind, 1).unwrap().next() else {
+        let Some(Ok(OutcomeView::Emit(outputs))) = OutcomeReader::new(&bad_kind, 1).unwrap().next()
+        else {
             panic!("the outcome frame itself is well formed");
         };
         assert!(outputs.iter().next().unwrap().is_err());

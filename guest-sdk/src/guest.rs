@@ -55,7 +55,10 @@ impl Output {
 
     /// Emits a new record whose value `write` appends to the buffer it is
     /// given: serialise straight into the reply, with no copy.
-    pub fn emit_with<'a>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<Emit<'_, 'a>> {
+    pub fn emit_with<'a>(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    ) -> Result<Emit<'_, 'a>> {
         let (start, buf) = self.0.begin_output();
         if let Err(err) = write(buf) {
             buf.truncate(start);
@@ -122,8 +125,13 @@ impl<'o, 'a> Emit<'o, 'a> {
 impl Drop for Emit<'_, '_> {
     fn drop(&mut self) {
         let headers = std::mem::take(&mut self.headers);
-        self.out
-            .end_output(self.start, self.key, self.timestamp, self.route, headers.into_iter());
+        self.out.end_output(
+            self.start,
+            self.key,
+            self.timestamp,
+            self.route,
+            headers.into_iter(),
+        );
     }
 }
 

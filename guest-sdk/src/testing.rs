@@ -130,7 +130,10 @@ pub fn pack(records: &[TestRecord]) -> Vec<u8> {
                 partition: record.partition,
                 offset: record.offset.unwrap_or(index as i64),
             },
-            record.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+            record
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_slice())),
         );
     }
     batch.as_bytes().to_vec()
@@ -159,7 +162,11 @@ pub fn unpack(reply: &[u8], inputs: &[TestRecord]) -> Result<Vec<TestOutcome>, A
                             value: o.value.to_vec(),
                             timestamp: o.timestamp,
                             route: o.route.map(str::to_owned),
-                            headers: o.headers.iter().map(|(n, v)| (n.to_owned(), v.to_vec())).collect(),
+                            headers: o
+                                .headers
+                                .iter()
+                                .map(|(n, v)| (n.to_owned(), v.to_vec()))
+                                .collect(),
                         },
                     })
                 });

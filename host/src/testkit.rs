@@ -48,7 +48,11 @@ impl PluginHarness {
     }
 
     /// As [`PluginHarness::load`], with these limits.
-    pub fn load_with_limits(wasm: impl AsRef<Path>, config: &str, limits: &Limits) -> anyhow::Result<Self> {
+    pub fn load_with_limits(
+        wasm: impl AsRef<Path>,
+        config: &str,
+        limits: &Limits,
+    ) -> anyhow::Result<Self> {
         let plugin = engine()?.load(wasm.as_ref())?;
         Ok(PluginHarness {
             instance: plugin.instantiate(limits, config)?,

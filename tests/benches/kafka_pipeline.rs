@@ -7,8 +7,16 @@
 //! Run: `cargo bench -p weir-tests --bench kafka_pipeline`. Prints a table,
 //! then one JSON summary line.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark that cannot unwrap has failed"
+)]
+
 #[path = "../it/broker.rs"]
-#[allow(dead_code, reason = "shared with the tests; the benchmark uses part of it")]
+#[allow(
+    dead_code,
+    reason = "shared with the tests; the benchmark uses part of it"
+)]
 mod broker;
 
 use std::path::PathBuf;
@@ -34,23 +42,42 @@ fn plugin(name: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace())
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", name])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            name,
+        ])
         .status()
         .expect("cargo runs");
     assert!(status.success());
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
-    target.join("wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from);
+    target
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", name.replace('-', "_")))
 }
 
 fn value(i: usize) -> String {
-    let mut value = format!(r#"{{"id":{i},"user":"user-{}","amount":{}.{:02},"pad":""#, i % 997, i % 200, i % 100);
+    let mut value = format!(
+        r#"{{"id":{i},"user":"user-{}","amount":{}.{:02},"pad":""#,
+        i % 997,
+        i % 200,
+        i % 100
+    );
     value.extend(std::iter::repeat_n('x', 98 - value.len()));
     value.push_str("\"}");
     value
 }
 
 async fn produce(connection: &KafkaConnection, topic: &str) -> f64 {
-    let producer: FutureProducer = connection.client_config(KafkaConnection::PRODUCER).create().expect("producer");
+    let producer: FutureProducer = connection
+        .client_config(KafkaConnection::PRODUCER)
+        .create()
+        .expect("producer");
     let started = Instant::now();
     let mut deliveries = std::collections::VecDeque::new();
     for i in 0..RECORDS {
@@ -83,7 +110,9 @@ fn consume(brokers: &str, topic: &str) -> f64 {
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        assignment.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
     }
     consumer.assign(&assignment).expect("assign");
     let started = Instant::now();
@@ -93,7 +122,10 @@ fn consume(brokers: &str, topic: &str) -> f64 {
             message.expect("message");
             read += 1;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "consumer stalled at {read}");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "consumer stalled at {read}"
+        );
     }
     started.elapsed().as_secs_f64()
 }
@@ -109,15 +141,21 @@ async fn pass_through(connection: &KafkaConnection, topic: &str, out: &str) -> f
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        assignment.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
     }
     consumer.assign(&assignment).expect("assign");
-    let producer: FutureProducer = connection.client_config(KafkaConnection::PRODUCER).create().expect("producer");
+    let producer: FutureProducer = connection
+        .client_config(KafkaConnection::PRODUCER)
+        .create()
+        .expect("producer");
     let started = Instant::now();
     let mut deliveries = std::collections::VecDeque::new();
     let mut read = 0;
     while read < RECORDS {
-        let Some(message) = tokio::task::block_in_place(|| consumer.poll(Duration::from_secs(10))) else {
+        let Some(message) = tokio::task::block_in_place(|| consumer.poll(Duration::from_secs(10)))
+        else {
             continue;
         };
         let message = message.expect("message");
@@ -175,7 +213,9 @@ topic = "dlq"
         cache_dir: Some(dir.path().join("cache")),
     })
     .expect("engine");
-    let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine).await.expect("pipeline");
+    let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine)
+        .await
+        .expect("pipeline");
     let metrics = pipeline.metrics();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(pipeline.run(shutdown));
@@ -207,7 +247,10 @@ async fn main() {
         ("out-json", PARTITIONS),
         ("dlq", 1),
     ] {
-        connection.ensure_topics(&[topic], partitions).await.expect("topic");
+        connection
+            .ensure_topics(&[topic], partitions)
+            .await
+            .expect("topic");
     }
     let rate = |seconds: f64| RECORDS as f64 / seconds;
 
@@ -223,7 +266,13 @@ async fn main() {
     let native = rate(pass_through(&connection, "in", "out-native").await);
     settle().await;
     let identity_rate = rate(
-        pipeline(&brokers, "bench-identity", &format!("wasm = {:?}", identity.display().to_string()), "out-identity").await,
+        pipeline(
+            &brokers,
+            "bench-identity",
+            &format!("wasm = {:?}", identity.display().to_string()),
+            "out-identity",
+        )
+        .await,
     );
     let json_line = format!(
         "wasm = {:?}\nconfig = {{ field = \"amount\", min = 0.0, project = [\"id\", \"user\", \"amount\"] }}",
@@ -232,8 +281,13 @@ async fn main() {
     settle().await;
     let json_rate = rate(pipeline(&brokers, "bench-json", &json_line, "out-json").await);
 
-    println!("kafka throughput, {RECORDS} records of 100 bytes, {PARTITIONS} partitions, one broker process");
-    println!("{:<36} {:>14} {:>12} {:>16}", "case", "records/s", "of ceiling", "of pass-through");
+    println!(
+        "kafka throughput, {RECORDS} records of 100 bytes, {PARTITIONS} partitions, one broker process"
+    );
+    println!(
+        "{:<36} {:>14} {:>12} {:>16}",
+        "case", "records/s", "of ceiling", "of pass-through"
+    );
     for (case, value) in [
         ("broker ceiling: produce only", produced),
         ("broker ceiling: consume only", consumed),

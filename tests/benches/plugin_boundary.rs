@@ -11,6 +11,11 @@
 //! Run: `cargo bench -p weir-tests --bench plugin_boundary`. Prints a table,
 //! then one JSON summary line.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark that cannot unwrap has failed"
+)]
+
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,11 +41,22 @@ fn build_plugins() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace())
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "identity", "-p", "json-filter"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "identity",
+            "-p",
+            "json-filter",
+        ])
         .status()
         .expect("cargo runs");
     assert!(status.success(), "building the benchmark plugins failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from);
     target.join("wasm32-wasip2/release")
 }
 
@@ -50,7 +66,12 @@ fn records(count: usize) -> Vec<Record> {
     let topic: Arc<str> = "bench".into();
     (0..count)
         .map(|i| {
-            let head = format!(r#"{{"id":{i},"user":"user-{}","amount":{}.{:02},"pad":""#, i % 997, i % 200, i % 100);
+            let head = format!(
+                r#"{{"id":{i},"user":"user-{}","amount":{}.{:02},"pad":""#,
+                i % 997,
+                i % 200,
+                i % 100
+            );
             let mut value = head.into_bytes();
             value.resize(RECORD_BYTES - 2, b'x');
             value.extend_from_slice(b"\"}");
@@ -79,7 +100,9 @@ fn measure(batch: usize, total: &[Record], mut run: impl FnMut(Vec<Record>) -> u
     for batch in &batches {
         black_box(run(batch.clone()));
     }
-    let passes = (SAMPLE_TIME.as_secs_f64() / started.elapsed().as_secs_f64()).ceil().max(1.0) as usize;
+    let passes = (SAMPLE_TIME.as_secs_f64() / started.elapsed().as_secs_f64())
+        .ceil()
+        .max(1.0) as usize;
 
     let mut per_record = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
@@ -145,7 +168,9 @@ fn chain(engine: &PluginEngine, wasm: PathBuf, config: &str) -> Chain {
         memory_bytes: 256 << 20,
         batch_deadline: Duration::from_secs(30),
     };
-    Chain::new(vec![PluginSlot::start(engine, &wasm, &plugin, &limits).expect("plugin starts")])
+    Chain::new(vec![
+        PluginSlot::start(engine, &wasm, &plugin, &limits).expect("plugin starts"),
+    ])
 }
 
 /// Native identity: every record moves into the next stage's batch, as the
@@ -189,11 +214,18 @@ fn main() {
     let mut identity = chain(&engine, dir.join("identity.wasm"), "");
     let mut summary = serde_json::Map::new();
     println!("plugin boundary, {RECORD_BYTES}-byte JSON records, one core, median of {SAMPLES}");
-    println!("{:<28} {:>10} {:>10} {:>10} {:>12}", "case", "wasm ns", "native ns", "ratio", "boundary ns");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>12}",
+        "case", "wasm ns", "native ns", "ratio", "boundary ns"
+    );
 
     let mut identity_json = serde_json::Map::new();
     for batch in [1, 64, 1024] {
-        let slice = if batch == 1 { &total[..8 * 1024] } else { &total[..] };
+        let slice = if batch == 1 {
+            &total[..8 * 1024]
+        } else {
+            &total[..]
+        };
         let wasm = measure(batch, slice, |records| {
             let out = identity.process(records).expect("identity runs");
             out.records.len()
@@ -206,7 +238,10 @@ fn main() {
             wasm / native
         );
         let crossing = crossing(&mut identity, batch, slice);
-        println!("{:<28} {crossing:>10.1}", format!("  crossing only, batch {batch}"));
+        println!(
+            "{:<28} {crossing:>10.1}",
+            format!("  crossing only, batch {batch}")
+        );
         identity_json.insert(
             batch.to_string(),
             serde_json::json!({
@@ -221,14 +256,28 @@ fn main() {
 
     let config = "field = \"amount\"\nmin = 100.0\nproject = [\"id\", \"user\", \"amount\"]";
     let mut filter = chain(&engine, dir.join("json_filter.wasm"), config);
-    let native_filter: json_filter::JsonFilter =
-        weir_guest::configure(r#"{"field": "amount", "min": 100.0, "project": ["id", "user", "amount"]}"#)
-            .expect("native filter config");
+    let native_filter: json_filter::JsonFilter = weir_guest::configure(
+        r#"{"field": "amount", "min": 100.0, "project": ["id", "user", "amount"]}"#,
+    )
+    .expect("native filter config");
     // Both sides must keep the same records before their speed means anything.
     let sample = total[..1024].to_vec();
-    let kept = filter.process(sample.clone()).expect("json filter runs").records;
-    assert_eq!(kept.len(), native_json(&native_filter, sample), "wasm and native disagree");
-    let wasm = measure(1024, &total, |records| filter.process(records).expect("json filter runs").records.len());
+    let kept = filter
+        .process(sample.clone())
+        .expect("json filter runs")
+        .records;
+    assert_eq!(
+        kept.len(),
+        native_json(&native_filter, sample),
+        "wasm and native disagree"
+    );
+    let wasm = measure(1024, &total, |records| {
+        filter
+            .process(records)
+            .expect("json filter runs")
+            .records
+            .len()
+    });
     let native = measure(1024, &total, |records| native_json(&native_filter, records));
     let ratio = wasm / native;
     println!(
@@ -246,10 +295,18 @@ fn main() {
         serde_json::json!({ "batch": 1024, "wasm_ns": round(wasm), "native_ns": round(native), "ratio": round(ratio) }),
     );
 
-    let boundary_64 = identity_json["64"]["boundary_ns"].as_f64().unwrap_or(f64::MAX);
-    let boundary_1024 = identity_json["1024"]["boundary_ns"].as_f64().unwrap_or(f64::MAX);
-    let crossing_64 = identity_json["64"]["crossing_ns"].as_f64().unwrap_or(f64::MAX);
-    let crossing_1024 = identity_json["1024"]["crossing_ns"].as_f64().unwrap_or(f64::MAX);
+    let boundary_64 = identity_json["64"]["boundary_ns"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    let boundary_1024 = identity_json["1024"]["boundary_ns"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    let crossing_64 = identity_json["64"]["crossing_ns"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    let crossing_1024 = identity_json["1024"]["crossing_ns"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
     summary.insert(
         "goals".into(),
         serde_json::json!({

@@ -50,7 +50,10 @@ fn spawn(port: u16, data: &tempfile::TempDir) -> Child {
         .expect("the broker starts");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the broker did not listen on {port} within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not listen on {port} within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     process
@@ -77,7 +80,11 @@ impl Broker {
         let data = tempfile::tempdir().expect("a data dir");
         let port = free_port();
         let process = spawn(port, &data);
-        Broker { port, process, data }
+        Broker {
+            port,
+            process,
+            data,
+        }
     }
 
     /// Stops the broker (Ctrl-C, so it saves its data: noida-db writes its
@@ -85,7 +92,9 @@ impl Broker {
     /// which no real Kafka would); [`Broker::resume`] starts it again on the
     /// same port and data. Clients see the broker vanish either way.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.process.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &self.process.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while matches!(self.process.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -110,7 +119,10 @@ impl Broker {
     }
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
-        self.connection().ensure_topics(&[topic], partitions).await.expect("topic created");
+        self.connection()
+            .ensure_topics(&[topic], partitions)
+            .await
+            .expect("topic created");
     }
 
     /// Produces `(key, value)` pairs to `topic` and waits for every ack.
@@ -143,13 +155,24 @@ impl Broker {
             .set("bootstrap.servers", self.brokers())
             .set("group.id", "weir-test-reader")
             .set("enable.auto.commit", "false")
-            .set("isolation.level", if read_committed { "read_committed" } else { "read_uncommitted" })
+            .set(
+                "isolation.level",
+                if read_committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
             .create()
             .expect("consumer");
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .expect("metadata");
-        let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
         let mut assignment = TopicPartitionList::new();
         let mut ends = HashMap::new();
         for &partition in &partitions {
@@ -174,20 +197,25 @@ impl Broker {
                 Some(Ok(message)) => {
                     idle_polls = 0;
                     let partition = message.partition();
-                    if let Some(&end) = ends.get(&partition) {
-                        if message.offset() + 1 >= end {
-                            ends.remove(&partition);
-                        }
+                    if let Some(&end) = ends.get(&partition)
+                        && message.offset() + 1 >= end
+                    {
+                        ends.remove(&partition);
                     }
                     out.push(Consumed {
-                        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        value: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                        key: message
+                            .key()
+                            .map(|k| String::from_utf8_lossy(k).into_owned()),
+                        value: String::from_utf8_lossy(message.payload().unwrap_or_default())
+                            .into_owned(),
                         headers: message
                             .headers()
                             .map(|hs| {
                                 hs.iter()
                                     .map(|h| {
-                                        let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+                                        let value =
+                                            String::from_utf8_lossy(h.value.unwrap_or_default())
+                                                .into_owned();
                                         (h.key.to_owned(), value)
                                     })
                                     .collect()
@@ -203,10 +231,11 @@ impl Broker {
                     // whose position passed its end is done.
                     if let Ok(positions) = consumer.position() {
                         for element in positions.elements() {
-                            if let (Offset::Offset(at), Some(&end)) = (element.offset(), ends.get(&element.partition())) {
-                                if at >= end {
-                                    ends.remove(&element.partition());
-                                }
+                            if let (Offset::Offset(at), Some(&end)) =
+                                (element.offset(), ends.get(&element.partition()))
+                                && at >= end
+                            {
+                                ends.remove(&element.partition());
                             }
                         }
                     }

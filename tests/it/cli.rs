@@ -29,15 +29,24 @@ fn check_and_run_refuse_garbage_and_wrong_world_wasm_naming_file_and_line() {
     let wrong_world = plugin("wrong-world");
     for (wasm, says) in [
         (garbage.display().to_string(), "is not a WebAssembly file"),
-        (wrong_world.display().to_string(), "is a component but not a weir plugin"),
+        (
+            wrong_world.display().to_string(),
+            "is a component but not a weir plugin",
+        ),
     ] {
         let path = pipeline_with_plugin(&scratch, &wasm);
         for command in ["check", "run"] {
             let output = weir(&[command, path.to_str().unwrap()], &cache);
             let err = stderr(&output);
             assert!(!output.status.success(), "weir {command} accepted {wasm}");
-            assert!(err.contains(&format!("{}:6:", path.display())), "weir {command}: {err}");
-            assert!(err.contains(&wasm) && err.contains(says), "weir {command}: {err}");
+            assert!(
+                err.contains(&format!("{}:6:", path.display())),
+                "weir {command}: {err}"
+            );
+            assert!(
+                err.contains(&wasm) && err.contains(says),
+                "weir {command}: {err}"
+            );
             assert!(stdout(&output).is_empty(), "nothing ran");
         }
     }
@@ -49,15 +58,24 @@ fn check_starts_the_plugins_with_their_config_and_reports_them() {
     let path = pipeline_with_plugin(&scratch, "{plugin:json-filter}");
     let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(stdout(&output).contains("ok: pipeline `p`: 1 plugin(s): json-filter 0.1.0"), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("ok: pipeline `p`: 1 plugin(s): json-filter 0.1.0"),
+        "{}",
+        stdout(&output)
+    );
 
     // A config the plugin rejects is refused at check time, with its words.
-    let bad = std::fs::read_to_string(&path).unwrap().replace("min = 1", "min = 5, max = 1");
+    let bad = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("min = 1", "min = 5, max = 1");
     std::fs::write(&path, bad).unwrap();
     let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
     assert!(!output.status.success());
     let err = stderr(&output);
-    assert!(err.contains("rejected its config: `min` (5) is above `max` (1)"), "{err}");
+    assert!(
+        err.contains("rejected its config: `min` (5) is above `max` (1)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -70,14 +88,23 @@ fn config_mistakes_are_reported_at_their_line_with_the_bad_key() {
     let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
     let err = stderr(&output);
     assert!(!output.status.success());
-    assert!(err.contains(&format!("{}:3:", path.display())) && err.contains("unknown field `sorce`"), "{err}");
+    assert!(
+        err.contains(&format!("{}:3:", path.display())) && err.contains("unknown field `sorce`"),
+        "{err}"
+    );
 
     let path = scratch.write(
         "pipeline.toml",
         "[[pipeline]]\nname = \"p\"\nsource = { type = \"stdin\" }\n\n[[pipeline.sink]]\ntype = \"kafka-ish\"\n",
     );
-    let err = stderr(&weir(&["run", path.to_str().unwrap()], &scratch.path("cache")));
-    assert!(err.contains(&format!("{}:6:", path.display())) && err.contains("kafka-ish"), "{err}");
+    let err = stderr(&weir(
+        &["run", path.to_str().unwrap()],
+        &scratch.path("cache"),
+    ));
+    assert!(
+        err.contains(&format!("{}:6:", path.display())) && err.contains("kafka-ish"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -109,9 +136,15 @@ path = "good-out.jsonl"
     let output = weir(&["run", path.to_str().unwrap()], &scratch.path("cache"));
     let err = stderr(&output);
     assert!(!output.status.success(), "{err}");
-    assert!(err.contains("pipeline `bad`: plugin `misbehave` 0.1.0: trapped"), "{err}");
+    assert!(
+        err.contains("pipeline `bad`: plugin `misbehave` 0.1.0: trapped"),
+        "{err}"
+    );
     assert!(err.contains("asked for a panic"), "{err}");
-    assert!(err.contains("pipeline `good`: 2 records in, 2 out"), "{err}");
+    assert!(
+        err.contains("pipeline `good`: 2 records in, 2 out"),
+        "{err}"
+    );
     assert_eq!(scratch.json_lines("good-out.jsonl").len(), 2);
 }
 
@@ -119,7 +152,10 @@ path = "good-out.jsonl"
 fn the_quickstart_prints_redacted_payments() {
     let quickstart = workspace().join("examples/quickstart.toml");
     let scratch = Scratch::new();
-    let output = weir(&["run", quickstart.to_str().unwrap()], &scratch.path("cache"));
+    let output = weir(
+        &["run", quickstart.to_str().unwrap()],
+        &scratch.path("cache"),
+    );
     let err = stderr(&output);
     assert!(output.status.success(), "{err}");
     let lines: Vec<serde_json::Value> = stdout(&output)
@@ -139,11 +175,15 @@ fn plugin_new_scaffolds_a_crate_that_passes_its_tests_and_builds() {
     let scratch = Scratch::new();
     let dir = scratch.path("my-plugin");
     let cache = scratch.path("cache");
-    let output = weir(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()], &cache);
+    let output = weir(
+        &["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()],
+        &cache,
+    );
     assert!(output.status.success(), "{}", stderr(&output));
 
     // Share the workspace's target folder so dependencies are not rebuilt.
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), Into::into);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), Into::into);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let test = Command::new(&cargo)
         .args(["test", "--release", "--quiet"])
@@ -162,9 +202,16 @@ fn plugin_new_scaffolds_a_crate_that_passes_its_tests_and_builds() {
         .output()
         .unwrap();
     assert!(built.status.success(), "{}", stderr(&built));
-    assert!(stdout(&built).contains("built my-plugin 0.1.0"), "{}", stdout(&built));
+    assert!(
+        stdout(&built).contains("built my-plugin 0.1.0"),
+        "{}",
+        stdout(&built)
+    );
 
-    let again = weir(&["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()], &cache);
+    let again = weir(
+        &["plugin", "new", "my-plugin", "--dir", dir.to_str().unwrap()],
+        &cache,
+    );
     assert!(stderr(&again).contains("already exists"));
 }
 
@@ -205,13 +252,22 @@ path = "rest.jsonl"
     drop(stdin);
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
-    let alerts: Vec<serde_json::Value> = stdout(&output).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let numbers: Vec<i64> = alerts.iter().map(|a| a["value"]["n"].as_i64().unwrap()).collect();
+    let alerts: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let numbers: Vec<i64> = alerts
+        .iter()
+        .map(|a| a["value"]["n"].as_i64().unwrap())
+        .collect();
     assert_eq!(numbers, [1, 3]);
     assert_eq!(alerts[0]["route"], "alerts");
     assert_eq!(alerts[1]["offset"], 4, "offsets are stdin line numbers");
     assert_eq!(scratch.json_lines("rest.jsonl").len(), 1);
     // No dead-letter sink configured: the malformed line reaches stderr as an envelope.
     let err = stderr(&output);
-    assert!(err.contains(r#""value":"{oops""#) && err.contains("malformed JSON at stdin:3"), "{err}");
+    assert!(
+        err.contains(r#""value":"{oops""#) && err.contains("malformed JSON at stdin:3"),
+        "{err}"
+    );
 }

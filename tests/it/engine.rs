@@ -23,15 +23,23 @@ fn engine(scratch: &Scratch) -> PluginEngine {
 #[test]
 fn one_failing_record_is_isolated_and_the_rest_of_the_batch_goes_on() {
     let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
-    let outcomes = harness.process(&records(&["a", "fail", "b", "fail", "c"])).unwrap();
+    let outcomes = harness
+        .process(&records(&["a", "fail", "b", "fail", "c"]))
+        .unwrap();
     let emitted: Vec<String> = outcomes
         .iter()
         .flat_map(|o| o.outputs())
         .map(|o| o.value_str().into_owned())
         .collect();
     assert_eq!(emitted, ["a", "b", "c"]);
-    assert_eq!(outcomes[1].failure(), Some("record at offset 1 is marked fail"));
-    assert_eq!(outcomes[3].failure(), Some("record at offset 3 is marked fail"));
+    assert_eq!(
+        outcomes[1].failure(),
+        Some("record at offset 1 is marked fail")
+    );
+    assert_eq!(
+        outcomes[3].failure(),
+        Some("record at offset 3 is marked fail")
+    );
 }
 
 #[test]
@@ -43,7 +51,10 @@ fn a_trapping_plugin_is_stopped_with_its_panic_message() {
     let PluginErrorKind::Trap { panic, .. } = &err.kind else {
         panic!("expected a trap, got {err}");
     };
-    assert!(panic.contains("record at offset 1 asked for a panic"), "{err}");
+    assert!(
+        panic.contains("record at offset 1 asked for a panic"),
+        "{err}"
+    );
     // The instance is gone: the next batch is refused, not run on a broken store.
     assert!(harness.process(&records(&["ok"])).is_err());
 }
@@ -54,18 +65,34 @@ fn a_plugin_over_its_memory_cap_is_stopped_with_a_memory_error() {
         memory_bytes: 32 << 20,
         batch_deadline: Duration::from_secs(10),
     };
-    let mut harness = PluginHarness::load_with_limits(plugin("misbehave"), r#"{"hog_mib": 64}"#, &limits).unwrap();
+    let mut harness =
+        PluginHarness::load_with_limits(plugin("misbehave"), r#"{"hog_mib": 64}"#, &limits)
+            .unwrap();
     let err = harness.process(&records(&["hog"])).unwrap_err();
-    let PluginErrorKind::Memory { cap_mib, wanted_mib } = err.kind else {
+    let PluginErrorKind::Memory {
+        cap_mib,
+        wanted_mib,
+    } = err.kind
+    else {
         panic!("expected a memory error, got {err}");
     };
     assert_eq!(cap_mib, 32);
     assert!(wanted_mib > 32, "asked for {wanted_mib} MiB");
-    assert!(err.to_string().contains("exceeded its memory cap of 32 MiB"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("exceeded its memory cap of 32 MiB"),
+        "{err}"
+    );
 
     // Under the cap the same request succeeds.
-    let mut roomy = PluginHarness::load_with_limits(plugin("misbehave"), r#"{"hog_mib": 8}"#, &limits).unwrap();
-    assert_eq!(roomy.process(&records(&["hog"])).unwrap()[0].outputs().len(), 1);
+    let mut roomy =
+        PluginHarness::load_with_limits(plugin("misbehave"), r#"{"hog_mib": 8}"#, &limits).unwrap();
+    assert_eq!(
+        roomy.process(&records(&["hog"])).unwrap()[0]
+            .outputs()
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -96,7 +123,11 @@ fn garbage_core_modules_other_worlds_and_other_versions_are_refused_by_name() {
     let core = scratch.path("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
     let err = engine.load(&core).err().unwrap();
-    assert!(err.to_string().contains("core WebAssembly module, not a component"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("core WebAssembly module, not a component"),
+        "{err}"
+    );
 
     let truncated = scratch.path("truncated.wasm");
     std::fs::write(&truncated, b"\0asm\x0d\0\x01\0\x01\x02").unwrap();
@@ -106,12 +137,18 @@ fn garbage_core_modules_other_worlds_and_other_versions_are_refused_by_name() {
     let err = engine.load(&plugin("wrong-world")).err().unwrap();
     let message = err.to_string();
     assert!(matches!(err, LoadError::WrongWorld { .. }), "{message}");
-    assert!(message.contains("wrong-world.wasm") && message.contains("wasi:cli/run"), "{message}");
+    assert!(
+        message.contains("wrong-world.wasm") && message.contains("wasi:cli/run"),
+        "{message}"
+    );
 
     let err = engine.load(&plugin("future-version")).err().unwrap();
     let message = err.to_string();
     assert!(matches!(err, LoadError::WrongVersion { .. }), "{message}");
-    assert!(message.contains("weir:plugin@1.0.0") && message.contains("weir:plugin@0.1.0"), "{message}");
+    assert!(
+        message.contains("weir:plugin@1.0.0") && message.contains("weir:plugin@0.1.0"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -127,7 +164,9 @@ fn compiled_components_are_reused_from_the_cache_across_engines() {
     assert_eq!((second.cache().misses(), second.cache().hits()), (0, 1));
     let mut instance = loaded.instantiate(&Limits::default(), "{}").unwrap();
     let input = records(&["x"]);
-    let reply = instance.process(&weir_guest::testing::pack(&input)).unwrap();
+    let reply = instance
+        .process(&weir_guest::testing::pack(&input))
+        .unwrap();
     let outcomes = weir_guest::testing::unpack(&reply, &input).unwrap();
     assert_eq!(outcomes[0].outputs()[0].value, b"x");
 }
@@ -135,11 +174,24 @@ fn compiled_components_are_reused_from_the_cache_across_engines() {
 #[test]
 fn plugins_have_no_filesystem_environment_or_network() {
     let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
-    let outcomes = harness.process(&records(&["env", "read", "connect"])).unwrap();
-    let seen: Vec<String> = outcomes.iter().map(|o| o.outputs()[0].value_str().into_owned()).collect();
+    let outcomes = harness
+        .process(&records(&["env", "read", "connect"]))
+        .unwrap();
+    let seen: Vec<String> = outcomes
+        .iter()
+        .map(|o| o.outputs()[0].value_str().into_owned())
+        .collect();
     assert!(seen[0].starts_with("0 variables"), "{}", seen[0]);
-    assert!(seen[1].starts_with("denied"), "the plugin read a host file: {}", seen[1]);
-    assert!(seen[2].starts_with("denied"), "the plugin opened a socket: {}", seen[2]);
+    assert!(
+        seen[1].starts_with("denied"),
+        "the plugin read a host file: {}",
+        seen[1]
+    );
+    assert!(
+        seen[2].starts_with("denied"),
+        "the plugin opened a socket: {}",
+        seen[2]
+    );
 }
 
 #[test]
@@ -156,7 +208,8 @@ fn a_swap_replaces_the_version_only_when_the_new_one_starts() {
         config: toml::Table::new(),
         topics: Vec::new(),
     };
-    let mut slot = PluginSlot::start(&engine, &plugin("identity"), &config, &Limits::default()).unwrap();
+    let mut slot =
+        PluginSlot::start(&engine, &plugin("identity"), &config, &Limits::default()).unwrap();
     assert_eq!(slot.name(), "identity");
 
     // Refused versions leave the running one in place.
@@ -170,5 +223,8 @@ fn a_swap_replaces_the_version_only_when_the_new_one_starts() {
     let batch = weir_guest::testing::pack(&records(&["fail"]));
     let reply = slot.instance().process(&batch).unwrap();
     let outcomes = weir_guest::testing::unpack(&reply, &records(&["fail"])).unwrap();
-    assert!(outcomes[0].failure().is_some(), "the new version is the one running");
+    assert!(
+        outcomes[0].failure().is_some(),
+        "the new version is the one running"
+    );
 }

@@ -16,7 +16,10 @@ use crate::support::{Scratch, weir_bin};
 
 /// Runs the pipelines of `path` in process until `done` says so (checked
 /// every 100 ms, for at most two minutes), then stops them cleanly.
-async fn run_until(path: &std::path::Path, done: impl Fn(&[MetricsSnapshot]) -> bool) -> Vec<MetricsSnapshot> {
+async fn run_until(
+    path: &std::path::Path,
+    done: impl Fn(&[MetricsSnapshot]) -> bool,
+) -> Vec<MetricsSnapshot> {
     let file = PipelineFile::load(path).unwrap();
     let engine = PluginEngine::new(EngineOptions::default()).unwrap();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -45,7 +48,10 @@ async fn run_until(path: &std::path::Path, done: impl Fn(&[MetricsSnapshot]) -> 
 
 fn payment(i: usize) -> (String, String) {
     let amount = (i * 37) % 500;
-    (format!("user-{}", i % 17), format!(r#"{{"id":{i},"amount":{amount}}}"#))
+    (
+        format!("user-{}", i % 17),
+        format!(r#"{{"id":{i},"amount":{amount}}}"#),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,10 +90,20 @@ topic = "dlq"
         b = broker.brokers()
     ));
     let summary = run_until(&path, |m| m[0].records_in >= 200).await.remove(0);
-    assert_eq!((summary.records_in, summary.records_out, summary.records_dead_lettered), (200, 190, 10));
+    assert_eq!(
+        (
+            summary.records_in,
+            summary.records_out,
+            summary.records_dead_lettered
+        ),
+        (200, 190, 10)
+    );
 
     let out = broker.read_all("out", false);
-    let sent: BTreeSet<(Option<String>, String)> = out.iter().map(|r| (r.key.clone(), r.value.clone())).collect();
+    let sent: BTreeSet<(Option<String>, String)> = out
+        .iter()
+        .map(|r| (r.key.clone(), r.value.clone()))
+        .collect();
     let expected: BTreeSet<(Option<String>, String)> = input
         .iter()
         .filter(|(_, v)| !v.starts_with("{oops"))
@@ -99,11 +115,21 @@ topic = "dlq"
     let dead = broker.read_all("dlq", false);
     assert_eq!(dead.len(), 10);
     for letter in &dead {
-        assert!(letter.value.starts_with("{oops "), "original value kept: {letter:?}");
+        assert!(
+            letter.value.starts_with("{oops "),
+            "original value kept: {letter:?}"
+        );
         let i: usize = letter.value["{oops ".len()..].parse().unwrap();
-        assert_eq!(letter.key.as_deref(), Some(input[i].0.as_str()), "original key kept");
+        assert_eq!(
+            letter.key.as_deref(),
+            Some(input[i].0.as_str()),
+            "original key kept"
+        );
         let h = &letter.headers;
-        assert!(h["weir.error.reason"].starts_with("not a JSON object"), "{h:?}");
+        assert!(
+            h["weir.error.reason"].starts_with("not a JSON object"),
+            "{h:?}"
+        );
         assert_eq!(h["weir.error.stage"], "plugin");
         assert_eq!(h["weir.error.plugin"], "json-filter");
         assert_eq!(h["weir.error.plugin.version"], "0.1.0");
@@ -114,9 +140,18 @@ topic = "dlq"
     }
     let offsets: BTreeSet<(String, String)> = dead
         .iter()
-        .map(|d| (d.headers["weir.source.partition"].clone(), d.headers["weir.source.offset"].clone()))
+        .map(|d| {
+            (
+                d.headers["weir.source.partition"].clone(),
+                d.headers["weir.source.offset"].clone(),
+            )
+        })
         .collect();
-    assert_eq!(offsets.len(), 10, "each dead letter names its own source position");
+    assert_eq!(
+        offsets.len(),
+        10,
+        "each dead letter names its own source position"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +162,10 @@ async fn two_topics_in_one_pipeline_go_through_their_own_plugins() {
     let clicks: Vec<(String, String)> = (0..100)
         .map(|i| {
             let action = if i % 10 == 0 { "purchase" } else { "view" };
-            (format!("user-{i}"), format!(r#"{{"n":{i},"action":"{action}"}}"#))
+            (
+                format!("user-{i}"),
+                format!(r#"{{"n":{i},"action":"{action}"}}"#),
+            )
         })
         .collect();
     let payments: Vec<(String, String)> = (0..100).map(payment).collect();
@@ -171,18 +209,28 @@ path = "dead.jsonl"
 
     let purchases = scratch.json_lines("purchases.jsonl");
     let default = scratch.json_lines("default.jsonl");
-    assert!(scratch.json_lines("dead.jsonl").is_empty(), "the filter never saw a click");
+    assert!(
+        scratch.json_lines("dead.jsonl").is_empty(),
+        "the filter never saw a click"
+    );
     assert_eq!(purchases.len(), 10);
     assert!(purchases.iter().all(|p| p["action"] == "purchase"));
     let views = default.iter().filter(|r| r["action"] == "view").count();
-    let kept_payments: Vec<&serde_json::Value> = default.iter().filter(|r| r.get("amount").is_some()).collect();
+    let kept_payments: Vec<&serde_json::Value> = default
+        .iter()
+        .filter(|r| r.get("amount").is_some())
+        .collect();
     assert_eq!(views, 90);
     let expected = payments.iter().filter(|(_, v)| {
         let doc: serde_json::Value = serde_json::from_str(v).unwrap();
         doc["amount"].as_i64().unwrap() >= 250
     });
     assert_eq!(kept_payments.len(), expected.count());
-    assert!(kept_payments.iter().all(|p| p["amount"].as_i64().unwrap() >= 250));
+    assert!(
+        kept_payments
+            .iter()
+            .all(|p| p["amount"].as_i64().unwrap() >= 250)
+    );
 }
 
 /// A `weir run` child process whose log goes to the test's output.
@@ -228,7 +276,10 @@ impl Watcher {
             .set("group.id", group)
             .create()
             .unwrap();
-        Watcher { consumer, partitions }
+        Watcher {
+            consumer,
+            partitions,
+        }
     }
 
     fn committed(&self, topic: &str) -> i64 {
@@ -237,7 +288,10 @@ impl Watcher {
         for p in 0..self.partitions {
             list.add_partition(topic, p);
         }
-        let committed = self.consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+        let committed = self
+            .consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .unwrap();
         committed
             .elements()
             .iter()
@@ -252,7 +306,9 @@ impl Watcher {
         use rdkafka::consumer::Consumer as _;
         (0..self.partitions)
             .map(|p| {
-                let watermarks = self.consumer.fetch_watermarks(topic, p, Duration::from_secs(10));
+                let watermarks = self
+                    .consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10));
                 watermarks.map_or(0, |(_, high)| high)
             })
             .sum()
@@ -262,7 +318,10 @@ impl Watcher {
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what} after {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting for {what} after {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -286,12 +345,18 @@ async fn kill_and_restart(delivery: &str, read_committed: bool) -> (Vec<usize>, 
             });
             worker.kill().unwrap();
             worker.wait().unwrap();
-            eprintln!("killed: {} outputs written, {} inputs committed", watch.size("out"), watch.committed("in"));
+            eprintln!(
+                "killed: {} outputs written, {} inputs committed",
+                watch.size("out"),
+                watch.committed("in")
+            );
         }
         let worker = spawn_worker(&path, &cache, "1");
-        wait_for("every input offset committed", Duration::from_secs(120), || {
-            watch.committed("in") >= RECORDS as i64
-        });
+        wait_for(
+            "every input offset committed",
+            Duration::from_secs(120),
+            || watch.committed("in") >= RECORDS as i64,
+        );
         stop_gracefully(worker);
     });
 
@@ -305,8 +370,17 @@ async fn kill_and_restart(delivery: &str, read_committed: bool) -> (Vec<usize>, 
 async fn at_least_once_a_worker_killed_mid_stream_loses_nothing() {
     let (input, output) = kill_and_restart("at_least_once", false).await;
     let seen: BTreeSet<usize> = output.iter().copied().collect();
-    let missing: Vec<usize> = input.iter().filter(|id| !seen.contains(id)).copied().collect();
-    assert!(missing.is_empty(), "{} inputs missing from the output, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    let missing: Vec<usize> = input
+        .iter()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} inputs missing from the output, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     // Kills replay what was not committed: duplicates are allowed here, and
     // show the kills did land mid-stream.
     eprintln!("{} outputs for {} inputs", output.len(), input.len());
@@ -319,10 +393,28 @@ async fn exactly_once_a_worker_killed_mid_stream_neither_loses_nor_doubles() {
     for id in &output {
         *counts.entry(*id).or_default() += 1;
     }
-    let doubled: Vec<usize> = counts.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
-    let missing: Vec<usize> = input.iter().filter(|id| !counts.contains_key(id)).copied().collect();
-    assert!(doubled.is_empty(), "{} inputs written twice, e.g. {:?}", doubled.len(), &doubled[..doubled.len().min(10)]);
-    assert!(missing.is_empty(), "{} inputs missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    let doubled: Vec<usize> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let missing: Vec<usize> = input
+        .iter()
+        .filter(|id| !counts.contains_key(id))
+        .copied()
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "{} inputs written twice, e.g. {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} inputs missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     assert_eq!(output.len(), input.len());
 }
 
@@ -366,7 +458,11 @@ async fn broker_with_input(records: usize) -> Broker {
 fn ids(records: &[crate::broker::Consumed]) -> Vec<usize> {
     records
         .iter()
-        .map(|r| serde_json::from_str::<serde_json::Value>(&r.value).unwrap()["id"].as_u64().unwrap() as usize)
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(&r.value).unwrap()["id"]
+                .as_u64()
+                .unwrap() as usize
+        })
         .collect()
 }
 
@@ -379,14 +475,21 @@ async fn two_workers_split_the_partitions_and_together_write_each_record_once() 
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
     let summaries = tokio::task::block_in_place(|| {
-        let workers: Vec<Child> = ["1", "2"].into_iter().map(|id| spawn_logged(&path, &cache, id)).collect();
-        wait_for("every input offset committed", Duration::from_secs(120), || {
-            watch.committed("in") >= RECORDS as i64
-        });
+        let workers: Vec<Child> = ["1", "2"]
+            .into_iter()
+            .map(|id| spawn_logged(&path, &cache, id))
+            .collect();
+        wait_for(
+            "every input offset committed",
+            Duration::from_secs(120),
+            || watch.committed("in") >= RECORDS as i64,
+        );
         workers
             .into_iter()
             .map(|worker| {
-                let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-TERM", &worker.id().to_string()])
+                    .status();
                 let output = worker.wait_with_output().unwrap();
                 let err = String::from_utf8_lossy(&output.stderr).into_owned();
                 assert!(output.status.success(), "{err}");
@@ -400,8 +503,14 @@ async fn two_workers_split_the_partitions_and_together_write_each_record_once() 
     assert_eq!(output.len(), RECORDS, "no input twice");
     for summary in &summaries {
         // Each worker's summary: both took part.
-        let line = summary.lines().find(|l| l.starts_with("pipeline `survivor`")).unwrap_or_default();
-        assert!(!line.contains(": 0 records in"), "a worker took no partition: {summary}");
+        let line = summary
+            .lines()
+            .find(|l| l.starts_with("pipeline `survivor`"))
+            .unwrap_or_default();
+        assert!(
+            !line.contains(": 0 records in"),
+            "a worker took no partition: {summary}"
+        );
     }
 }
 
@@ -418,21 +527,32 @@ async fn a_broker_down_at_start_and_gone_for_ten_seconds_loses_nothing() {
         std::thread::sleep(Duration::from_secs(3));
         broker.resume();
         let watch = Watcher::new(&broker, "survivors", 6);
-        wait_for("output after the broker came up", Duration::from_secs(60), || watch.size("out") > 0);
+        wait_for(
+            "output after the broker came up",
+            Duration::from_secs(60),
+            || watch.size("out") > 0,
+        );
         drop(watch);
         broker.stop();
         std::thread::sleep(Duration::from_secs(10));
         broker.resume();
         let watch = Watcher::new(&broker, "survivors", 6);
-        wait_for("every input offset committed", Duration::from_secs(120), || {
-            watch.committed("in") >= RECORDS as i64
-        });
+        wait_for(
+            "every input offset committed",
+            Duration::from_secs(120),
+            || watch.committed("in") >= RECORDS as i64,
+        );
         stop_gracefully(worker);
     });
     let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", false)));
     let seen: BTreeSet<usize> = output.iter().copied().collect();
     let missing: Vec<usize> = (0..RECORDS).filter(|id| !seen.contains(id)).collect();
-    assert!(missing.is_empty(), "{} inputs missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} inputs missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,13 +570,19 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
     let watch = Watcher::new(&broker, "survivors", 6);
     let summaries = tokio::task::block_in_place(|| {
         let first = spawn_logged(&path, &cache, "1");
-        wait_for("the first worker's output", Duration::from_secs(60), || watch.size("out") > 5_000);
-        let second = spawn_logged(&path, &cache, "2");
-        wait_for("every input offset committed", Duration::from_secs(120), || {
-            watch.committed("in") >= RECORDS as i64
+        wait_for("the first worker's output", Duration::from_secs(60), || {
+            watch.size("out") > 5_000
         });
+        let second = spawn_logged(&path, &cache, "2");
+        wait_for(
+            "every input offset committed",
+            Duration::from_secs(120),
+            || watch.committed("in") >= RECORDS as i64,
+        );
         [first, second].map(|worker| {
-            let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &worker.id().to_string()])
+                .status();
             let output = worker.wait_with_output().unwrap();
             let err = String::from_utf8_lossy(&output.stderr).into_owned();
             assert!(output.status.success(), "{err}");
@@ -471,5 +597,8 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
     let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", false)));
     let distinct: BTreeSet<usize> = output.iter().copied().collect();
     assert_eq!(distinct.len(), RECORDS, "every input present");
-    eprintln!("{} outputs for {RECORDS} inputs across the rebalance", output.len());
+    eprintln!(
+        "{} outputs for {RECORDS} inputs across the rebalance",
+        output.len()
+    );
 }

@@ -84,13 +84,28 @@ path = "dead.jsonl"
     assert!(!malformed_offsets.is_empty() && expected_ids.len() > 100);
 
     let out = scratch.json_lines("out.jsonl");
-    let got_ids: BTreeSet<String> = out.iter().map(|r| r["txn_id"].as_str().unwrap().to_owned()).collect();
+    let got_ids: BTreeSet<String> = out
+        .iter()
+        .map(|r| r["txn_id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(got_ids, expected_ids);
     assert_eq!(out.len(), expected_ids.len(), "no duplicates");
     for record in &out {
         assert!(record["amount"].as_f64().unwrap() >= 100.0);
-        assert!(record["email"].as_str().unwrap().contains("***@example.com"), "{record}");
-        assert!(record["card_number"].as_str().unwrap().starts_with("**** **** **** "), "{record}");
+        assert!(
+            record["email"]
+                .as_str()
+                .unwrap()
+                .contains("***@example.com"),
+            "{record}"
+        );
+        assert!(
+            record["card_number"]
+                .as_str()
+                .unwrap()
+                .starts_with("**** **** **** "),
+            "{record}"
+        );
     }
 
     let dead = scratch.json_lines("dead.jsonl");
@@ -101,16 +116,28 @@ path = "dead.jsonl"
         assert_eq!(header(letter, "weir.error.plugin"), "json-filter");
         assert_eq!(header(letter, "weir.error.plugin.version"), "0.1.0");
         assert_eq!(header(letter, "weir.source.topic"), "generator:payments");
-        assert_eq!(header(letter, "weir.source.offset"), letter["offset"].to_string());
-        assert!(header(letter, "weir.error.reason").starts_with("not a JSON object"), "{letter}");
-        assert!(letter["value"].is_string(), "the original, unparseable value is kept: {letter}");
+        assert_eq!(
+            header(letter, "weir.source.offset"),
+            letter["offset"].to_string()
+        );
+        assert!(
+            header(letter, "weir.error.reason").starts_with("not a JSON object"),
+            "{letter}"
+        );
+        assert!(
+            letter["value"].is_string(),
+            "the original, unparseable value is kept: {letter}"
+        );
         assert!(letter["key"].as_str().unwrap().starts_with("user-"));
     }
 
     assert_eq!(summary.records_in, 3000);
     assert_eq!(summary.records_out, out.len() as u64);
     assert_eq!(summary.records_dead_lettered, dead.len() as u64);
-    assert_eq!(summary.records_out + summary.records_dropped + summary.records_dead_lettered, 3000);
+    assert_eq!(
+        summary.records_out + summary.records_dropped + summary.records_dead_lettered,
+        3000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,15 +168,32 @@ path = "dead.jsonl"
     let summary = run_pipelines(&path).await.remove(0);
 
     let out = scratch.json_lines("out.jsonl");
-    assert_eq!(out, [serde_json::json!({"n":1}), serde_json::json!({"n":4}), serde_json::json!({"n":6})]);
+    assert_eq!(
+        out,
+        [
+            serde_json::json!({"n":1}),
+            serde_json::json!({"n":4}),
+            serde_json::json!({"n":6})
+        ]
+    );
     let dead = scratch.json_lines("dead.jsonl");
     let lines: Vec<i64> = dead.iter().map(|d| d["offset"].as_i64().unwrap()).collect();
     assert_eq!(lines, [2, 5]);
     let reason = header(&dead[0], "weir.error.reason");
-    assert!(reason.starts_with(&format!("malformed JSON at {}:2:", input.display())), "{reason}");
+    assert!(
+        reason.starts_with(&format!("malformed JSON at {}:2:", input.display())),
+        "{reason}"
+    );
     assert_eq!(header(&dead[1], "weir.error.stage"), "source");
     assert_eq!(dead[1]["value"], "not json");
-    assert_eq!((summary.records_in, summary.records_out, summary.records_dead_lettered), (5, 3, 2));
+    assert_eq!(
+        (
+            summary.records_in,
+            summary.records_out,
+            summary.records_dead_lettered
+        ),
+        (5, 3, 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,13 +233,20 @@ path = "dead.jsonl"
     let all = scratch.json_lines("all.jsonl");
     let dead = scratch.json_lines("dead.jsonl");
     assert!(alerts.iter().all(|l| l["level"] == "ERROR") && !alerts.is_empty());
-    assert_eq!(level_count(&all, "ERROR"), alerts.len(), "a record goes to every sink of its route");
+    assert_eq!(
+        level_count(&all, "ERROR"),
+        alerts.len(),
+        "a record goes to every sink of its route"
+    );
     assert_eq!(level_count(&all, "WARN"), 0);
     assert!(level_count(&all, "INFO") > 0 && level_count(&all, "DEBUG") > 0);
     assert!(!dead.is_empty());
     for letter in &dead {
         assert_eq!(letter["value"]["level"], "WARN");
-        assert_eq!(header(letter, "weir.error.reason"), "no sink takes route `warnings`");
+        assert_eq!(
+            header(letter, "weir.error.reason"),
+            "no sink takes route `warnings`"
+        );
         assert_eq!(header(letter, "weir.error.stage"), "route");
     }
     assert_eq!(all.len() + dead.len(), 1000);

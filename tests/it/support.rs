@@ -49,8 +49,14 @@ pub fn plugin(name: &str) -> PathBuf {
         }
         run_cargo(&args);
     });
-    let file = if name == "wrong-world" { name.to_owned() } else { name.replace('-', "_") };
-    target_dir().join("wasm32-wasip2/release").join(format!("{file}.wasm"))
+    let file = if name == "wrong-world" {
+        name.to_owned()
+    } else {
+        name.replace('-', "_")
+    };
+    target_dir()
+        .join("wasm32-wasip2/release")
+        .join(format!("{file}.wasm"))
 }
 
 /// The `weir` binary. `cargo nextest run --workspace --release` builds it
@@ -61,7 +67,15 @@ pub fn weir_bin() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         if !bin.is_file() {
-            run_cargo(&["build", "--quiet", "--release", "-p", "weir", "--bin", "weir"]);
+            run_cargo(&[
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "weir",
+                "--bin",
+                "weir",
+            ]);
         }
     });
     bin
@@ -125,7 +139,9 @@ impl Scratch {
     pub fn json_lines(&self, name: &str) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
         text.lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: {e}: {line}")))
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: {e}: {line}"))
+            })
             .collect()
     }
 }

@@ -14,18 +14,29 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         cache_dir: file.cache_dir.clone(),
     })?;
     for pipeline in &file.pipelines {
-        if let SourceConfig::File { path: input, .. } = &pipeline.source {
-            if !input.is_file() {
-                let at = pipeline.name.span().start;
-                let message = format!("pipeline `{}`: input file `{}` does not exist", pipeline.name.get_ref(), input.display());
-                return Err(file.error_at(at, message).into());
-            }
+        if let SourceConfig::File { path: input, .. } = &pipeline.source
+            && !input.is_file()
+        {
+            let at = pipeline.name.span().start;
+            let message = format!(
+                "pipeline `{}`: input file `{}` does not exist",
+                pipeline.name.get_ref(),
+                input.display()
+            );
+            return Err(file.error_at(at, message).into());
         }
         let mut chain = prepare_chain(&file, pipeline, &engine)?;
         let plugins: Vec<String> = chain
             .slots_mut()
             .iter()
-            .map(|slot| format!("{} {} ({})", slot.name(), slot.version(), slot.path().display()))
+            .map(|slot| {
+                format!(
+                    "{} {} ({})",
+                    slot.name(),
+                    slot.version(),
+                    slot.path().display()
+                )
+            })
             .collect();
         println!(
             "ok: pipeline `{}`: {} plugin(s){}{}, {} sink(s)",

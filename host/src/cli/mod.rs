@@ -132,10 +132,14 @@ pub fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run { file, no_progress } => run::run(&file, !no_progress && std::io::stderr().is_terminal()),
+        Command::Run { file, no_progress } => {
+            run::run(&file, !no_progress && std::io::stderr().is_terminal())
+        }
         Command::Check { file } => check::check(&file),
         Command::Plugin(PluginCommand::Build { dir }) => check::build_plugin(&dir),
-        Command::Plugin(PluginCommand::New { name, dir, sdk }) => scaffold::new_plugin(&name, dir, sdk),
+        Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
+            scaffold::new_plugin(&name, dir, sdk)
+        }
         Command::Produce {
             brokers,
             topic,

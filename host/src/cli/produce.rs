@@ -40,7 +40,12 @@ async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     args.connection
         .ensure_topics(&[&args.topic], args.partitions)
         .await
-        .with_context(|| format!("cannot create topic `{}` at {}", args.topic, args.connection.brokers))?;
+        .with_context(|| {
+            format!(
+                "cannot create topic `{}` at {}",
+                args.topic, args.connection.brokers
+            )
+        })?;
     let producer: FutureProducer = args
         .connection
         .client_config(KafkaConnection::PRODUCER)
@@ -70,14 +75,24 @@ async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         let delivery = producer
             .send_result(record)
             .map_err(|(err, _)| err)
-            .with_context(|| format!("cannot queue event {} for `{}`", events.produced(), args.topic))?;
+            .with_context(|| {
+                format!(
+                    "cannot queue event {} for `{}`",
+                    events.produced(),
+                    args.topic
+                )
+            })?;
         in_flight.push_back(delivery);
         if in_flight.len() >= IN_FLIGHT {
             acknowledge(&mut in_flight, IN_FLIGHT / 2, &args.topic).await?;
         }
         if args.progress && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
-            eprint!("\r\x1b[2Kproduced {} {} events", events.produced(), kind.name());
+            eprint!(
+                "\r\x1b[2Kproduced {} {} events",
+                events.produced(),
+                kind.name()
+            );
             let _ = std::io::stderr().flush();
         }
     }
@@ -100,9 +115,15 @@ async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
 
 /// Waits until at most `keep` deliveries are in flight; a failed delivery
 /// (after librdkafka's own retries) is an error.
-async fn acknowledge(in_flight: &mut VecDeque<DeliveryFuture>, keep: usize, topic: &str) -> anyhow::Result<()> {
+async fn acknowledge(
+    in_flight: &mut VecDeque<DeliveryFuture>,
+    keep: usize,
+    topic: &str,
+) -> anyhow::Result<()> {
     while in_flight.len() > keep {
-        let Some(delivery) = in_flight.pop_front() else { break };
+        let Some(delivery) = in_flight.pop_front() else {
+            break;
+        };
         match delivery.await {
             Ok(Ok(_)) => {}
             Ok(Err((err, _))) => bail!("delivery to `{topic}` failed: {err}"),

@@ -73,7 +73,11 @@ async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode
     for summary in &summaries {
         eprintln!("{}", summary_line(summary));
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Waits for Ctrl-C or SIGTERM; false if neither can be listened for.
@@ -135,7 +139,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

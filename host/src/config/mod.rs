@@ -288,7 +288,9 @@ impl SinkConfig {
     /// How records are written, given the default for this use.
     pub fn format_or(&self, default: RecordFormat) -> RecordFormat {
         match self {
-            SinkConfig::Stdout { format, .. } | SinkConfig::File { format, .. } => format.unwrap_or(default),
+            SinkConfig::Stdout { format, .. } | SinkConfig::File { format, .. } => {
+                format.unwrap_or(default)
+            }
             SinkConfig::Kafka(_) => default,
         }
     }
@@ -361,7 +363,10 @@ impl PipelineFile {
         for pipeline in &self.pipelines {
             let name = &pipeline.name;
             if !names.insert(name.get_ref().as_str()) {
-                return Err(self.error_at(name.span().start, format!("two pipelines are named `{}`", name.get_ref())));
+                return Err(self.error_at(
+                    name.span().start,
+                    format!("two pipelines are named `{}`", name.get_ref()),
+                ));
             }
             if name.get_ref().is_empty() {
                 return Err(self.error_at(name.span().start, "a pipeline name cannot be empty"));
@@ -379,7 +384,9 @@ impl PipelineFile {
                 ));
             }
             if pipeline.commit_interval_ms == 0 {
-                return Err(self.error_at(name.span().start, "`commit_interval_ms` must be above 0"));
+                return Err(
+                    self.error_at(name.span().start, "`commit_interval_ms` must be above 0")
+                );
             }
             if pipeline.limits.memory_mb == 0 || pipeline.limits.batch_timeout_ms == 0 {
                 return Err(self.error_at(
@@ -391,7 +398,10 @@ impl PipelineFile {
                 match (&plugin.wasm, &plugin.crate_dir) {
                     (Some(_), None) | (None, Some(_)) => {}
                     (Some(wasm), Some(_)) => {
-                        return Err(self.error_at(wasm.span().start, "a plugin takes `wasm` or `crate`, not both"));
+                        return Err(self.error_at(
+                            wasm.span().start,
+                            "a plugin takes `wasm` or `crate`, not both",
+                        ));
                     }
                     (None, None) => {
                         return Err(self.error_at(
@@ -406,7 +416,10 @@ impl PipelineFile {
             }
             for sink in &pipeline.sinks {
                 if sink.get_ref().routes().is_empty() {
-                    return Err(self.error_at(sink.span().start, "a sink with `routes = []` would take nothing"));
+                    return Err(self.error_at(
+                        sink.span().start,
+                        "a sink with `routes = []` would take nothing",
+                    ));
                 }
             }
             if let SourceConfig::Generator(generator) = &pipeline.source {
@@ -425,7 +438,10 @@ impl PipelineFile {
         let source_topics = match &pipeline.source {
             SourceConfig::Kafka(kafka) => {
                 if kafka.topics.is_empty() {
-                    return Err(at(format!("pipeline `{}`: the kafka source lists no `topics`", name.get_ref())));
+                    return Err(at(format!(
+                        "pipeline `{}`: the kafka source lists no `topics`",
+                        name.get_ref()
+                    )));
                 }
                 Some(&kafka.topics)
             }
@@ -440,7 +456,10 @@ impl PipelineFile {
                 let at = plugin.source().1;
                 return Err(self.error_at(
                     at,
-                    format!("plugin `topics` names `{topic}`, which pipeline `{}` does not consume", name.get_ref()),
+                    format!(
+                        "plugin `topics` names `{topic}`, which pipeline `{}` does not consume",
+                        name.get_ref()
+                    ),
                 ));
             }
         }
@@ -495,7 +514,10 @@ impl PluginConfig {
     /// Where the plugin comes from, and the byte offset to blame for it.
     pub fn source(&self) -> (PluginSource, usize) {
         match (&self.wasm, &self.crate_dir) {
-            (Some(wasm), _) => (PluginSource::Wasm(wasm.get_ref().clone()), wasm.span().start),
+            (Some(wasm), _) => (
+                PluginSource::Wasm(wasm.get_ref().clone()),
+                wasm.span().start,
+            ),
             (None, Some(dir)) => (PluginSource::Crate(dir.get_ref().clone()), dir.span().start),
             // `check` refuses a plugin with neither.
             (None, None) => (PluginSource::Crate(PathBuf::new()), 0),
@@ -506,5 +528,9 @@ impl PluginConfig {
 /// The 1-based line holding byte `at` of `source`.
 fn line_of(source: &str, at: usize) -> usize {
     let at = at.min(source.len());
-    source.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
+    source.as_bytes()[..at]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }

@@ -36,11 +36,18 @@ fn defaults_paths_and_plugin_config_are_filled_in() {
         pipeline.plugins[0].source().0,
         PluginSource::Crate("/etc/weir/plugins/f".into())
     );
-    let config: serde_json::Value = serde_json::from_str(&pipeline.plugins[0].config_json()).unwrap();
-    assert_eq!(config, serde_json::json!({"field": "amount", "min": 1.5, "nested": {"a": [1, 2]}}));
+    let config: serde_json::Value =
+        serde_json::from_str(&pipeline.plugins[0].config_json()).unwrap();
+    assert_eq!(
+        config,
+        serde_json::json!({"field": "amount", "min": 1.5, "nested": {"a": [1, 2]}})
+    );
     let sink = pipeline.sinks[0].get_ref();
     assert_eq!(sink.routes(), ["default"]);
-    assert_eq!(sink.format_or(RecordFormat::Envelope), RecordFormat::Envelope);
+    assert_eq!(
+        sink.format_or(RecordFormat::Envelope),
+        RecordFormat::Envelope
+    );
 }
 
 #[test]
@@ -49,7 +56,10 @@ fn unknown_keys_are_reported_with_file_and_line() {
     let err = parse(&text).unwrap_err();
     // The sink's table, whose key is wrong.
     assert_eq!(err.line, 10, "{err}");
-    assert!(err.to_string().starts_with("/etc/weir/p.toml:10: "), "{err}");
+    assert!(
+        err.to_string().starts_with("/etc/weir/p.toml:10: "),
+        "{err}"
+    );
     assert!(err.message.contains("unknown field `paht`"), "{err}");
 }
 
@@ -60,12 +70,19 @@ fn semantic_mistakes_point_at_their_line() {
     assert!(err.message.contains("two pipelines are named `p`"), "{err}");
     assert_eq!(err.line, 16, "{err}");
 
-    let both = MINIMAL.replace("crate = \"plugins/f\"", "crate = \"plugins/f\"\nwasm = \"f.wasm\"");
+    let both = MINIMAL.replace(
+        "crate = \"plugins/f\"",
+        "crate = \"plugins/f\"\nwasm = \"f.wasm\"",
+    );
     let err = parse(&both).unwrap_err();
     assert!(err.message.contains("`wasm` or `crate`, not both"), "{err}");
     assert_eq!(err.line, 8);
 
-    let no_sink = MINIMAL.split("[[pipeline.sink]]").next().unwrap_or_default().to_owned();
+    let no_sink = MINIMAL
+        .split("[[pipeline.sink]]")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let err = parse(&no_sink).unwrap_err();
     assert!(err.message.contains("has no `[[pipeline.sink]]`"), "{err}");
 
@@ -74,7 +91,11 @@ fn semantic_mistakes_point_at_their_line() {
         "source = { type = \"generator\", kind = \"payments\", malformed = 2.0 }",
     );
     let err = parse(&bad_rate).unwrap_err();
-    assert!(err.message.contains("`malformed` must be within 0.0..=1.0, not 2"), "{err}");
+    assert!(
+        err.message
+            .contains("`malformed` must be within 0.0..=1.0, not 2"),
+        "{err}"
+    );
 
     let err = parse("").unwrap_err();
     assert!(err.message.contains("no `[[pipeline]]`"), "{err}");
@@ -135,10 +156,18 @@ fn exactly_once_needs_kafka_everywhere_and_plugin_topics_must_be_consumed() {
     );
     let file_sink = file_sink.replace("route_topics = { alerts = \"alerts-topic\" }\noptions = { \"security.protocol\" = \"ssl\" }\n", "");
     let err = parse(&file_sink).unwrap_err();
-    assert!(err.message.contains("needs a kafka source, kafka sinks and a kafka `dead_letter`"), "{err}");
+    assert!(
+        err.message
+            .contains("needs a kafka source, kafka sinks and a kafka `dead_letter`"),
+        "{err}"
+    );
 
     let stray = KAFKA.replace("topics = [\"payments\"]", "topics = [\"payment\"]");
     let err = parse(&stray).unwrap_err();
-    assert!(err.message.contains("`payment`, which pipeline `k` does not consume"), "{err}");
+    assert!(
+        err.message
+            .contains("`payment`, which pipeline `k` does not consume"),
+        "{err}"
+    );
     assert_eq!(err.line, 8, "{err}");
 }

@@ -74,7 +74,9 @@ impl CompileCache {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(component);
                 }
-                Err(err) => tracing::warn!(entry = %entry.display(), %err, "Discarding an unreadable compiled component"),
+                Err(err) => {
+                    tracing::warn!(entry = %entry.display(), %err, "Discarding an unreadable compiled component")
+                }
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -83,7 +85,8 @@ impl CompileCache {
             Ok(compiled) => {
                 // Write then rename, so a concurrent reader never sees half a file.
                 let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
-                let written = std::fs::write(&tmp, compiled).and_then(|()| std::fs::rename(&tmp, &entry));
+                let written =
+                    std::fs::write(&tmp, compiled).and_then(|()| std::fs::rename(&tmp, &entry));
                 if let Err(err) = written {
                     tracing::warn!(entry = %entry.display(), %err, "Could not cache a compiled component");
                 }

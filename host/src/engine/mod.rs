@@ -110,7 +110,9 @@ pub enum PluginErrorKind {
     #[error("exceeded its deadline of {0:?} per batch and was stopped")]
     Deadline(Duration),
     /// The plugin asked for more memory than its cap.
-    #[error("exceeded its memory cap of {cap_mib} MiB (asked for {wanted_mib} MiB) and was stopped")]
+    #[error(
+        "exceeded its memory cap of {cap_mib} MiB (asked for {wanted_mib} MiB) and was stopped"
+    )]
     Memory { cap_mib: u64, wanted_mib: u64 },
     /// The plugin trapped (a panic, `unreachable`, out-of-bounds access...).
     #[error("trapped: {trap}{panic}")]
@@ -202,7 +204,9 @@ impl PluginEngine {
         })?;
         let path_buf = || path.to_owned();
         match bytes.get(..8) {
-            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(LoadError::CoreModule { path: path_buf() }),
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+                return Err(LoadError::CoreModule { path: path_buf() });
+            }
             Some([0, b'a', b's', b'm', ..]) => {}
             _ => return Err(LoadError::NotWasm { path: path_buf() }),
         }
@@ -229,7 +233,11 @@ impl PluginEngine {
             }
             return Err(LoadError::WrongWorld {
                 path: path_buf(),
-                exports: exports.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", "),
+                exports: exports
+                    .iter()
+                    .map(|e| format!("`{e}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let pre = inner
@@ -288,9 +296,14 @@ impl LoadedPlugin {
             return Err(instance.fail("init", PluginErrorKind::Instantiate("no instance".into())));
         };
         instance.store.set_epoch_deadline(instance.deadline_ticks);
-        match bindings.weir_plugin_transform().call_init(&mut instance.store, config) {
+        match bindings
+            .weir_plugin_transform()
+            .call_init(&mut instance.store, config)
+        {
             Ok(Ok(())) => Ok(instance),
-            Ok(Err(message)) => Err(instance.fail("init", PluginErrorKind::ConfigRejected(message))),
+            Ok(Err(message)) => {
+                Err(instance.fail("init", PluginErrorKind::ConfigRejected(message)))
+            }
             Err(err) => Err(instance.error("init", err)),
         }
     }
@@ -317,7 +330,11 @@ impl LoadedPlugin {
         };
         let mut store = Store::new(&self.engine.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline_ticks = limits.batch_deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u64;
+        let deadline_ticks = limits
+            .batch_deadline
+            .as_millis()
+            .div_ceil(EPOCH_TICK.as_millis())
+            .max(1) as u64;
         store.set_epoch_deadline(deadline_ticks);
         store.epoch_deadline_trap();
 
@@ -383,7 +400,9 @@ impl Instance {
             ));
         };
         self.store.set_epoch_deadline(self.deadline_ticks);
-        let result = bindings.weir_plugin_transform().call_process(&mut self.store, batch);
+        let result = bindings
+            .weir_plugin_transform()
+            .call_process(&mut self.store, batch);
         result.map_err(|err| {
             self.bindings = None;
             self.error("process", err)
@@ -414,7 +433,11 @@ impl Instance {
                 let panic = String::from_utf8_lossy(&stderr);
                 let panic = panic.trim();
                 PluginErrorKind::Trap {
-                    trap: format!("{err:#}").lines().next().unwrap_or_default().to_owned(),
+                    trap: format!("{err:#}")
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
                     panic: if panic.is_empty() {
                         String::new()
                     } else {
@@ -478,7 +501,12 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.cap {
             self.exceeded = Some(desired);
             // Trap rather than fail the grow: a Rust guest would abort with
@@ -488,7 +516,12 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
 }

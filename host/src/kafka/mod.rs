@@ -102,7 +102,12 @@ pub fn to_record(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Record {
     if let Some(headers) = message.headers() {
         record.headers = headers
             .iter()
-            .map(|h| (h.key.to_owned(), Bytes::copy_from_slice(h.value.unwrap_or_default())))
+            .map(|h| {
+                (
+                    h.key.to_owned(),
+                    Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                )
+            })
             .collect();
     }
     record
@@ -114,10 +119,15 @@ pub fn to_headers(record: &Record) -> Option<OwnedHeaders> {
         return None;
     }
     let headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    Some(record.headers.iter().fold(headers, |headers, (name, value)| {
-        headers.insert(Header {
-            key: name,
-            value: Some(&value[..]),
-        })
-    }))
+    Some(
+        record
+            .headers
+            .iter()
+            .fold(headers, |headers, (name, value)| {
+                headers.insert(Header {
+                    key: name,
+                    value: Some(&value[..]),
+                })
+            }),
+    )
 }

@@ -30,7 +30,11 @@ impl KafkaTransaction {
     /// Initialises the transactional producer `id` (aborting whatever a
     /// previous incarnation left open) and begins the first transaction.
     /// Blocking.
-    pub fn start(connection: &KafkaConnection, id: &str, consumer: Arc<GroupConsumer>) -> Result<Self, KafkaError> {
+    pub fn start(
+        connection: &KafkaConnection,
+        id: &str,
+        consumer: Arc<GroupConsumer>,
+    ) -> Result<Self, KafkaError> {
         let mut config = connection.client_config(KafkaConnection::PRODUCER);
         let producer: FutureProducer = config.set("transactional.id", id).create()?;
         producer.init_transactions(TIMEOUT)?;
@@ -55,11 +59,11 @@ impl KafkaTransaction {
         let offsets = next_offsets(checkpoint)?;
         let this = self.clone();
         let done = tokio::task::spawn_blocking(move || {
-            let group = this
-                .consumer
-                .group_metadata()
-                .ok_or_else(|| KafkaError::Subscription("the consumer has no group metadata yet".into()))?;
-            this.producer.send_offsets_to_transaction(&offsets, &group, TIMEOUT)?;
+            let group = this.consumer.group_metadata().ok_or_else(|| {
+                KafkaError::Subscription("the consumer has no group metadata yet".into())
+            })?;
+            this.producer
+                .send_offsets_to_transaction(&offsets, &group, TIMEOUT)?;
             this.producer.commit_transaction(TIMEOUT)?;
             this.producer.begin_transaction()
         })

@@ -18,9 +18,13 @@ impl BatchProcessed {
     /// Counts the batch.
     pub fn emit(&self, metrics: &PipelineMetrics) {
         metrics.batches.fetch_add(1, Ordering::Relaxed);
-        metrics.records_in.fetch_add(self.received, Ordering::Relaxed);
+        metrics
+            .records_in
+            .fetch_add(self.received, Ordering::Relaxed);
         metrics.records_out.fetch_add(self.sent, Ordering::Relaxed);
-        metrics.records_dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        metrics
+            .records_dropped
+            .fetch_add(self.dropped, Ordering::Relaxed);
         tracing::trace!(
             pipeline = %metrics.pipeline,
             received = self.received,
@@ -45,7 +49,9 @@ impl RecordsDeadLettered<'_> {
         if self.count == 0 {
             return;
         }
-        metrics.records_dead_lettered.fetch_add(self.count, Ordering::Relaxed);
+        metrics
+            .records_dead_lettered
+            .fetch_add(self.count, Ordering::Relaxed);
         tracing::warn!(
             pipeline = %metrics.pipeline,
             count = self.count,

@@ -104,6 +104,8 @@ impl PluginCounters {
 
     /// All counters, by name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.counts.iter().map(|(name, count)| (name.as_str(), *count))
+        self.counts
+            .iter()
+            .map(|(name, count)| (name.as_str(), *count))
     }
 }

@@ -54,15 +54,28 @@ impl Chain {
                 break;
             }
             if records.iter().all(|r| slot.takes_topic(&r.source.topic)) {
-                records = run_slot(slot, &mut self.batch, &mut self.routes, records, &mut output)?;
+                records = run_slot(
+                    slot,
+                    &mut self.batch,
+                    &mut self.routes,
+                    records,
+                    &mut output,
+                )?;
                 continue;
             }
             // Records of other topics pass this plugin; a partition belongs
             // to one topic, so each partition keeps its order.
-            let (taken, mut passed): (Vec<Record>, Vec<Record>) =
-                records.into_iter().partition(|r| slot.takes_topic(&r.source.topic));
+            let (taken, mut passed): (Vec<Record>, Vec<Record>) = records
+                .into_iter()
+                .partition(|r| slot.takes_topic(&r.source.topic));
             if !taken.is_empty() {
-                passed.extend(run_slot(slot, &mut self.batch, &mut self.routes, taken, &mut output)?);
+                passed.extend(run_slot(
+                    slot,
+                    &mut self.batch,
+                    &mut self.routes,
+                    taken,
+                    &mut output,
+                )?);
             }
             records = passed;
         }
@@ -89,7 +102,10 @@ fn run_slot(
                 partition: record.source.partition,
                 offset: record.source.offset,
             },
-            record.headers.iter().map(|(name, value)| (name.as_str(), &value[..])),
+            record
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), &value[..])),
         );
     }
     let reply = Bytes::from(slot.instance().process(batch.as_bytes())?);
@@ -103,7 +119,9 @@ fn run_slot(
     let mut next = Vec::with_capacity(records.len());
     let mut outcomes = OutcomeReader::new(&reply, records.len()).map_err(bad_reply)?;
     for input in records {
-        let Some(outcome) = outcomes.next() else { break };
+        let Some(outcome) = outcomes.next() else {
+            break;
+        };
         let outputs = match outcome.map_err(bad_reply)? {
             OutcomeView::Emit(outputs) => outputs,
             OutcomeView::Fail(reason) => {
@@ -126,7 +144,9 @@ fn run_slot(
         // last takes the input itself (the common single output moves it).
         let mut outputs_left = outputs.iter();
         for _ in 1..outputs.len() {
-            let Some(out) = outputs_left.next() else { break };
+            let Some(out) = outputs_left.next() else {
+                break;
+            };
             let mut record = input.clone();
             apply_output(&mut record, out.map_err(bad_reply)?, &reply, routes);
             next.push(record);
@@ -142,7 +162,12 @@ fn run_slot(
 }
 
 /// Turns `record` (a copy of the input) into the output `out` describes.
-fn apply_output(record: &mut Record, out: OutputView<'_>, reply: &Bytes, routes: &mut Vec<Arc<str>>) {
+fn apply_output(
+    record: &mut Record,
+    out: OutputView<'_>,
+    reply: &Bytes,
+    routes: &mut Vec<Arc<str>>,
+) {
     match out {
         OutputView::Forward { route } => {
             if let Some(route) = route {

@@ -67,7 +67,10 @@ impl DeadLetter {
                 add(PLUGIN_VERSION, version.into());
             }
         }
-        add(SOURCE_TOPIC, Bytes::copy_from_slice(source.topic.as_bytes()));
+        add(
+            SOURCE_TOPIC,
+            Bytes::copy_from_slice(source.topic.as_bytes()),
+        );
         add(SOURCE_PARTITION, source.partition.to_string().into());
         add(SOURCE_OFFSET, source.offset.to_string().into());
         record

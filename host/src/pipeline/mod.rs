@@ -34,9 +34,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ConfigError, Delivery, PipelineConfig, PipelineFile, RecordFormat, SinkConfig, SourceConfig};
-use crate::kafka::KafkaTransaction;
+use crate::config::{
+    ConfigError, Delivery, PipelineConfig, PipelineFile, RecordFormat, SinkConfig, SourceConfig,
+};
 use crate::engine::{PluginEngine, PluginError};
+use crate::kafka::KafkaTransaction;
 use crate::metrics::events::{BatchProcessed, RecordsDeadLettered};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
@@ -87,7 +89,11 @@ pub enum PipelineError {
 /// config: a plugin that is not a weir component, or rejects its config, is
 /// reported at the line of the pipeline file that names it. Blocking: it may
 /// run cargo and compile.
-pub fn prepare_chain(file: &PipelineFile, pipeline: &PipelineConfig, engine: &PluginEngine) -> Result<Chain, ConfigError> {
+pub fn prepare_chain(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+    engine: &PluginEngine,
+) -> Result<Chain, ConfigError> {
     let limits = pipeline.limits.to_limits();
     let mut slots = Vec::with_capacity(pipeline.plugins.len());
     for (index, plugin) in pipeline.plugins.iter().enumerate() {
@@ -95,7 +101,11 @@ pub fn prepare_chain(file: &PipelineFile, pipeline: &PipelineConfig, engine: &Pl
         let blame = |err: &dyn std::fmt::Display| {
             file.error_at(
                 at,
-                format!("pipeline `{}`, plugin #{}: {err}", pipeline.name.get_ref(), index + 1),
+                format!(
+                    "pipeline `{}`, plugin #{}: {err}",
+                    pipeline.name.get_ref(),
+                    index + 1
+                ),
             )
         };
         let wasm = locate(&source).map_err(|e| blame(&e))?;
@@ -132,12 +142,17 @@ pub struct Pipeline {
 impl Pipeline {
     /// Prepares `pipeline` of `file`: plugins started, sinks opened, source
     /// opened.
-    pub async fn build(file: &PipelineFile, pipeline: &PipelineConfig, engine: &PluginEngine) -> Result<Self, PipelineError> {
+    pub async fn build(
+        file: &PipelineFile,
+        pipeline: &PipelineConfig,
+        engine: &PluginEngine,
+    ) -> Result<Self, PipelineError> {
         let name = pipeline.name.get_ref().clone();
         let chain = {
             // On a blocking worker: building may run cargo and compile.
             let (file, config, engine) = (file.clone(), pipeline.clone(), engine.clone());
-            match tokio::task::spawn_blocking(move || prepare_chain(&file, &config, &engine)).await {
+            match tokio::task::spawn_blocking(move || prepare_chain(&file, &config, &engine)).await
+            {
                 Ok(chain) => chain?,
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
@@ -149,12 +164,15 @@ impl Pipeline {
         let exactly_once = pipeline.delivery == Delivery::ExactlyOnce;
         let (source, transaction): (Box<dyn Source>, _) = match &pipeline.source {
             SourceConfig::Kafka(kafka) => {
-                let source = KafkaSource::new(kafka, &name, &pipeline.batch, exactly_once).map_err(source_error)?;
+                let source = KafkaSource::new(kafka, &name, &pipeline.batch, exactly_once)
+                    .map_err(source_error)?;
                 let transaction = if exactly_once {
                     let worker = std::env::var("WEIR_WORKER_ID").unwrap_or_else(|_| "0".into());
                     let id = format!("{}-{worker}", kafka.group_for(&name));
                     let (connection, consumer) = (kafka.connection(), source.consumer());
-                    let started = tokio::task::spawn_blocking(move || KafkaTransaction::start(&connection, &id, consumer));
+                    let started = tokio::task::spawn_blocking(move || {
+                        KafkaTransaction::start(&connection, &id, consumer)
+                    });
                     let started = match started.await {
                         Ok(started) => started,
                         Err(panic) => std::panic::resume_unwind(panic.into_panic()),
@@ -171,7 +189,10 @@ impl Pipeline {
                 };
                 (Box::new(source), transaction)
             }
-            other => (source::build(other, &pipeline.batch).map_err(source_error)?, None),
+            other => (
+                source::build(other, &pipeline.batch).map_err(source_error)?,
+                None,
+            ),
         };
         let sink_error = |source| PipelineError::Sink {
             pipeline: name.clone(),
@@ -221,7 +242,10 @@ impl Pipeline {
     ///
     /// Not cancel safe: dropping the future abandons records in flight
     /// without committing them. Use `shutdown` to stop cleanly.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<MetricsSnapshot, PipelineError> {
+    pub async fn run(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<MetricsSnapshot, PipelineError> {
         let Pipeline {
             name,
             mut source,
@@ -312,7 +336,12 @@ impl Pipeline {
         let written = writer.await;
         // The plugin's error explains a closed channel better than the sink's.
         match processed {
-            Ok(Err(source)) => return Err(PipelineError::Plugin { pipeline: name, source }),
+            Ok(Err(source)) => {
+                return Err(PipelineError::Plugin {
+                    pipeline: name,
+                    source,
+                });
+            }
             Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             Ok(Ok(())) => {}
         }
@@ -320,11 +349,19 @@ impl Pipeline {
             Ok(Err(SinkError::Closed { sink })) => {
                 tracing::info!(pipeline = %name, %sink, "Output closed by its reader; stopped.");
             }
-            Ok(Err(source)) => return Err(PipelineError::Sink { pipeline: name, source }),
+            Ok(Err(source)) => {
+                return Err(PipelineError::Sink {
+                    pipeline: name,
+                    source,
+                });
+            }
             Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             Ok(Ok(())) => {}
         }
-        source_result.map_err(|source| PipelineError::Source { pipeline: name, source })?;
+        source_result.map_err(|source| PipelineError::Source {
+            pipeline: name,
+            source,
+        })?;
         Ok(metrics.snapshot())
     }
 }
@@ -390,7 +427,13 @@ impl SinkWriter {
         self.commit(pending.take()).await
     }
 
-    async fn write(&mut self, records: Vec<Record>, mut dead: Vec<DeadLetter>, dropped: u64, received: u64) -> Result<(), SinkError> {
+    async fn write(
+        &mut self,
+        records: Vec<Record>,
+        mut dead: Vec<DeadLetter>,
+        dropped: u64,
+        received: u64,
+    ) -> Result<(), SinkError> {
         let mut per_sink: Vec<Vec<Record>> = vec![Vec::new(); self.sinks.len()];
         let mut sent = 0;
         for record in records {
@@ -419,7 +462,10 @@ impl SinkWriter {
         if let Some(first) = dead.first() {
             let first_reason = first.reason.clone();
             let count = dead.len() as u64;
-            let dead: Vec<Record> = dead.into_iter().map(|d| d.into_record(&self.pipeline)).collect();
+            let dead: Vec<Record> = dead
+                .into_iter()
+                .map(|d| d.into_record(&self.pipeline))
+                .collect();
             self.dead_letter.write(&dead).await?;
             RecordsDeadLettered {
                 count,
@@ -427,7 +473,12 @@ impl SinkWriter {
             }
             .emit(&self.metrics);
         }
-        BatchProcessed { received, sent, dropped }.emit(&self.metrics);
+        BatchProcessed {
+            received,
+            sent,
+            dropped,
+        }
+        .emit(&self.metrics);
         Ok(())
     }
 
@@ -436,17 +487,25 @@ impl SinkWriter {
             entry.sink.flush().await?;
         }
         self.dead_letter.flush().await?;
-        let Some(checkpoint) = checkpoint else { return Ok(()) };
+        let Some(checkpoint) = checkpoint else {
+            return Ok(());
+        };
         if let Some(transaction) = &self.transaction {
-            transaction.commit(&checkpoint).await.map_err(|err| SinkError::Io {
-                sink: "kafka transaction".into(),
-                source: std::io::Error::other(err),
-            })?;
+            transaction
+                .commit(&checkpoint)
+                .await
+                .map_err(|err| SinkError::Io {
+                    sink: "kafka transaction".into(),
+                    source: std::io::Error::other(err),
+                })?;
         }
         // With a transaction this only tells the source what is committed.
-        self.committer.commit(&checkpoint).await.map_err(|err| SinkError::Io {
-            sink: "source commit".into(),
-            source: std::io::Error::other(err),
-        })
+        self.committer
+            .commit(&checkpoint)
+            .await
+            .map_err(|err| SinkError::Io {
+                sink: "source commit".into(),
+                source: std::io::Error::other(err),
+            })
     }
 }

@@ -47,7 +47,10 @@ pub fn build_crate(dir: &Path) -> Result<PathBuf, BuildError> {
 
     let mut wasm = None;
     if let Some(stdout) = child.stdout.take() {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(path) = wasm_artifact(&line, &manifest) {
                 wasm = Some(path);
             }
@@ -55,9 +58,13 @@ pub fn build_crate(dir: &Path) -> Result<PathBuf, BuildError> {
     }
     let status = child.wait().map_err(BuildError::NoCargo)?;
     if !status.success() {
-        return Err(BuildError::Failed { dir: dir.to_owned() });
+        return Err(BuildError::Failed {
+            dir: dir.to_owned(),
+        });
     }
-    wasm.ok_or_else(|| BuildError::NoArtifact { dir: dir.to_owned() })
+    wasm.ok_or_else(|| BuildError::NoArtifact {
+        dir: dir.to_owned(),
+    })
 }
 
 /// The `.wasm` named by a cargo `compiler-artifact` message for `manifest`'s
@@ -95,7 +102,10 @@ fn target_installed() -> bool {
     match sysroot {
         Ok(out) if out.status.success() => {
             let root = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            Path::new(&root).join("lib/rustlib").join(WASM_TARGET).is_dir()
+            Path::new(&root)
+                .join("lib/rustlib")
+                .join(WASM_TARGET)
+                .is_dir()
         }
         // Without rustc we cannot tell; let cargo report what is wrong.
         _ => true,

@@ -51,12 +51,20 @@ pub struct PluginSlot {
 
 impl PluginSlot {
     /// Loads and starts the plugin `config` describes, from `wasm`.
-    pub fn start(engine: &PluginEngine, wasm: &Path, config: &PluginConfig, limits: &Limits) -> Result<Self, SetupError> {
+    pub fn start(
+        engine: &PluginEngine,
+        wasm: &Path,
+        config: &PluginConfig,
+        limits: &Limits,
+    ) -> Result<Self, SetupError> {
         let loaded = engine.load(wasm)?;
         let settings = config.config_json();
         let instance = loaded.instantiate(limits, &settings)?;
         Ok(PluginSlot {
-            label: config.name.clone().unwrap_or_else(|| instance.name().to_owned()),
+            label: config
+                .name
+                .clone()
+                .unwrap_or_else(|| instance.name().to_owned()),
             topics: config.topics.clone(),
             config: settings,
             limits: limits.clone(),

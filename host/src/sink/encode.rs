@@ -59,7 +59,10 @@ impl<'a> Payload<'a> {
         std::str::from_utf8(value)
             .ok()
             .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
-            .map_or_else(|| Payload::Text(String::from_utf8_lossy(value)), Payload::Json)
+            .map_or_else(
+                || Payload::Text(String::from_utf8_lossy(value)),
+                Payload::Json,
+            )
     }
 }
 
@@ -77,7 +80,9 @@ mod tests {
                 offset: 7,
             },
         );
-        record.headers.push(("weir.error.reason".into(), "bad".into()));
+        record
+            .headers
+            .push(("weir.error.reason".into(), "bad".into()));
         record
     }
 

@@ -44,7 +44,9 @@ pub enum SinkError {
 impl SinkError {
     fn io(sink: &str, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::BrokenPipe {
-            SinkError::Closed { sink: sink.to_owned() }
+            SinkError::Closed {
+                sink: sink.to_owned(),
+            }
         } else {
             SinkError::Io {
                 sink: sink.to_owned(),
@@ -85,7 +87,10 @@ pub async fn build(
         SinkConfig::Stdout { .. } => Box::new(StdoutSink::new(format)),
         SinkConfig::File { path, .. } => Box::new(FileSink::create(path, format).await?),
         SinkConfig::Kafka(kafka) => match transaction {
-            Some(transaction) => Box::new(kafka::KafkaSink::with_producer(kafka.clone(), transaction.producer())),
+            Some(transaction) => Box::new(kafka::KafkaSink::with_producer(
+                kafka.clone(),
+                transaction.producer(),
+            )),
             None => Box::new(kafka::KafkaSink::new(kafka.clone())?),
         },
     })

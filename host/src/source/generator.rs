@@ -79,9 +79,15 @@ impl GeneratorConfig {
     /// Checks the settings' ranges.
     pub fn check(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.malformed) {
-            return Err(format!("generator `malformed` must be within 0.0..=1.0, not {}", self.malformed));
+            return Err(format!(
+                "generator `malformed` must be within 0.0..=1.0, not {}",
+                self.malformed
+            ));
         }
-        if self.rate.is_some_and(|rate| !(rate > 0.0 && rate.is_finite())) {
+        if self
+            .rate
+            .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
+        {
             return Err("generator `rate` must be a positive number of events per second".into());
         }
         if self.users == 0 {
@@ -90,7 +96,6 @@ impl GeneratorConfig {
         Ok(())
     }
 }
-
 
 /// One generated event.
 pub struct Event {
@@ -135,7 +140,9 @@ impl EventGenerator {
 
     /// Whether a bounded generator has produced all its events.
     pub fn is_done(&self) -> bool {
-        self.config.count.is_some_and(|count| self.sequence >= count)
+        self.config
+            .count
+            .is_some_and(|count| self.sequence >= count)
     }
 
     /// The next event.
@@ -171,12 +178,35 @@ fn now_ms() -> i64 {
     since_epoch.map_or(0, |d| d.as_millis() as i64)
 }
 
-const PAGES: &[&str] = &["/", "/search", "/products", "/cart", "/checkout", "/account", "/help"];
-const ACTIONS: &[&str] = &["view", "view", "view", "click", "click", "add_to_cart", "purchase"];
+const PAGES: &[&str] = &[
+    "/",
+    "/search",
+    "/products",
+    "/cart",
+    "/checkout",
+    "/account",
+    "/help",
+];
+const ACTIONS: &[&str] = &[
+    "view",
+    "view",
+    "view",
+    "click",
+    "click",
+    "add_to_cart",
+    "purchase",
+];
 const DEVICES: &[&str] = &["mobile", "desktop", "tablet"];
 const COUNTRIES: &[&str] = &["DE", "FR", "GB", "US", "IN", "BR", "JP", "NL"];
 const CURRENCIES: &[&str] = &["EUR", "EUR", "USD", "GBP", "INR"];
-const MERCHANTS: &[&str] = &["Bookshop", "GroceryHub", "StreamFlix", "CityCabs", "ElectroMart", "CafeCorner"];
+const MERCHANTS: &[&str] = &[
+    "Bookshop",
+    "GroceryHub",
+    "StreamFlix",
+    "CityCabs",
+    "ElectroMart",
+    "CafeCorner",
+];
 const SERVICES: &[&str] = &["checkout", "search", "auth", "inventory", "gateway"];
 
 fn pick<'a>(rng: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
@@ -204,7 +234,11 @@ fn payment(rng: &mut fastrand::Rng, id: u64, user_number: u32, user: &str, ts: i
         if group > 0 {
             card.push(' ');
         }
-        let digits = if group == 0 { 4000 + rng.u32(0..1000) } else { rng.u32(0..10_000) };
+        let digits = if group == 0 {
+            4000 + rng.u32(0..1000)
+        } else {
+            rng.u32(0..10_000)
+        };
         let _ = write!(card, "{digits:04}");
     }
     format!(
@@ -212,7 +246,11 @@ fn payment(rng: &mut fastrand::Rng, id: u64, user_number: u32, user: &str, ts: i
         currency = pick(rng, CURRENCIES),
         merchant = pick(rng, MERCHANTS),
         country = pick(rng, COUNTRIES),
-        status = if rng.u8(0..100) < 97 { "approved" } else { "declined" },
+        status = if rng.u8(0..100) < 97 {
+            "approved"
+        } else {
+            "declined"
+        },
     )
 }
 
@@ -312,7 +350,11 @@ mod tests {
                 let (x, y) = (a.next_event(), b.next_event());
                 assert_eq!(x.value, y.value);
                 let doc: serde_json::Value = serde_json::from_str(&x.value).unwrap();
-                assert_eq!(doc.get("user_id").and_then(|u| u.as_str()), Some(x.key.as_str()), "{kind:?} keyed by user");
+                assert_eq!(
+                    doc.get("user_id").and_then(|u| u.as_str()),
+                    Some(x.key.as_str()),
+                    "{kind:?} keyed by user"
+                );
             }
             assert_eq!(a.produced(), 500);
         }

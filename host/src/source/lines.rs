@@ -39,7 +39,12 @@ impl LineSource {
 
     /// Reads standard input until it closes.
     pub fn stdin(format: LineFormat, batch: &BatchConfig) -> Self {
-        Self::spawn(BufReader::new(tokio::io::stdin()), "stdin".into(), format, batch)
+        Self::spawn(
+            BufReader::new(tokio::io::stdin()),
+            "stdin".into(),
+            format,
+            batch,
+        )
     }
 
     fn spawn(
@@ -92,12 +97,12 @@ impl LineSource {
         let at = position(&self.topic, 0, number);
         batch.checkpoint.advance(&at);
         let record = Record::new(Bytes::from(line), at);
-        if self.format == LineFormat::Json {
-            if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&record.value) {
-                let reason = format!("malformed JSON at {}:{number}: {err}", self.topic);
-                batch.rejected.push(Rejected { record, reason });
-                return;
-            }
+        if self.format == LineFormat::Json
+            && let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(&record.value)
+        {
+            let reason = format!("malformed JSON at {}:{number}: {err}", self.topic);
+            batch.rejected.push(Rejected { record, reason });
+            return;
         }
         batch.records.push(record);
     }

@@ -57,7 +57,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Records that `position` has been read.
     pub fn advance(&mut self, position: &SourcePosition) {
-        let same = |p: &&mut SourcePosition| p.partition == position.partition && p.topic == position.topic;
+        let same = |p: &&mut SourcePosition| {
+            p.partition == position.partition && p.topic == position.topic
+        };
         match self.positions.iter_mut().find(same) {
             Some(p) => p.offset = p.offset.max(position.offset),
             None => self.positions.push(position.clone()),

@@ -26,7 +26,10 @@ mod tests {
     #[test]
     fn forwards_key_value_headers_and_time_unchanged() {
         let mut plugin: Identity = configure("{}").unwrap();
-        let input = TestRecord::new("v").with_key("k").with_header("h", "1").with_timestamp(5);
+        let input = TestRecord::new("v")
+            .with_key("k")
+            .with_header("h", "1")
+            .with_timestamp(5);
         let outcomes = run(&mut plugin, &[input]);
         let out = &outcomes[0].outputs()[0];
         assert_eq!(out.value, b"v");

@@ -85,10 +85,14 @@ impl JsonFilter {
         let Some(number) = number else {
             return match self.missing {
                 Missing::Drop => Ok(Verdict::Drop),
-                Missing::Fail => Err(Error::new(format!("field `{}` is missing or not a number", self.field))),
+                Missing::Fail => Err(Error::new(format!(
+                    "field `{}` is missing or not a number",
+                    self.field
+                ))),
             };
         };
-        let keep = self.min.is_none_or(|min| number >= min) && self.max.is_none_or(|max| number <= max);
+        let keep =
+            self.min.is_none_or(|min| number >= min) && self.max.is_none_or(|max| number <= max);
         if !keep {
             return Ok(Verdict::Drop);
         }
@@ -187,12 +191,14 @@ impl Transform for JsonFilter {
             return Err(Error::new("`field` must name a field"));
         }
         if self.min.is_none() && self.max.is_none() {
-            return Err(Error::new("set `min`, `max` or both: without them every record passes"));
+            return Err(Error::new(
+                "set `min`, `max` or both: without them every record passes",
+            ));
         }
-        if let (Some(min), Some(max)) = (self.min, self.max) {
-            if min > max {
-                return Err(Error::new(format!("`min` ({min}) is above `max` ({max})")));
-            }
+        if let (Some(min), Some(max)) = (self.min, self.max)
+            && min > max
+        {
+            return Err(Error::new(format!("`min` ({min}) is above `max` ({max})")));
         }
         if self.project.len() > MAX_PROJECT {
             return Err(Error::new(format!(
@@ -237,17 +243,28 @@ mod tests {
     #[test]
     fn keeps_records_within_the_range_and_drops_the_rest() {
         let mut plugin = filter(r#"{"field": "amount", "min": 10, "max": 100}"#);
-        let input = [r#"{"amount": 5}"#, r#"{"amount": 10}"#, r#"{"amount": 50.5}"#, r#"{"amount": 101}"#];
+        let input = [
+            r#"{"amount": 5}"#,
+            r#"{"amount": 10}"#,
+            r#"{"amount": 50.5}"#,
+            r#"{"amount": 101}"#,
+        ];
         let outcomes = run(&mut plugin, &input.map(TestRecord::new));
         let kept: Vec<bool> = outcomes.iter().map(|o| !o.is_dropped()).collect();
         assert_eq!(kept, [false, true, true, false]);
-        assert_eq!(outcomes[1].outputs()[0].value, input[1].as_bytes(), "kept records pass unchanged");
+        assert_eq!(
+            outcomes[1].outputs()[0].value,
+            input[1].as_bytes(),
+            "kept records pass unchanged"
+        );
     }
 
     #[test]
     fn projects_fields_in_the_given_order_and_keeps_the_key() {
-        let mut plugin = filter(r#"{"field": "amount", "min": 1, "project": ["user", "amount", "absent"]}"#);
-        let input = TestRecord::new(r#"{"amount": 7, "card": "4111", "user": "u\"1"}"#).with_key("u1");
+        let mut plugin =
+            filter(r#"{"field": "amount", "min": 1, "project": ["user", "amount", "absent"]}"#);
+        let input =
+            TestRecord::new(r#"{"amount": 7, "card": "4111", "user": "u\"1"}"#).with_key("u1");
         let outcomes = run(&mut plugin, &[input]);
         let out = &outcomes[0].outputs()[0];
         assert_eq!(out.value_str(), r#"{"user":"u\"1","amount":7}"#);
@@ -257,10 +274,19 @@ mod tests {
     #[test]
     fn fails_malformed_and_non_numeric_records_alone() {
         let mut plugin = filter(r#"{"field": "amount", "min": 1}"#);
-        let input = [r#"{"amount": "#, r#"{"amount": "ten"}"#, r#"{"amount": 3}"#].map(TestRecord::new);
+        let input =
+            [r#"{"amount": "#, r#"{"amount": "ten"}"#, r#"{"amount": 3}"#].map(TestRecord::new);
         let outcomes = run(&mut plugin, &input);
-        assert!(outcomes[0].failure().unwrap().starts_with("not a JSON object"));
-        assert_eq!(outcomes[1].failure(), Some("field `amount` is missing or not a number"));
+        assert!(
+            outcomes[0]
+                .failure()
+                .unwrap()
+                .starts_with("not a JSON object")
+        );
+        assert_eq!(
+            outcomes[1].failure(),
+            Some("field `amount` is missing or not a number")
+        );
         assert_eq!(outcomes[2].outputs().len(), 1);
     }
 
@@ -274,7 +300,10 @@ mod tests {
     fn rejects_settings_that_cannot_work() {
         for (config, says) in [
             (r#"{"field": "amount"}"#, "set `min`, `max` or both"),
-            (r#"{"field": "amount", "min": 5, "max": 1}"#, "is above `max`"),
+            (
+                r#"{"field": "amount", "min": 5, "max": 1}"#,
+                "is above `max`",
+            ),
             (r#"{"field": "", "min": 1}"#, "must name a field"),
             (r#"{"feild": "amount", "min": 1}"#, "unknown field `feild`"),
         ] {

@@ -44,14 +44,16 @@ struct Tally {
 impl Transform for PiiRedactor {
     fn validate(&mut self) -> Result<()> {
         if !self.emails && !self.cards {
-            return Err(Error::new("`emails` and `cards` are both off: nothing to redact"));
+            return Err(Error::new(
+                "`emails` and `cards` are both off: nothing to redact",
+            ));
         }
         Ok(())
     }
 
     fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
-        let mut doc: Value =
-            serde_json::from_slice(record.value()).map_err(|err| Error::new(format!("not JSON: {err}")))?;
+        let mut doc: Value = serde_json::from_slice(record.value())
+            .map_err(|err| Error::new(format!("not JSON: {err}")))?;
         let mut tally = Tally::default();
         match (&mut doc, self.fields.is_empty()) {
             (_, true) => self.redact_value(&mut doc, &mut tally),
@@ -103,17 +105,17 @@ impl PiiRedactor {
     /// The masked text, or `None` when nothing needed masking.
     fn redact_text(&self, text: &str, tally: &mut Tally) -> Option<String> {
         let mut text = std::borrow::Cow::Borrowed(text);
-        if self.emails {
-            if let Some((masked, n)) = mask_emails(&text) {
-                tally.emails += n;
-                text = masked.into();
-            }
+        if self.emails
+            && let Some((masked, n)) = mask_emails(&text)
+        {
+            tally.emails += n;
+            text = masked.into();
         }
-        if self.cards {
-            if let Some((masked, n)) = mask_cards(&text) {
-                tally.cards += n;
-                text = masked.into();
-            }
+        if self.cards
+            && let Some((masked, n)) = mask_cards(&text)
+        {
+            tally.cards += n;
+            text = masked.into();
         }
         match text {
             std::borrow::Cow::Owned(masked) => Some(masked),
@@ -136,9 +138,16 @@ fn mask_emails(text: &str) -> Option<(String, u64)> {
     let mut out = String::with_capacity(text.len());
     let (mut copied, mut count) = (0, 0);
     for (at, _) in text.match_indices('@') {
-        let start = (0..at).rev().take_while(|&i| is_local_char(bytes[i])).last();
-        let end = (at + 1..bytes.len()).take_while(|&i| is_domain_char(bytes[i])).last();
-        let (Some(start), Some(end)) = (start, end) else { continue };
+        let start = (0..at)
+            .rev()
+            .take_while(|&i| is_local_char(bytes[i]))
+            .last();
+        let end = (at + 1..bytes.len())
+            .take_while(|&i| is_domain_char(bytes[i]))
+            .last();
+        let (Some(start), Some(end)) = (start, end) else {
+            continue;
+        };
         let domain = &text[at + 1..=end];
         if start < copied || !domain.contains('.') || domain.starts_with('.') {
             continue;
@@ -173,7 +182,9 @@ fn mask_cards(text: &str) -> Option<(String, u64)> {
                 digits += 1;
                 end = j + 1;
                 j += 1;
-            } else if (bytes[j] == b' ' || bytes[j] == b'-') && bytes.get(j + 1).is_some_and(u8::is_ascii_digit) {
+            } else if (bytes[j] == b' ' || bytes[j] == b'-')
+                && bytes.get(j + 1).is_some_and(u8::is_ascii_digit)
+            {
                 j += 1;
             } else {
                 break;
@@ -235,7 +246,8 @@ mod tests {
     fn scans_only_listed_fields_when_given() {
         let mut plugin: PiiRedactor = configure(r#"{"fields": ["email"]}"#).unwrap();
         let input = TestRecord::new(r#"{"email":"ann@example.com","copy":"ann@example.com"}"#);
-        let doc: Value = serde_json::from_slice(&run(&mut plugin, &[input])[0].outputs()[0].value).unwrap();
+        let doc: Value =
+            serde_json::from_slice(&run(&mut plugin, &[input])[0].outputs()[0].value).unwrap();
         assert_eq!(doc["email"], "a***@example.com");
         assert_eq!(doc["copy"], "ann@example.com");
     }

@@ -1,6 +1,8 @@
 //! The built component in the real engine: masks, and reports what it
 //! masked through the host's counters.
 
+#![allow(clippy::unwrap_used, reason = "a test that cannot unwrap has failed")]
+
 use weir::testkit::{PluginHarness, TestRecord};
 
 #[test]

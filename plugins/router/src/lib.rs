@@ -32,22 +32,29 @@ pub struct Router {
 impl Transform for Router {
     fn validate(&mut self) -> Result<()> {
         if self.routes.is_empty() {
-            return Err(Error::new("`routes` is empty: every record would take one route"));
+            return Err(Error::new(
+                "`routes` is empty: every record would take one route",
+            ));
         }
         if let Some((value, _)) = self.routes.iter().find(|(_, route)| route.is_empty()) {
-            return Err(Error::new(format!("the route for `{value}` is an empty name")));
+            return Err(Error::new(format!(
+                "the route for `{value}` is an empty name"
+            )));
         }
         Ok(())
     }
 
     fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
-        let doc: HashMap<std::borrow::Cow<'_, str>, &RawValue> = serde_json::from_slice(record.value())
-            .map_err(|err| Error::new(format!("not a JSON object: {err}")))?;
+        let doc: HashMap<std::borrow::Cow<'_, str>, &RawValue> =
+            serde_json::from_slice(record.value())
+                .map_err(|err| Error::new(format!("not a JSON object: {err}")))?;
         let value = doc.get(self.field.as_str()).map(|raw| {
             // A string matches without its quotes; anything else as written.
             serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned())
         });
-        let route = value.and_then(|v| self.routes.get(&v)).or(self.otherwise.as_ref());
+        let route = value
+            .and_then(|v| self.routes.get(&v))
+            .or(self.otherwise.as_ref());
         match route {
             Some(route) => out.forward_to(&record, route),
             None => out.forward(&record),
@@ -76,23 +83,47 @@ mod tests {
             r#"{"country":1}"#,
         ];
         let outcomes = run(&mut plugin, &input.map(TestRecord::new));
-        let routes: Vec<Option<&str>> = outcomes.iter().map(|o| o.outputs()[0].route.as_deref()).collect();
-        assert_eq!(routes, [Some("eu"), Some("us"), Some("rest"), Some("rest"), Some("one")]);
-        assert_eq!(outcomes[0].outputs()[0].value_str(), input[0], "routing leaves the record as it was");
+        let routes: Vec<Option<&str>> = outcomes
+            .iter()
+            .map(|o| o.outputs()[0].route.as_deref())
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                Some("eu"),
+                Some("us"),
+                Some("rest"),
+                Some("rest"),
+                Some("one")
+            ]
+        );
+        assert_eq!(
+            outcomes[0].outputs()[0].value_str(),
+            input[0],
+            "routing leaves the record as it was"
+        );
     }
 
     #[test]
     fn without_otherwise_unlisted_values_keep_the_default_route() {
-        let mut plugin: Router = configure(r#"{"field": "level", "routes": {"ERROR": "alerts"}}"#).unwrap();
+        let mut plugin: Router =
+            configure(r#"{"field": "level", "routes": {"ERROR": "alerts"}}"#).unwrap();
         let outcomes = run(&mut plugin, &[TestRecord::new(r#"{"level":"INFO"}"#)]);
         assert_eq!(outcomes[0].outputs()[0].route, None);
     }
 
     #[test]
     fn fails_non_objects_and_refuses_empty_routes() {
-        let mut plugin: Router = configure(r#"{"field": "level", "routes": {"ERROR": "alerts"}}"#).unwrap();
-        assert!(run(&mut plugin, &[TestRecord::new("[]")])[0].failure().is_some());
-        let err = configure::<Router>(r#"{"field": "level", "routes": {}}"#).err().unwrap();
+        let mut plugin: Router =
+            configure(r#"{"field": "level", "routes": {"ERROR": "alerts"}}"#).unwrap();
+        assert!(
+            run(&mut plugin, &[TestRecord::new("[]")])[0]
+                .failure()
+                .is_some()
+        );
+        let err = configure::<Router>(r#"{"field": "level", "routes": {}}"#)
+            .err()
+            .unwrap();
         assert!(err.contains("`routes` is empty"), "{err}");
     }
 }

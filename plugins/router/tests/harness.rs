@@ -1,5 +1,7 @@
 //! The built component in the real engine routes as it does natively.
 
+#![allow(clippy::unwrap_used, reason = "a test that cannot unwrap has failed")]
+
 use weir::testkit::{PluginHarness, TestRecord};
 
 #[test]
@@ -11,5 +13,10 @@ fn routes_inside_the_sandbox() {
     let outcomes = plugin.process(&input.map(TestRecord::new)).unwrap();
     assert_eq!(outcomes[0].outputs()[0].route.as_deref(), Some("alerts"));
     assert_eq!(outcomes[1].outputs()[0].route, None);
-    assert!(outcomes[2].failure().unwrap().starts_with("not a JSON object"));
+    assert!(
+        outcomes[2]
+            .failure()
+            .unwrap()
+            .starts_with("not a JSON object")
+    );
 }

@@ -75,14 +75,18 @@ fn kafka_error(sink: &str, err: KafkaError) -> SinkError {
 #[async_trait]
 impl Sink for KafkaSink {
     fn describe(&self) -> String {
-        format!("kafka topic {:?} at {}", self.config.topic, self.config.brokers)
+        format!(
+            "kafka topic {:?} at {}",
+            self.config.topic, self.config.brokers
+        )
     }
 
     async fn write(&mut self, records: &[Record]) -> Result<(), SinkError> {
         for record in records {
             let headers = to_headers(record);
             loop {
-                let mut message = FutureRecord::to(self.topic_for(record)).payload(&record.value[..]);
+                let mut message =
+                    FutureRecord::to(self.topic_for(record)).payload(&record.value[..]);
                 if let Some(key) = &record.key {
                     message = message.key(&key[..]);
                 }

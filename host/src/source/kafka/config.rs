@@ -43,6 +43,8 @@ impl KafkaSourceConfig {
 
     /// The consumer group for `pipeline`.
     pub fn group_for(&self, pipeline: &str) -> String {
-        self.group.clone().unwrap_or_else(|| format!("weir-{pipeline}"))
+        self.group
+            .clone()
+            .unwrap_or_else(|| format!("weir-{pipeline}"))
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{KafkaSourceConfig, StartFrom};
@@ -48,13 +48,17 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Progress {
     fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn handed_over(&self, checkpoint: &Checkpoint) {
         let mut state = self.lock();
         for p in &checkpoint.positions {
-            state.handed_over.insert((p.topic.to_string(), p.partition), p.offset);
+            state
+                .handed_over
+                .insert((p.topic.to_string(), p.partition), p.offset);
         }
     }
 
@@ -66,7 +70,10 @@ impl Progress {
     fn committed(&self, checkpoint: &Checkpoint) {
         let mut state = self.lock();
         for p in &checkpoint.positions {
-            let slot = state.committed.entry((p.topic.to_string(), p.partition)).or_insert(p.offset);
+            let slot = state
+                .committed
+                .entry((p.topic.to_string(), p.partition))
+                .or_insert(p.offset);
             *slot = (*slot).max(p.offset);
         }
         self.changed.notify_all();
@@ -155,14 +162,21 @@ impl ClientContext for RebalanceLog {
                 tracing::error!(group = %self.group, facility, "librdkafka: {message}");
             }
             // Connection failures and timeouts, reported by `recv` instead.
-            Level::Error | Level::Warning => tracing::debug!(group = %self.group, facility, "librdkafka: {message}"),
+            Level::Error | Level::Warning => {
+                tracing::debug!(group = %self.group, facility, "librdkafka: {message}")
+            }
             _ => tracing::trace!(group = %self.group, facility, "librdkafka: {message}"),
         }
     }
 }
 
 impl ConsumerContext for RebalanceLog {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, partitions: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
@@ -172,7 +186,11 @@ impl ConsumerContext for RebalanceLog {
                                 Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
                                 _ => self.start,
                             };
-                            let _ = partitions.set_partition_offset(element.topic(), element.partition(), offset);
+                            let _ = partitions.set_partition_offset(
+                                element.topic(),
+                                element.partition(),
+                                offset,
+                            );
                         }
                     }
                     Err(err) => {
@@ -191,7 +209,10 @@ impl ConsumerContext for RebalanceLog {
                 let revoked = keys(partitions);
                 let drain = || self.progress.drain(&revoked);
                 let drained = match tokio::runtime::Handle::try_current() {
-                    Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    Ok(handle)
+                        if handle.runtime_flavor()
+                            == tokio::runtime::RuntimeFlavor::MultiThread =>
+                    {
                         tokio::task::block_in_place(drain)
                     }
                     _ => drain(),
@@ -247,22 +268,29 @@ impl KafkaSource {
         read_committed: bool,
     ) -> Result<Self, SourceError> {
         let group = config.group_for(pipeline);
-        let what = format!("kafka topics {:?} at {} (group {group})", config.topics, config.brokers);
+        let what = format!(
+            "kafka topics {:?} at {} (group {group})",
+            config.topics, config.brokers
+        );
         let start = match config.start {
             StartFrom::Earliest => "earliest",
             StartFrom::Latest => "latest",
         };
-        let isolation = if read_committed { "read_committed" } else { "read_uncommitted" };
+        let isolation = if read_committed {
+            "read_committed"
+        } else {
+            "read_uncommitted"
+        };
         let mut client = config.connection().client_config(&[
-                ("group.id", &group),
-                ("enable.auto.commit", "false"),
-                ("auto.offset.reset", start),
-                ("isolation.level", isolation),
-                // A worker that dies is noticed in 10 s, not 45: its
-                // partitions move to the survivors (or its restart) sooner.
-                ("session.timeout.ms", "10000"),
-                ("heartbeat.interval.ms", "3000"),
-            ]);
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", start),
+            ("isolation.level", isolation),
+            // A worker that dies is noticed in 10 s, not 45: its
+            // partitions move to the survivors (or its restart) sooner.
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "3000"),
+        ]);
         if let Ok(worker) = std::env::var("WEIR_WORKER_ID") {
             // Static membership: a restarted worker takes its partitions back
             // at once instead of waiting out the session of its dead self.
@@ -285,7 +313,11 @@ impl KafkaSource {
         consumer.subscribe(&names).map_err(|e| io(&what, e))?;
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
-            topics: config.topics.iter().map(|t| (t.clone(), Arc::from(t.as_str()))).collect(),
+            topics: config
+                .topics
+                .iter()
+                .map(|t| (t.clone(), Arc::from(t.as_str())))
+                .collect(),
             batch: batch.clone(),
             commits: !read_committed,
             what,
@@ -299,7 +331,6 @@ impl KafkaSource {
     pub fn consumer(&self) -> Arc<GroupConsumer> {
         self.consumer.clone()
     }
-
 
     /// The next message. While the cluster is away librdkafka reconnects by
     /// itself and reports each failed attempt here; those are logged (at most
@@ -323,7 +354,10 @@ impl KafkaSource {
                 Err(err) if is_transient(&err) => {
                     let now = std::time::Instant::now();
                     let since = *self.unavailable_since.get_or_insert(now);
-                    if self.last_warning.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+                    if self
+                        .last_warning
+                        .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+                    {
                         self.last_warning = Some(now);
                         tracing::warn!(source = %self.what, %err, down_for = ?now.duration_since(since), "Kafka unavailable; librdkafka is reconnecting.");
                     }
@@ -367,7 +401,8 @@ fn is_transient(err: &KafkaError) -> bool {
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
         let revokes_before = self.progress.lock().revokes;
-        let size = |r: &crate::record::Record| r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
+        let size =
+            |r: &crate::record::Record| r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
         let first = self.recv().await?.1;
         let mut bytes = size(&first);
         let mut records = vec![first];
@@ -386,7 +421,11 @@ impl Source for KafkaSource {
         // next owner, who starts at the last commit.
         let state = self.progress.lock();
         if state.revokes != revokes_before {
-            records.retain(|r| !state.revoked.contains(&(r.source.topic.to_string(), r.source.partition)));
+            records.retain(|r| {
+                !state
+                    .revoked
+                    .contains(&(r.source.topic.to_string(), r.source.partition))
+            });
         }
         drop(state);
         let mut batch = SourceBatch::default();
@@ -430,7 +469,8 @@ impl Committer for KafkaCommitter {
         }
         let offsets = next_offsets(checkpoint).map_err(|e| io(&self.what, e))?;
         let consumer = self.consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
         match committed {
             Ok(Ok(())) => {
                 self.progress.committed(checkpoint);
@@ -452,7 +492,11 @@ impl Committer for KafkaCommitter {
 pub fn next_offsets(checkpoint: &Checkpoint) -> Result<TopicPartitionList, KafkaError> {
     let mut offsets = TopicPartitionList::new();
     for position in &checkpoint.positions {
-        offsets.add_partition_offset(&position.topic, position.partition, Offset::Offset(position.offset + 1))?;
+        offsets.add_partition_offset(
+            &position.topic,
+            position.partition,
+            Offset::Offset(position.offset + 1),
+        )?;
     }
     Ok(offsets)
 }

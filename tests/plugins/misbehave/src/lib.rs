@@ -34,7 +34,11 @@ impl Transform for Misbehave {
                 out.forward(&record);
             }
             b"env" => {
-                let seen = format!("{} variables, cwd {:?}", std::env::vars().count(), std::env::current_dir().ok());
+                let seen = format!(
+                    "{} variables, cwd {:?}",
+                    std::env::vars().count(),
+                    std::env::current_dir().ok()
+                );
                 drop(out.emit(seen.as_bytes()));
             }
             b"read" => {
@@ -51,7 +55,12 @@ impl Transform for Misbehave {
                 };
                 drop(out.emit(seen.as_bytes()));
             }
-            b"fail" => return Err(Error::new(format!("record at offset {} is marked fail", record.offset()))),
+            b"fail" => {
+                return Err(Error::new(format!(
+                    "record at offset {} is marked fail",
+                    record.offset()
+                )));
+            }
             _ => out.forward(&record),
         }
         Ok(())
