@@ -602,3 +602,73 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
         output.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_produce_writes_the_counted_events_keyed_by_user() {
+    let broker = Broker::start();
+    let output = tokio::task::block_in_place(|| {
+        Command::new(weir_bin())
+            .args([
+                "produce",
+                "--brokers",
+                &broker.brokers(),
+                "--topic",
+                "events",
+            ])
+            .args([
+                "--kind",
+                "clickstream",
+                "--count",
+                "500",
+                "--seed",
+                "3",
+                "--malformed",
+                "0.1",
+                "--partitions",
+                "3",
+            ])
+            .output()
+            .unwrap()
+    });
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let malformed: usize = said
+        .split_once("events (")
+        .and_then(|(_, rest)| rest.split_once(" malformed"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no final count in {said:?}"));
+    assert!(
+        said.starts_with("produced 500 clickstream events"),
+        "{said}"
+    );
+
+    let events = tokio::task::block_in_place(|| broker.read_all("events", false));
+    assert_eq!(events.len(), 500);
+    let broken = events
+        .iter()
+        .filter(|e| serde_json::from_str::<serde_json::Value>(&e.value).is_err())
+        .count();
+    assert_eq!(
+        broken, malformed,
+        "the final count matches what was written"
+    );
+    assert!(malformed > 0 && malformed < 500);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.key.as_deref().is_some_and(|k| k.starts_with("user-")))
+    );
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.partition)
+            .collect::<BTreeSet<_>>()
+            .len(),
+        3,
+        "spread by key"
+    );
+}
