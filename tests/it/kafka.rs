@@ -256,6 +256,9 @@ fn spawn(path: &std::path::Path, cache: &std::path::Path, worker: &str, stderr: 
 }
 
 fn stop_gracefully(mut child: Child) {
+    // A worker signalled before it has installed its handlers (the first
+    // milliseconds of its life) dies of the signal, as any process would.
+    std::thread::sleep(Duration::from_secs(1));
     let pid = child.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let status = child.wait().unwrap();
@@ -313,6 +316,15 @@ impl Watcher {
             })
             .sum()
     }
+}
+
+/// Fails the test at once if the worker has exited: it must ride out
+/// whatever the test does to the broker.
+fn still_running(worker: &mut Child) -> bool {
+    if let Ok(Some(status)) = worker.try_wait() {
+        panic!("the worker exited ({status}) instead of riding out the outage; its log is above");
+    }
+    true
 }
 
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
@@ -523,24 +535,25 @@ async fn a_broker_down_at_start_and_gone_for_ten_seconds_loses_nothing() {
     let cache = scratch.path("cache");
     tokio::task::block_in_place(|| {
         broker.stop();
-        let worker = spawn_worker(&path, &cache, "1");
+        let mut worker = spawn_worker(&path, &cache, "1");
         std::thread::sleep(Duration::from_secs(3));
         broker.resume();
         let watch = Watcher::new(&broker, "survivors", 6);
         wait_for(
             "output after the broker came up",
             Duration::from_secs(60),
-            || watch.size("out") > 0,
+            || still_running(&mut worker) && watch.size("out") > 0,
         );
         drop(watch);
         broker.stop();
         std::thread::sleep(Duration::from_secs(10));
+        assert!(still_running(&mut worker));
         broker.resume();
         let watch = Watcher::new(&broker, "survivors", 6);
         wait_for(
             "every input offset committed",
             Duration::from_secs(120),
-            || watch.committed("in") >= RECORDS as i64,
+            || still_running(&mut worker) && watch.committed("in") >= RECORDS as i64,
         );
         stop_gracefully(worker);
     });

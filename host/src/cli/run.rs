@@ -16,28 +16,47 @@ use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::pipeline::Pipeline;
 
 pub fn run(path: &Path, progress: bool) -> anyhow::Result<ExitCode> {
-    let file = PipelineFile::load(path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_file(file, progress))
+    runtime.block_on(async {
+        // Handlers first: a stop requested while the file loads or plugins
+        // build is honoured as soon as the pipelines start, not by dying.
+        let shutdown = listen_for_stop().context("cannot listen for Ctrl-C and SIGTERM")?;
+        let file = PipelineFile::load(path)?;
+        run_file(file, progress, shutdown).await
+    })
 }
 
-async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode> {
-    // Listen first: a stop requested while plugins build is honoured as
-    // soon as the pipelines start.
+/// Installs the Ctrl-C and SIGTERM handlers now; the first signal turns the
+/// returned flag true, the second exits at once.
+fn listen_for_stop() -> std::io::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
-        if stop_requested().await {
-            tracing::info!("Stopping after the batches in flight (Ctrl-C again aborts).");
-            let _ = stop.send(true);
-            if stop_requested().await {
-                std::process::exit(130);
+        let mut requested = async || {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
-        }
+        };
+        requested().await;
+        tracing::info!("Stopping after the batches in flight (Ctrl-C again aborts).");
+        let _ = stop.send(true);
+        requested().await;
+        std::process::exit(130);
     });
+    Ok(shutdown)
+}
 
+async fn run_file(
+    file: PipelineFile,
+    progress: bool,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<ExitCode> {
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: file.cache_dir.clone(),
     })?;
@@ -78,18 +97,6 @@ async fn run_file(file: PipelineFile, progress: bool) -> anyhow::Result<ExitCode
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// Waits for Ctrl-C or SIGTERM; false if neither can be listened for.
-async fn stop_requested() -> bool {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return tokio::signal::ctrl_c().await.is_ok(),
-    };
-    tokio::select! {
-        ctrl_c = tokio::signal::ctrl_c() => ctrl_c.is_ok(),
-        _ = term.recv() => true,
-    }
 }
 
 /// Rewrites one status line on stderr every second.

@@ -4,7 +4,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 
 use super::KafkaSinkConfig;
@@ -20,6 +22,11 @@ pub struct KafkaSink {
     producer: FutureProducer,
     config: KafkaSinkConfig,
     in_flight: VecDeque<DeliveryFuture>,
+    /// False for the shared transactional producer of an exactly-once
+    /// pipeline, whose failures fail the transaction instead.
+    owns_producer: bool,
+    replacements: u32,
+    replaced_for_current: bool,
 }
 
 impl KafkaSink {
@@ -31,7 +38,9 @@ impl KafkaSink {
             .client_config(KafkaConnection::PRODUCER)
             .create()
             .map_err(|e| kafka_error(&config.topic, e))?;
-        Ok(Self::with_producer(config, producer))
+        let mut sink = Self::with_producer(config, producer);
+        sink.owns_producer = true;
+        Ok(sink)
     }
 
     /// A sink writing through `producer`: the pipeline's transactional
@@ -41,6 +50,9 @@ impl KafkaSink {
             producer,
             config,
             in_flight: VecDeque::new(),
+            owns_producer: false,
+            replacements: 0,
+            replaced_for_current: false,
         }
     }
 
@@ -52,18 +64,82 @@ impl KafkaSink {
     }
 
     async fn wait_oldest(&mut self) -> Result<(), SinkError> {
-        if let Some(delivery) = self.in_flight.pop_front() {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((err, _message))) => return Err(kafka_error(&self.describe(), err)),
-                Err(_canceled) => {
-                    return Err(kafka_error(&self.describe(), KafkaError::Canceled));
-                }
+        let Some(delivery) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((err, message))) if self.owns_producer && self.producer_lost(&err) => {
+                self.replace_producer(&err)?;
+                self.resend(&message)
             }
+            Ok(Err((err, _message))) => Err(kafka_error(&self.describe(), err)),
+            Err(_canceled) => Err(kafka_error(&self.describe(), KafkaError::Canceled)),
         }
+    }
+
+    /// Whether `err` means this idempotent producer can no longer deliver,
+    /// though a new one could: a broker that came back without the
+    /// producer's sequence state (the test broker, noida-db, after a
+    /// restart) makes librdkafka's idempotent producer fail for good.
+    fn producer_lost(&self, err: &KafkaError) -> bool {
+        use rdkafka::error::RDKafkaErrorCode as Code;
+        self.producer.client().fatal_error().is_some()
+            || matches!(
+                err.rdkafka_error_code(),
+                Some(
+                    Code::OutOfOrderSequenceNumber
+                        | Code::UnknownProducerId
+                        | Code::InvalidProducerEpoch
+                        | Code::Fatal
+                )
+            )
+    }
+
+    /// Swaps in a fresh producer. Records not yet acknowledged are sent again
+    /// through it (at-least-once: a record may then be written twice).
+    fn replace_producer(&mut self, err: &KafkaError) -> Result<(), SinkError> {
+        if self.replacements >= MAX_REPLACEMENTS {
+            return Err(kafka_error(&self.describe(), err.clone()));
+        }
+        self.replacements += 1;
+        if self.producer.client().fatal_error().is_none() && self.replaced_for_current {
+            return Ok(());
+        }
+        tracing::warn!(sink = %self.describe(), %err, "Producer failed for good; replacing it and resending what was not acknowledged.");
+        self.producer = self
+            .config
+            .connection()
+            .client_config(KafkaConnection::PRODUCER)
+            .create()
+            .map_err(|e| kafka_error(&self.describe(), e))?;
+        self.replaced_for_current = true;
+        Ok(())
+    }
+
+    fn resend(&mut self, message: &OwnedMessage) -> Result<(), SinkError> {
+        let mut record =
+            FutureRecord::to(message.topic()).payload(message.payload().unwrap_or_default());
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(timestamp) = message.timestamp().to_millis() {
+            record = record.timestamp(timestamp);
+        }
+        if let Some(headers) = message.headers() {
+            record = record.headers(headers.clone());
+        }
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(err, _)| kafka_error(&self.describe(), err))?;
+        self.in_flight.push_back(delivery);
         Ok(())
     }
 }
+
+/// How many times one sink replaces a failed producer before giving up.
+const MAX_REPLACEMENTS: u32 = 100_000;
 
 fn kafka_error(sink: &str, err: KafkaError) -> SinkError {
     SinkError::Io {
@@ -108,6 +184,9 @@ impl Sink for KafkaSink {
                         } else {
                             self.wait_oldest().await?;
                         }
+                    }
+                    Err((err, _)) if self.owns_producer && self.producer_lost(&err) => {
+                        self.replace_producer(&err)?;
                     }
                     Err((err, _)) => return Err(kafka_error(&self.describe(), err)),
                 }
