@@ -271,3 +271,50 @@ path = "rest.jsonl"
         "{err}"
     );
 }
+
+#[test]
+fn a_plugin_trap_stops_the_run_even_while_the_source_waits_for_input() {
+    use std::io::Write as _;
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "waiting"
+source = { type = "stdin", format = "lines" }
+batch = { linger_ms = 10 }
+[[pipeline.plugin]]
+wasm = "{plugin:misbehave}"
+[[pipeline.sink]]
+type = "stdout"
+"#,
+    );
+    let mut child = Command::new(weir_bin())
+        .args(["run", path.to_str().unwrap()])
+        .env("WEIR_CACHE_DIR", scratch.path("cache"))
+        .env("WEIR_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stdin stays open: only the trap can end this run.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ok\npanic\n").unwrap();
+    stdin.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run kept waiting for input after its plugin trapped");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    drop(stdin);
+    let err = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        err.contains("pipeline `waiting`: plugin `misbehave` 0.1.0: trapped"),
+        "{err}"
+    );
+}

@@ -20,13 +20,17 @@ pub fn run(path: &Path, progress: bool) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         // Handlers first: a stop requested while the file loads or plugins
         // build is honoured as soon as the pipelines start, not by dying.
         let shutdown = listen_for_stop().context("cannot listen for Ctrl-C and SIGTERM")?;
         let file = PipelineFile::load(path)?;
         run_file(file, progress, shutdown).await
-    })
+    });
+    // A stdin reader blocked on a terminal or an open pipe would otherwise
+    // keep the process alive after every pipeline has ended.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 /// Installs the Ctrl-C and SIGTERM handlers now; the first signal turns the

@@ -260,7 +260,7 @@ impl Pipeline {
         let (to_chain, mut from_source) = mpsc::channel::<SourceBatch>(IN_FLIGHT);
         let (to_sinks, from_chain) = mpsc::channel::<Processed>(IN_FLIGHT);
 
-        let processor = tokio::task::spawn_blocking(move || -> Result<(), PluginError> {
+        let mut processor = tokio::task::spawn_blocking(move || -> Result<(), PluginError> {
             while let Some(batch) = from_source.blocking_recv() {
                 let received = batch.len() as u64;
                 let mut dead: Vec<DeadLetter> = batch
@@ -298,7 +298,7 @@ impl Pipeline {
             commit_interval,
             transaction,
         };
-        let writer = tokio::spawn(writer.run(from_chain));
+        let mut writer = tokio::spawn(writer.run(from_chain));
 
         let stop = async move {
             if shutdown.wait_for(|stop| *stop).await.is_err() {
@@ -307,11 +307,22 @@ impl Pipeline {
         };
         tokio::pin!(stop);
         let mut source_result = Ok(());
+        // A stage that ends early (a plugin trap, a sink error) ends the
+        // loop at once, even while the source waits for records.
+        let (mut processed, mut written) = (None, None);
         loop {
             let batch = tokio::select! {
                 biased;
                 () = &mut stop => {
                     tracing::info!(pipeline = %name, "Stopping: finishing the batches in flight.");
+                    break;
+                }
+                done = &mut processor => {
+                    processed = Some(done);
+                    break;
+                }
+                done = &mut writer => {
+                    written = Some(done);
                     break;
                 }
                 batch = source.next_batch() => batch,
@@ -332,8 +343,14 @@ impl Pipeline {
         }
         drop(to_chain);
 
-        let processed = processor.await;
-        let written = writer.await;
+        let processed = match processed {
+            Some(done) => done,
+            None => processor.await,
+        };
+        let written = match written {
+            Some(done) => done,
+            None => writer.await,
+        };
         // The plugin's error explains a closed channel better than the sink's.
         match processed {
             Ok(Err(source)) => {
