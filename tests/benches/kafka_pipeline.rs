@@ -88,23 +88,30 @@ async fn produce(connection: &KafkaConnection, topic: &str) -> f64 {
             .expect("queued");
         deliveries.push_back(delivery);
         if deliveries.len() >= 50_000 {
-            for _ in 0..25_000 {
-                if let Some(d) = deliveries.pop_front() {
-                    d.await.expect("not cancelled").expect("delivered");
-                }
-            }
+            acknowledge(&mut deliveries, 25_000).await;
         }
     }
-    for delivery in deliveries {
-        delivery.await.expect("not cancelled").expect("delivered");
-    }
+    acknowledge(&mut deliveries, 0).await;
     started.elapsed().as_secs_f64()
 }
 
-fn consume(brokers: &str, topic: &str) -> f64 {
+/// Waits until at most `keep` deliveries are unacknowledged.
+async fn acknowledge(
+    deliveries: &mut std::collections::VecDeque<rdkafka::producer::DeliveryFuture>,
+    keep: usize,
+) {
+    while deliveries.len() > keep {
+        if let Some(delivery) = deliveries.pop_front() {
+            delivery.await.expect("not cancelled").expect("delivered");
+        }
+    }
+}
+
+/// A consumer assigned every partition of `topic` from its beginning.
+fn reader_from_start(brokers: &str, topic: &str, group: &str) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-ceiling")
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
@@ -115,6 +122,11 @@ fn consume(brokers: &str, topic: &str) -> f64 {
             .expect("partition");
     }
     consumer.assign(&assignment).expect("assign");
+    consumer
+}
+
+fn consume(brokers: &str, topic: &str) -> f64 {
+    let consumer = reader_from_start(brokers, topic, "bench-ceiling");
     let started = Instant::now();
     let mut read = 0;
     while read < RECORDS {
@@ -133,19 +145,7 @@ fn consume(brokers: &str, topic: &str) -> f64 {
 /// Native pass-through: rdkafka consuming `topic` and producing every record
 /// to `out`, acknowledged, with no weir in between.
 async fn pass_through(connection: &KafkaConnection, topic: &str, out: &str) -> f64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &connection.brokers)
-        .set("group.id", "bench-pass-through")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&assignment).expect("assign");
+    let consumer = reader_from_start(&connection.brokers, topic, "bench-pass-through");
     let producer: FutureProducer = connection
         .client_config(KafkaConnection::PRODUCER)
         .create()
@@ -167,16 +167,10 @@ async fn pass_through(connection: &KafkaConnection, topic: &str, out: &str) -> f
         deliveries.push_back(producer.send_result(record).expect("queued"));
         read += 1;
         if deliveries.len() >= 50_000 {
-            for _ in 0..25_000 {
-                if let Some(d) = deliveries.pop_front() {
-                    d.await.expect("not cancelled").expect("delivered");
-                }
-            }
+            acknowledge(&mut deliveries, 25_000).await;
         }
     }
-    for delivery in deliveries {
-        delivery.await.expect("not cancelled").expect("delivered");
-    }
+    acknowledge(&mut deliveries, 0).await;
     started.elapsed().as_secs_f64()
 }
 

@@ -236,15 +236,7 @@ type = "file"
 path = "rest.jsonl"
 "#,
     );
-    let mut child = Command::new(weir_bin())
-        .args(["run", path.to_str().unwrap()])
-        .env("WEIR_CACHE_DIR", scratch.path("cache"))
-        .env("WEIR_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = run_reading_stdin(&scratch, &path);
     let mut stdin = child.stdin.take().unwrap();
     stdin
         .write_all(b"{\"level\":\"ERROR\",\"n\":1}\n{\"level\":\"INFO\",\"n\":2}\n{oops\n{\"level\":\"ERROR\",\"n\":3}\n")
@@ -288,15 +280,7 @@ wasm = "{plugin:misbehave}"
 type = "stdout"
 "#,
     );
-    let mut child = Command::new(weir_bin())
-        .args(["run", path.to_str().unwrap()])
-        .env("WEIR_CACHE_DIR", scratch.path("cache"))
-        .env("WEIR_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = run_reading_stdin(&scratch, &path);
     // Stdin stays open: only the trap can end this run.
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"ok\npanic\n").unwrap();
@@ -317,4 +301,17 @@ type = "stdout"
         err.contains("pipeline `waiting`: plugin `misbehave` 0.1.0: trapped"),
         "{err}"
     );
+}
+
+/// `weir run PATH` with stdin, stdout and stderr piped to the test.
+fn run_reading_stdin(scratch: &Scratch, path: &std::path::Path) -> std::process::Child {
+    Command::new(weir_bin())
+        .args(["run", path.to_str().unwrap()])
+        .env("WEIR_CACHE_DIR", scratch.path("cache"))
+        .env("WEIR_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
