@@ -167,6 +167,7 @@ fn chain(engine: &PluginEngine, wasm: PathBuf, config: &str) -> Chain {
     let limits = Limits {
         memory_bytes: 256 << 20,
         batch_deadline: Duration::from_secs(30),
+        ..Limits::default()
     };
     Chain::new(vec![
         PluginSlot::start(engine, &wasm, &plugin, &limits).expect("plugin starts"),

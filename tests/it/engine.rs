@@ -55,6 +55,16 @@ fn a_trapping_plugin_is_stopped_with_its_panic_message() {
         panic.contains("record at offset 1 asked for a panic"),
         "{err}"
     );
+    // The whole reason: the trap and where in the plugin it happened.
+    let message = err.to_string();
+    assert!(
+        message.contains("unreachable") && message.contains("wasm backtrace: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("misbehave"),
+        "the plugin's own frames: {message}"
+    );
     // The instance is gone: the next batch is refused, not run on a broken store.
     assert!(harness.process(&records(&["ok"])).is_err());
 }
@@ -64,6 +74,7 @@ fn a_plugin_over_its_memory_cap_is_stopped_with_a_memory_error() {
     let limits = Limits {
         memory_bytes: 32 << 20,
         batch_deadline: Duration::from_secs(10),
+        ..Limits::default()
     };
     let mut harness =
         PluginHarness::load_with_limits(plugin("misbehave"), r#"{"hog_mib": 64}"#, &limits)
@@ -98,8 +109,8 @@ fn a_plugin_over_its_memory_cap_is_stopped_with_a_memory_error() {
 #[test]
 fn a_plugin_past_its_batch_deadline_is_stopped_with_a_deadline_error() {
     let limits = Limits {
-        memory_bytes: 64 << 20,
         batch_deadline: Duration::from_millis(200),
+        ..Limits::default()
     };
     let mut harness = PluginHarness::load_with_limits(plugin("misbehave"), "{}", &limits).unwrap();
     let err = harness.process(&records(&["spin"])).unwrap_err();

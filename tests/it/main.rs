@@ -9,4 +9,5 @@ mod cli;
 mod engine;
 mod kafka;
 mod pipeline;
+mod sandbox;
 mod support;

@@ -59,6 +59,84 @@ pub fn plugin(name: &str) -> PathBuf {
         .join(format!("{file}.wasm"))
 }
 
+/// The `.wasm` of a hand-written hostile component in `tests/hostile/`
+/// (`NAME.wat`), assembled once per test process.
+pub fn hostile(name: &str) -> PathBuf {
+    let wat = workspace().join(format!("tests/hostile/{name}.wat"));
+    let wasm = target_dir().join(format!("hostile/{name}.wasm"));
+    let bytes = wat::parse_file(&wat).unwrap_or_else(|e| panic!("{}: {e}", wat.display()));
+    std::fs::create_dir_all(wasm.parent().unwrap()).unwrap();
+    // Written aside and renamed: tests in other processes may read it.
+    let tmp = wasm.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, &wasm).unwrap();
+    wasm
+}
+
+/// A finished child process: its output and the peak resident memory it
+/// (and only it) reached, measured by the kernel.
+pub struct Measured {
+    pub output: Output,
+    pub peak_rss_mib: u64,
+}
+
+/// Runs `command` to its end, with stdout and stderr captured, and reads its
+/// peak RSS from `wait4`. Kills it and fails the test if it runs past
+/// `limit`: a run that never ends is the failure some tests look for.
+pub fn run_measured(command: &mut Command, limit: std::time::Duration) -> Measured {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let pid = child.id() as libc::pid_t;
+    let deadline = std::time::Instant::now() + limit;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waits for our own child, with valid pointers.
+        let done = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if done == pid {
+            break;
+        }
+        assert!(done == 0, "wait4 failed");
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = String::from_utf8_lossy(&err.join().unwrap()).into_owned();
+            panic!("still running after {limit:?}; killed. Its stderr:\n{output}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The status is reaped: build an ExitStatus from it.
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = std::process::ExitStatus::from_raw(status);
+    drop(child);
+    Measured {
+        output: Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        },
+        peak_rss_mib: (usage.ru_maxrss as u64) >> 10,
+    }
+}
+
 /// The `weir` binary. `cargo nextest run --workspace --release` builds it
 /// (the host crate has integration tests); when only this crate's tests are
 /// run it is built here.

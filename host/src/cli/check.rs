@@ -55,12 +55,15 @@ pub fn build_plugin(dir: &Path) -> anyhow::Result<ExitCode> {
     let engine = PluginEngine::new(EngineOptions::default())?;
     let plugin = engine.load(&wasm)?;
     let described = plugin.describe(&Limits::default())?;
+    let cached = match engine.cache().dir() {
+        Some(dir) => format!("precompiled into {}", dir.display()),
+        None => "not precompiled: no cache folder".to_owned(),
+    };
     println!(
-        "built {} {}: {} (precompiled into {})",
+        "built {} {}: {} ({cached})",
         described.name(),
         described.version(),
         wasm.display(),
-        engine.cache().dir().display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -72,8 +72,7 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub batch: BatchConfig,
     /// What each plugin instance of this pipeline may use.
-    #[serde(default)]
-    pub limits: LimitsConfig,
+    pub limits: Option<Spanned<LimitsConfig>>,
     /// The plugin chain, applied in order; may be empty.
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
@@ -92,6 +91,16 @@ pub struct PipelineConfig {
     /// means fewer, larger commits.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+}
+
+impl PipelineConfig {
+    /// Its limits, the defaults where the file sets none.
+    pub fn limits(&self) -> LimitsConfig {
+        self.limits
+            .as_ref()
+            .map(|limits| limits.get_ref().clone())
+            .unwrap_or_default()
+    }
 }
 
 fn default_commit_interval_ms() -> u64 {
@@ -184,14 +193,37 @@ impl BatchConfig {
     }
 }
 
-/// What each plugin instance of a pipeline may use.
+/// What each plugin instance of a pipeline may use, and how many faults the
+/// pipeline takes before it is quarantined.
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Linear memory cap per plugin instance, in MiB.
+    /// Memory of a plugin instance, in MiB: all its linear memories and
+    /// tables together.
     pub memory_mb: u64,
-    /// Wall-clock budget for one plugin call (one batch), in milliseconds.
+    /// Wall-clock budget for one plugin call (one batch, or `init`), in
+    /// milliseconds; sleeps and other host calls end by it too.
     pub batch_timeout_ms: u64,
+    /// Most outputs one input record may have; a record with more is
+    /// dead-lettered.
+    pub outputs_per_record: u32,
+    /// Most output bytes one batch may turn into, in MiB; a record whose
+    /// outputs would pass it is dead-lettered.
+    pub output_mb_per_batch: u64,
+    /// Longest counter name a plugin may use, in bytes.
+    pub counter_name_bytes: usize,
+    /// Most distinct counters a plugin may create.
+    pub counters: usize,
+    /// Longest plugin log line kept, in bytes; longer ones are cut.
+    pub log_line_bytes: usize,
+    /// Plugin log lines (and stdout/stderr lines) per second; the rest are
+    /// dropped and counted.
+    pub log_lines_per_s: u32,
+    /// Plugin faults (traps, limits, deadlines) within `fault_window_s`
+    /// that quarantine the pipeline: it stops reading and says why.
+    pub faults_before_quarantine: u32,
+    /// The window over which faults are counted, in seconds.
+    pub fault_window_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -200,17 +232,93 @@ impl Default for LimitsConfig {
         LimitsConfig {
             memory_mb: limits.memory_bytes >> 20,
             batch_timeout_ms: limits.batch_deadline.as_millis() as u64,
+            outputs_per_record: limits.outputs_per_record,
+            output_mb_per_batch: limits.output_bytes_per_batch >> 20,
+            counter_name_bytes: limits.counter_name_bytes,
+            counters: limits.counters,
+            log_line_bytes: limits.log_line_bytes,
+            log_lines_per_s: limits.log_lines_per_s,
+            faults_before_quarantine: 10,
+            fault_window_s: 60,
         }
     }
 }
 
 impl LimitsConfig {
+    /// Largest `memory_mb`: 16 GiB.
+    const MAX_MEMORY_MB: u64 = 16 << 10;
+    /// Longest `batch_timeout_ms`: one hour.
+    const MAX_TIMEOUT_MS: u64 = 3_600_000;
+    /// Largest `output_mb_per_batch`: 4 GiB.
+    const MAX_OUTPUT_MB: u64 = 4 << 10;
+
+    /// What is out of range, naming the key and the bad value.
+    fn check(&self) -> Result<(), String> {
+        let range = |key: &str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`limits.{key}` is {value}; it must be between {min} and {max}"
+                ))
+            }
+        };
+        range("memory_mb", self.memory_mb, 1, Self::MAX_MEMORY_MB)?;
+        // The deadline is enforced by a 10 ms tick: shorter budgets would
+        // fail healthy batches by chance.
+        range(
+            "batch_timeout_ms",
+            self.batch_timeout_ms,
+            10,
+            Self::MAX_TIMEOUT_MS,
+        )?;
+        range(
+            "outputs_per_record",
+            self.outputs_per_record.into(),
+            1,
+            u32::MAX.into(),
+        )?;
+        range(
+            "output_mb_per_batch",
+            self.output_mb_per_batch,
+            1,
+            Self::MAX_OUTPUT_MB,
+        )?;
+        range(
+            "counter_name_bytes",
+            self.counter_name_bytes as u64,
+            1,
+            1 << 16,
+        )?;
+        range("counters", self.counters as u64, 0, 1 << 16)?;
+        range("log_line_bytes", self.log_line_bytes as u64, 16, 1 << 20)?;
+        range(
+            "faults_before_quarantine",
+            self.faults_before_quarantine.into(),
+            1,
+            u32::MAX.into(),
+        )?;
+        range("fault_window_s", self.fault_window_s, 1, 7 * 24 * 3600)?;
+        Ok(())
+    }
+
     /// As the engine takes them.
     pub fn to_limits(&self) -> Limits {
         Limits {
             memory_bytes: self.memory_mb << 20,
             batch_deadline: Duration::from_millis(self.batch_timeout_ms),
+            outputs_per_record: self.outputs_per_record,
+            output_bytes_per_batch: self.output_mb_per_batch << 20,
+            counter_name_bytes: self.counter_name_bytes,
+            counters: self.counters,
+            log_line_bytes: self.log_line_bytes,
+            log_lines_per_s: self.log_lines_per_s,
         }
+    }
+
+    /// The window over which faults count towards quarantine.
+    pub fn fault_window(&self) -> Duration {
+        Duration::from_secs(self.fault_window_s)
     }
 }
 
@@ -388,11 +496,13 @@ impl PipelineFile {
                     self.error_at(name.span().start, "`commit_interval_ms` must be above 0")
                 );
             }
-            if pipeline.limits.memory_mb == 0 || pipeline.limits.batch_timeout_ms == 0 {
-                return Err(self.error_at(
-                    name.span().start,
-                    "`limits.memory_mb` and `limits.batch_timeout_ms` must be above 0",
-                ));
+            if let Some(limits) = &pipeline.limits {
+                limits.get_ref().check().map_err(|message| {
+                    self.error_at(
+                        limits.span().start,
+                        format!("pipeline `{}`: {message}", name.get_ref()),
+                    )
+                })?;
             }
             for plugin in &pipeline.plugins {
                 match (&plugin.wasm, &plugin.crate_dir) {

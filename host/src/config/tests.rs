@@ -26,7 +26,7 @@ fn defaults_paths_and_plugin_config_are_filled_in() {
     let pipeline = &file.pipelines[0];
     assert_eq!(pipeline.batch.max_records, 1024);
     assert!(pipeline.batch.is_full(10, 4 << 20) && !pipeline.batch.is_full(1023, 100));
-    assert_eq!(pipeline.limits.to_limits().memory_bytes, 64 << 20);
+    assert_eq!(pipeline.limits().to_limits().memory_bytes, 64 << 20);
     let SourceConfig::File { path, format } = &pipeline.source else {
         panic!("file source expected");
     };

@@ -2,12 +2,18 @@
 //!
 //! One [`PluginEngine`] per process holds the wasmtime `Engine`, the linker
 //! with the few host imports a plugin gets (log, counters, and a WASI with no
-//! filesystem, network, environment or stdin), the on-disk cache of compiled
-//! components, and the epoch ticker that enforces per-batch deadlines.
-//! [`PluginEngine::load`] checks that a `.wasm` is a `weir:plugin@0.1.x`
-//! transformer; [`LoadedPlugin::instantiate`] gives an [`Instance`] with its
-//! own `Store`, memory cap and deadline, whose [`Instance::process`] runs one
-//! packed batch.
+//! filesystem, network, environment or stdin: see `sandbox`), the on-disk
+//! cache of compiled components, and the epoch ticker that enforces
+//! deadlines. [`PluginEngine::load`] checks that a `.wasm` is a
+//! `weir:plugin@0.1.0` transformer; [`LoadedPlugin::instantiate`] gives an
+//! [`Instance`] with its own `Store`, memory budget and deadline, whose
+//! [`Instance::process`] runs one packed batch.
+//!
+//! Whatever a plugin does, the host stays inside the [`Limits`]: one memory
+//! budget for the whole instance, a wall-clock deadline per call that holds
+//! through host calls (sleeps end at it), bounded logs and counters. A
+//! plugin that breaks one is stopped with a [`PluginError`] naming the
+//! limit; the instance is then unusable and the caller makes a new one.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -20,39 +26,46 @@
 //! ```
 
 mod cache;
+mod instance;
+mod limits;
+mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, OptLevel, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use sha2::{Digest as _, Sha256};
+use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::{Config, Engine, OptLevel, StoreContextMut};
 
-use crate::metrics::PluginCounters;
+pub use cache::{CacheError, CompileCache};
+pub use instance::{Instance, PluginError, PluginErrorKind};
+pub use limits::Limits;
 
-pub use cache::CompileCache;
+use instance::StoreState;
 
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "transformer",
+        // A host import can stop the plugin: a counter past its cap traps.
+        imports: { default: trappable },
     });
 }
 
 use bindings::TransformerPre;
-use bindings::weir::plugin::host::{Host, Level};
 
 /// The `weir:plugin` version this host speaks.
 pub const WIT_VERSION: &str = "0.1.0";
 /// The export a transformer must have.
 pub const TRANSFORM_EXPORT: &str = "weir:plugin/transform@0.1.0";
 
-/// How often the epoch ticks; deadlines are rounded up to it.
+/// How often the epoch ticks; a deadline is never shorter than asked and at
+/// most one tick longer.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
-/// What a plugin may write to stderr (panic messages) before writes fail.
-const STDERR_CAPACITY: usize = 64 * 1024;
+/// The monotonic clock interface of the WASI that wasmtime-wasi links; its
+/// sleeps are replaced by ones that end at the call's deadline.
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// Why a `.wasm` could not be loaded as a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -85,70 +98,13 @@ pub enum LoadError {
     Imports { path: PathBuf, reason: String },
 }
 
-/// A plugin that failed while running; names the plugin and what it was doing.
-#[derive(Debug, thiserror::Error)]
-#[error("plugin `{plugin}` {version}: {kind} (in `{export}`)")]
-pub struct PluginError {
-    /// The plugin's name.
-    pub plugin: String,
-    /// The plugin's version.
-    pub version: String,
-    /// The export that was running.
-    pub export: &'static str,
-    /// What went wrong.
-    pub kind: PluginErrorKind,
-}
-
-/// What went wrong inside a plugin.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PluginErrorKind {
-    /// `init` returned an error: the plugin's own message.
-    #[error("rejected its config: {0}")]
-    ConfigRejected(String),
-    /// The plugin ran past its per-batch deadline.
-    #[error("exceeded its deadline of {0:?} per batch and was stopped")]
-    Deadline(Duration),
-    /// The plugin asked for more memory than its cap.
-    #[error(
-        "exceeded its memory cap of {cap_mib} MiB (asked for {wanted_mib} MiB) and was stopped"
-    )]
-    Memory { cap_mib: u64, wanted_mib: u64 },
-    /// The plugin trapped (a panic, `unreachable`, out-of-bounds access...).
-    #[error("trapped: {trap}{panic}")]
-    Trap { trap: String, panic: String },
-    /// The plugin's reply did not follow the packed layout.
-    #[error("returned a malformed reply: {0}")]
-    BadReply(String),
-    /// The host failed to set up the instance.
-    #[error("could not be instantiated: {0}")]
-    Instantiate(String),
-}
-
 /// Engine-wide settings.
 #[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
     /// Where compiled components are cached; `None` for the default
-    /// (`$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir`, else `~/.cache/weir`).
+    /// (`$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir/components`, else
+    /// `~/.cache/weir/components`; with none of them set, nothing is cached).
     pub cache_dir: Option<PathBuf>,
-}
-
-/// Per-instance limits; each pipeline sets its own.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Linear memory cap, in bytes.
-    pub memory_bytes: u64,
-    /// Wall-clock budget for one `process` call (one batch).
-    pub batch_deadline: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            memory_bytes: 64 << 20,
-            batch_deadline: Duration::from_secs(5),
-        }
-    }
 }
 
 /// The process-wide engine. Cheap to clone.
@@ -164,7 +120,8 @@ struct EngineInner {
 }
 
 impl PluginEngine {
-    /// Builds the engine and starts its epoch ticker.
+    /// Builds the engine and starts its epoch ticker. Fails if the compile
+    /// cache is not safe to load native code from (see [`CompileCache`]).
     pub fn new(options: EngineOptions) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config
@@ -179,6 +136,7 @@ impl PluginEngine {
             &mut linker,
             |state| state,
         )?;
+        link_bounded_sleeps(&mut linker)?;
 
         let cache = CompileCache::open(&engine, options.cache_dir)?;
         let inner = Arc::new(EngineInner {
@@ -210,10 +168,11 @@ impl PluginEngine {
             Some([0, b'a', b's', b'm', ..]) => {}
             _ => return Err(LoadError::NotWasm { path: path_buf() }),
         }
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
         let inner = &self.inner;
         let component = inner
             .cache
-            .get_or_compile(&inner.engine, &bytes)
+            .get_or_compile(&inner.engine, &bytes, &hash)
             .map_err(|err| LoadError::Invalid {
                 path: path_buf(),
                 reason: format!("{err:#}"),
@@ -255,8 +214,49 @@ impl PluginEngine {
             engine: self.clone(),
             pre,
             path: path.to_owned(),
+            hash,
         })
     }
+}
+
+/// Replaces the WASI sleeps (`subscribe-duration`, `subscribe-instant`) by
+/// ones that end at the current call's deadline, so that no host call can
+/// hold a plugin past it: the epoch check stops the plugin as soon as it
+/// runs again.
+fn link_bounded_sleeps(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: StoreContextMut<'_, StoreState>, (nanos,): (u64,)| {
+            let state = store.data_mut();
+            let duration = Duration::from_nanos(nanos);
+            sandbox::bounded_sleep(
+                &mut state.table,
+                duration,
+                state.deadline,
+                &state.deadline_hit,
+            )
+            .map(|pollable: Resource<_>| (pollable,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: StoreContextMut<'_, StoreState>, (when,): (u64,)| {
+            let state = store.data_mut();
+            let now = u64::try_from(state.clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let duration = Duration::from_nanos(when.saturating_sub(now));
+            sandbox::bounded_sleep(
+                &mut state.table,
+                duration,
+                state.deadline,
+                &state.deadline_hit,
+            )
+            .map(|pollable: Resource<_>| (pollable,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is gone.
@@ -280,6 +280,7 @@ pub struct LoadedPlugin {
     engine: PluginEngine,
     pre: TransformerPre<StoreState>,
     path: PathBuf,
+    hash: [u8; 32],
 }
 
 impl LoadedPlugin {
@@ -288,240 +289,29 @@ impl LoadedPlugin {
         &self.path
     }
 
+    /// The SHA-256 of the `.wasm`: what identifies this version.
+    pub fn hash(&self) -> &[u8; 32] {
+        &self.hash
+    }
+
     /// A new instance with its own store and limits, initialised with
-    /// `config` (a JSON object).
+    /// `config` (a JSON object). `init` runs under the same deadline as a
+    /// batch.
     pub fn instantiate(&self, limits: &Limits, config: &str) -> Result<Instance, PluginError> {
         let mut instance = self.describe(limits)?;
-        let Some(bindings) = &instance.bindings else {
-            return Err(instance.fail("init", PluginErrorKind::Instantiate("no instance".into())));
-        };
-        instance.store.set_epoch_deadline(instance.deadline_ticks);
-        match bindings
-            .weir_plugin_transform()
-            .call_init(&mut instance.store, config)
-        {
-            Ok(Ok(())) => Ok(instance),
-            Ok(Err(message)) => {
-                Err(instance.fail("init", PluginErrorKind::ConfigRejected(message)))
-            }
-            Err(err) => Err(instance.error("init", err)),
-        }
+        instance.init(config)?;
+        Ok(instance)
     }
 
     /// A new instance that has told its name and version but has not been
     /// initialised: for `weir plugin build` and diagnostics.
     pub fn describe(&self, limits: &Limits) -> Result<Instance, PluginError> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        let wasi = WasiCtx::builder()
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let state = StoreState {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: MemoryCap {
-                cap: limits.memory_bytes,
-                exceeded: None,
-            },
-            plugin: self.path.display().to_string(),
-            counters: PluginCounters::default(),
-        };
-        let mut store = Store::new(&self.engine.inner.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        let deadline_ticks = limits
-            .batch_deadline
-            .as_millis()
-            .div_ceil(EPOCH_TICK.as_millis())
-            .max(1) as u64;
-        store.set_epoch_deadline(deadline_ticks);
-        store.epoch_deadline_trap();
-
-        let mut instance = Instance {
-            bindings: None,
-            store,
-            stderr,
-            name: self.path.display().to_string(),
-            version: String::from("(unknown version)"),
-            limits: limits.clone(),
-            deadline_ticks,
-        };
-        let bindings = self
-            .pre
-            .instantiate(&mut instance.store)
-            .map_err(|err| instance.error("instantiate", err))?;
-        let info = bindings
-            .weir_plugin_transform()
-            .call_describe(&mut instance.store)
-            .map_err(|err| instance.error("describe", err))?;
-        instance.name = info.name;
-        instance.version = info.version;
-        instance.store.data_mut().plugin = format!("{} {}", instance.name, instance.version);
-        instance.bindings = Some(bindings);
-        Ok(instance)
-    }
-}
-
-/// A running plugin: its own store, memory and deadline.
-pub struct Instance {
-    bindings: Option<bindings::Transformer>,
-    store: Store<StoreState>,
-    stderr: MemoryOutputPipe,
-    name: String,
-    version: String,
-    limits: Limits,
-    deadline_ticks: u64,
-}
-
-impl Instance {
-    /// The plugin's name, as it describes itself.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The plugin's version, as it describes itself.
-    pub fn version(&self) -> &str {
-        &self.version
-    }
-
-    /// Counters the plugin has bumped through the host import.
-    pub fn counters(&self) -> &PluginCounters {
-        &self.store.data().counters
-    }
-
-    /// Runs one packed batch and returns the packed reply. After an error the
-    /// instance is unusable: make a new one.
-    pub fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, PluginError> {
-        let Some(bindings) = &self.bindings else {
-            return Err(self.fail(
-                "process",
-                PluginErrorKind::Instantiate("the instance was stopped by an earlier error".into()),
-            ));
-        };
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        let result = bindings
-            .weir_plugin_transform()
-            .call_process(&mut self.store, batch);
-        result.map_err(|err| {
-            self.bindings = None;
-            self.error("process", err)
-        })
-    }
-
-    fn fail(&self, export: &'static str, kind: PluginErrorKind) -> PluginError {
-        PluginError {
-            plugin: self.name.clone(),
-            version: self.version.clone(),
-            export,
-            kind,
-        }
-    }
-
-    /// Turns a wasmtime error into the specific limit or trap it was.
-    fn error(&self, export: &'static str, err: wasmtime::Error) -> PluginError {
-        let kind = if let Some(wanted) = self.store.data().limiter.exceeded {
-            PluginErrorKind::Memory {
-                cap_mib: self.limits.memory_bytes >> 20,
-                wanted_mib: wanted.div_ceil(1 << 20) as u64,
-            }
-        } else if let Some(trap) = err.downcast_ref::<Trap>() {
-            if *trap == Trap::Interrupt {
-                PluginErrorKind::Deadline(self.limits.batch_deadline)
-            } else {
-                let stderr = self.stderr.contents();
-                let panic = String::from_utf8_lossy(&stderr);
-                let panic = panic.trim();
-                PluginErrorKind::Trap {
-                    trap: format!("{err:#}")
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                    panic: if panic.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; plugin stderr: {panic}")
-                    },
-                }
-            }
-        } else if export == "instantiate" {
-            PluginErrorKind::Instantiate(format!("{err:#}"))
-        } else {
-            PluginErrorKind::Trap {
-                trap: format!("{err:#}"),
-                panic: String::new(),
-            }
-        };
-        self.fail(export, kind)
-    }
-}
-
-/// What each plugin store holds.
-struct StoreState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limiter: MemoryCap,
-    /// "name version", for log lines.
-    plugin: String,
-    counters: PluginCounters,
-}
-
-impl WasiView for StoreState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl Host for StoreState {
-    fn log(&mut self, level: Level, message: String) {
-        let plugin = self.plugin.as_str();
-        match level {
-            Level::Trace => tracing::trace!(plugin, "{message}"),
-            Level::Debug => tracing::debug!(plugin, "{message}"),
-            Level::Info => tracing::info!(plugin, "{message}"),
-            Level::Warn => tracing::warn!(plugin, "{message}"),
-            Level::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-
-    fn add_to_counter(&mut self, name: String, delta: u64) {
-        self.counters.add(&name, delta);
-    }
-}
-
-/// Caps a store's linear memory and remembers when the cap was hit, so the
-/// resulting trap can be reported as a memory limit.
-struct MemoryCap {
-    cap: u64,
-    exceeded: Option<usize>,
-}
-
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.cap {
-            self.exceeded = Some(desired);
-            // Trap rather than fail the grow: a Rust guest would abort with
-            // an opaque "memory allocation failed" instead.
-            return Err(wasmtime::Error::msg("memory cap exceeded"));
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
+        Instance::start(
+            &self.engine.inner.engine,
+            &self.pre,
+            &self.path,
+            self.hash,
+            limits,
+        )
     }
 }

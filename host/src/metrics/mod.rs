@@ -78,28 +78,50 @@ impl MetricsSnapshot {
     }
 }
 
-/// Counters a plugin bumps through the `add-to-counter` host import.
+/// Counters a plugin bumps through the `add-to-counter` host import. The
+/// engine holds each plugin to its `limits.counters` and
+/// `limits.counter_name_bytes`.
 #[derive(Debug, Default, Clone)]
 pub struct PluginCounters {
     counts: BTreeMap<String, u64>,
 }
 
 impl PluginCounters {
-    /// Caps how many distinct names one plugin may create, so a plugin
-    /// cannot grow host memory without bound.
-    const MAX_NAMES: usize = 256;
-
     pub(crate) fn add(&mut self, name: &str, delta: u64) {
-        if let Some(count) = self.counts.get_mut(name) {
+        match self.counts.get_mut(name) {
+            Some(count) => *count = count.saturating_add(delta),
+            None => {
+                self.counts.insert(name.to_owned(), delta);
+            }
+        }
+    }
+
+    /// Adds every counter of `other` to these.
+    pub(crate) fn merge(&mut self, other: PluginCounters) {
+        for (name, delta) in other.counts {
+            let count = self.counts.entry(name).or_default();
             *count = count.saturating_add(delta);
-        } else if self.counts.len() < Self::MAX_NAMES {
-            self.counts.insert(name.to_owned(), delta);
         }
     }
 
     /// The value of counter `name`.
     pub fn get(&self, name: &str) -> u64 {
         self.counts.get(name).copied().unwrap_or(0)
+    }
+
+    /// Whether counter `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.counts.contains_key(name)
+    }
+
+    /// How many distinct counters there are.
+    pub fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
     }
 
     /// All counters, by name.

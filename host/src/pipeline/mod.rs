@@ -94,7 +94,7 @@ pub fn prepare_chain(
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
 ) -> Result<Chain, ConfigError> {
-    let limits = pipeline.limits.to_limits();
+    let limits = pipeline.limits().to_limits();
     let mut slots = Vec::with_capacity(pipeline.plugins.len());
     for (index, plugin) in pipeline.plugins.iter().enumerate() {
         let (source, at) = plugin.source();

@@ -1,24 +1,48 @@
 //! Test fixture: behaves like identity until a record's value names a
-//! misdeed (`panic`, `spin`, `hog`, `fail`) or a probe of ambient
-//! capabilities (`env`, `read`, `connect`), then commits it. Lets the
-//! tests prove that each limit stops a plugin with its own error.
+//! misdeed, then commits it:
+//! - faults: `panic`, `spin` (loops forever), `sleep` (sleeps for an hour in
+//!   a host call), `hog` (grabs `hog_mib` MiB), `fail` (fails the record);
+//! - floods: `say` (a line on stderr), `log` (a line through the host log),
+//!   `forward-flood` (forwards the record `flood` times), `counter-long` (a
+//!   counter with a 30 MiB name), `counter-many` (1,000 distinct counters);
+//! - probes of ambient capabilities: `env`, `read`, `connect`, `random`.
+//!
+//! With `sleep_in_init`, `init` sleeps for an hour. Lets the tests prove that
+//! each limit stops a plugin with its own error.
 
 use serde::Deserialize;
 use weir_guest::{Error, Output, RecordView, Result, Transform, export_transform};
 
-/// Settings: how much memory `hog` grabs.
+/// Settings: how much memory `hog` grabs, how far `forward-flood` goes.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Misbehave {
     #[serde(default = "default_hog_mib")]
     hog_mib: usize,
+    #[serde(default = "default_flood")]
+    flood: usize,
+    #[serde(default)]
+    sleep_in_init: bool,
 }
 
 fn default_hog_mib() -> usize {
     256
 }
 
+fn default_flood() -> usize {
+    5_000_000
+}
+
+const AN_HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Transform for Misbehave {
+    fn validate(&mut self) -> Result<()> {
+        if self.sleep_in_init {
+            std::thread::sleep(AN_HOUR);
+        }
+        Ok(())
+    }
+
     fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
         match record.value() {
             b"panic" => panic!("record at offset {} asked for a panic", record.offset()),
@@ -28,9 +52,40 @@ impl Transform for Misbehave {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
             }
+            b"sleep" => {
+                std::thread::sleep(AN_HOUR);
+                out.forward(&record);
+            }
             b"hog" => {
                 let hog = vec![1u8; self.hog_mib << 20];
                 std::hint::black_box(&hog);
+                out.forward(&record);
+            }
+            b"say" => {
+                eprintln!("record {} says hello", record.offset());
+                out.forward(&record);
+            }
+            b"log" => {
+                // A newline and an escape sequence: a plugin trying to forge host log lines.
+                weir_guest::log::info(&format!(
+                    "record {} logged\nINFO weir: forged line\x1b[2K",
+                    record.offset()
+                ));
+                out.forward(&record);
+            }
+            b"forward-flood" => {
+                for _ in 0..self.flood {
+                    out.forward(&record);
+                }
+            }
+            b"counter-long" => {
+                weir_guest::counter(&"x".repeat(30 << 20), 1);
+                out.forward(&record);
+            }
+            b"counter-many" => {
+                for i in 0..1000 {
+                    weir_guest::counter(&format!("counter-{i}"), 1);
+                }
                 out.forward(&record);
             }
             b"env" => {
@@ -54,6 +109,11 @@ impl Transform for Misbehave {
                     Err(err) => format!("denied: {err}"),
                 };
                 drop(out.emit(seen.as_bytes()));
+            }
+            b"random" => {
+                use std::hash::{BuildHasher as _, RandomState};
+                let seen = RandomState::new().hash_one(record.offset());
+                drop(out.emit(seen.to_string().as_bytes()));
             }
             b"fail" => {
                 return Err(Error::new(format!(

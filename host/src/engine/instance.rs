@@ -1,0 +1,456 @@
+//! One running plugin: its store (memory budget, deadline, captured stdio,
+//! counters), the calls into it, and the errors that say which limit or
+//! fault stopped it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, Trap, WasmBacktrace};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::weir::plugin::host::{Host, Level};
+use super::bindings::{Transformer, TransformerPre};
+use super::limits::InstanceBudget;
+use super::sandbox::{self, Captured, Drained, LogBudget};
+use super::{EPOCH_TICK, Limits};
+use crate::metrics::PluginCounters;
+
+/// Frames of a trap's wasm backtrace quoted in its error.
+const BACKTRACE_FRAMES: usize = 12;
+
+/// A plugin that failed while running; names the plugin and what it was doing.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("plugin `{plugin}` {version}: {kind} (in `{export}`)")]
+pub struct PluginError {
+    /// The plugin's name.
+    pub plugin: String,
+    /// The plugin's version.
+    pub version: String,
+    /// The export that was running.
+    pub export: &'static str,
+    /// What went wrong.
+    pub kind: PluginErrorKind,
+}
+
+/// What went wrong inside a plugin.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginErrorKind {
+    /// `init` returned an error: the plugin's own message.
+    #[error("rejected its config: {0}")]
+    ConfigRejected(String),
+    /// The plugin ran past its deadline (in its code or in a host call).
+    #[error("exceeded its deadline of {0:?} per call and was stopped")]
+    Deadline(Duration),
+    /// The plugin asked for more memory than its budget, counting every
+    /// memory and table of the instance.
+    #[error(
+        "exceeded its memory cap of {cap_mib} MiB (all its memories and tables together would \
+         have held {wanted_mib} MiB) and was stopped"
+    )]
+    Memory {
+        /// The cap.
+        cap_mib: u64,
+        /// What the instance would have held.
+        wanted_mib: u64,
+    },
+    /// A host call broke a limit of `[pipeline.limits]`.
+    #[error("broke `limits.{limit}`: {detail}")]
+    HostLimit {
+        /// The limit's key in `[pipeline.limits]`.
+        limit: &'static str,
+        /// What the plugin did.
+        detail: String,
+    },
+    /// The plugin trapped (a panic, `unreachable`, out-of-bounds access...).
+    #[error("trapped: {trap}{panic}")]
+    Trap {
+        /// The trap and a bounded wasm backtrace.
+        trap: String,
+        /// What the plugin wrote to stderr during the call (a panic message).
+        panic: String,
+    },
+    /// The plugin's reply did not follow the packed layout.
+    #[error("returned a malformed reply: {0}")]
+    BadReply(String),
+    /// The host failed to set up the instance.
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+impl PluginErrorKind {
+    /// Whether a fresh instance should be tried on the same input: a fault
+    /// of the plugin's (trap, limit, deadline, bad reply), not a refusal of
+    /// its config or a failure to set up.
+    pub fn is_fault(&self) -> bool {
+        !matches!(
+            self,
+            PluginErrorKind::ConfigRejected(_) | PluginErrorKind::Instantiate(_)
+        )
+    }
+}
+
+/// A limit a host call broke; travels through wasmtime as the trap's error.
+#[derive(Debug, thiserror::Error)]
+#[error("limits.{limit}: {detail}")]
+struct HostLimitHit {
+    limit: &'static str,
+    detail: String,
+}
+
+/// What each plugin store holds.
+pub(super) struct StoreState {
+    wasi: WasiCtx,
+    pub(super) table: ResourceTable,
+    budget: InstanceBudget,
+    /// When the current call must end; `None` between calls.
+    pub(super) deadline: Option<Instant>,
+    /// Raised when a sleep was cut by the deadline: the call has failed even
+    /// if the plugin goes on to return.
+    pub(super) deadline_hit: Arc<AtomicBool>,
+    /// Zero of the plugin's monotonic clock.
+    pub(super) clock_start: Instant,
+    /// "name version", for log lines.
+    plugin: String,
+    limits: Limits,
+    log_budget: LogBudget,
+    /// Counters as of the last call that succeeded.
+    counters: PluginCounters,
+    /// Counter increments of the current call: kept only if it succeeds, so
+    /// a batch that is replayed after a fault is not counted twice.
+    pending: PluginCounters,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl StoreState {
+    fn log_line(&mut self, level: Level, line: &str) {
+        if !self.log_budget.allow() {
+            return;
+        }
+        let line = sandbox::neutralise(&sandbox::truncate(line, self.limits.log_line_bytes));
+        let plugin = self.plugin.as_str();
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{line}"),
+            Level::Debug => tracing::debug!(plugin, "{line}"),
+            Level::Info => tracing::info!(plugin, "{line}"),
+            Level::Warn => tracing::warn!(plugin, "{line}"),
+            Level::Error => tracing::error!(plugin, "{line}"),
+        }
+    }
+
+    /// Logs what the plugin wrote to stdout (info) and stderr (warn) during
+    /// a call, and what the log budget dropped.
+    fn log_output(&mut self, drained: &Drained) {
+        for (bytes, level) in [
+            (&drained.stdout, Level::Info),
+            (&drained.stderr, Level::Warn),
+        ] {
+            for line in String::from_utf8_lossy(bytes).lines() {
+                if !line.trim().is_empty() {
+                    self.log_line(level, line);
+                }
+            }
+        }
+        let suppressed = std::mem::take(&mut self.log_budget.suppressed);
+        if suppressed > 0 || drained.dropped > 0 {
+            tracing::warn!(
+                plugin = %self.plugin,
+                lines_dropped = suppressed,
+                output_bytes_dropped = drained.dropped,
+                per_second = self.limits.log_lines_per_s,
+                "Plugin logs more than its limits allow; the excess was dropped."
+            );
+        }
+    }
+}
+
+impl Host for StoreState {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.log_line(level, &message);
+        Ok(())
+    }
+
+    fn add_to_counter(&mut self, name: String, delta: u64) -> wasmtime::Result<()> {
+        let cap = self.limits.counter_name_bytes;
+        if name.len() > cap {
+            return Err(wasmtime::Error::new(HostLimitHit {
+                limit: "counter_name_bytes",
+                detail: format!(
+                    "a counter name of {} bytes, over the cap of {cap}: `{}`",
+                    name.len(),
+                    sandbox::neutralise(&sandbox::truncate(&name, 64))
+                ),
+            }));
+        }
+        let known = self.counters.contains(&name) || self.pending.contains(&name);
+        if !known {
+            let new_names = self
+                .pending
+                .iter()
+                .filter(|(n, _)| !self.counters.contains(n))
+                .count();
+            if self.counters.len() + new_names >= self.limits.counters {
+                return Err(wasmtime::Error::new(HostLimitHit {
+                    limit: "counters",
+                    detail: format!(
+                        "counter `{}` would be one more than the {} distinct names allowed",
+                        sandbox::neutralise(&name),
+                        self.limits.counters
+                    ),
+                }));
+            }
+        }
+        self.pending.add(&name, delta);
+        Ok(())
+    }
+}
+
+/// A running plugin: its own store, memory and deadline.
+pub struct Instance {
+    bindings: Option<Transformer>,
+    store: Store<StoreState>,
+    capture: Captured,
+    name: String,
+    version: String,
+    deadline_ticks: u64,
+}
+
+impl Instance {
+    /// Instantiates `pre` and asks it who it is, under `limits`.
+    pub(super) fn start(
+        engine: &Engine,
+        pre: &TransformerPre<StoreState>,
+        path: &Path,
+        hash: [u8; 32],
+        limits: &Limits,
+    ) -> Result<Self, PluginError> {
+        let capture = Captured::default();
+        let clock_start = Instant::now();
+        let label = path.display().to_string();
+        let state = StoreState {
+            wasi: sandbox::wasi_ctx(&capture, clock_start, hash),
+            table: ResourceTable::new(),
+            budget: InstanceBudget::new(limits.memory_bytes),
+            deadline: None,
+            deadline_hit: Arc::default(),
+            clock_start,
+            plugin: label.clone(),
+            limits: limits.clone(),
+            log_budget: LogBudget::new(limits.log_lines_per_s),
+            counters: PluginCounters::default(),
+            pending: PluginCounters::default(),
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.budget);
+        store.epoch_deadline_trap();
+        // Never shorter than asked: the epoch may tick right after it is set.
+        let tick = EPOCH_TICK.as_micros().max(1);
+        let deadline_ticks = u64::try_from(limits.batch_deadline.as_micros().div_ceil(tick))
+            .unwrap_or(u64::MAX / 2)
+            + 1;
+        let mut instance = Instance {
+            bindings: None,
+            store,
+            capture,
+            name: label,
+            version: String::from("(unknown version)"),
+            deadline_ticks,
+        };
+        instance.arm();
+        let bindings = pre.instantiate(&mut instance.store);
+        let bindings = instance.finish_call("instantiate", bindings)?;
+        instance.arm();
+        let info = bindings
+            .weir_plugin_transform()
+            .call_describe(&mut instance.store);
+        let info = instance.finish_call("describe", info)?;
+        instance.name = info.name;
+        instance.version = info.version;
+        instance.store.data_mut().plugin = format!("{} {}", instance.name, instance.version);
+        instance.bindings = Some(bindings);
+        Ok(instance)
+    }
+
+    /// Calls `init` with the plugin's settings.
+    pub(super) fn init(&mut self, config: &str) -> Result<(), PluginError> {
+        let bindings = self.take_bindings("init")?;
+        self.arm();
+        let result = bindings
+            .weir_plugin_transform()
+            .call_init(&mut self.store, config);
+        let result = self.finish_call("init", result)?;
+        self.bindings = Some(bindings);
+        match result {
+            Ok(()) => Ok(()),
+            Err(message) => Err(self.fail("init", PluginErrorKind::ConfigRejected(message))),
+        }
+    }
+
+    /// The plugin's name, as it describes itself.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugin's version, as it describes itself.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Counters the plugin has bumped through the host import, in calls
+    /// that succeeded.
+    pub fn counters(&self) -> &PluginCounters {
+        &self.store.data().counters
+    }
+
+    /// Takes the counters of another instance of the same plugin (one that
+    /// failed), so that a replacement goes on counting where it stopped.
+    pub fn inherit_counters(&mut self, from: &Instance) {
+        self.store.data_mut().counters = from.counters().clone();
+    }
+
+    /// Bytes the instance's memories and tables hold.
+    pub fn memory_bytes(&self) -> u64 {
+        self.store.data().budget.used()
+    }
+
+    /// Runs one packed batch and returns the packed reply. After an error the
+    /// instance is unusable: make a new one.
+    pub fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, PluginError> {
+        let bindings = self.take_bindings("process")?;
+        self.arm();
+        let result = bindings
+            .weir_plugin_transform()
+            .call_process(&mut self.store, batch);
+        let reply = self.finish_call("process", result)?;
+        self.bindings = Some(bindings);
+        let state = self.store.data_mut();
+        let pending = std::mem::take(&mut state.pending);
+        state.counters.merge(pending);
+        Ok(reply)
+    }
+
+    /// The bindings for a call; put back after it unless it failed.
+    fn take_bindings(&mut self, export: &'static str) -> Result<Transformer, PluginError> {
+        self.bindings.take().ok_or_else(|| {
+            self.fail(
+                export,
+                PluginErrorKind::Instantiate("the instance was stopped by an earlier error".into()),
+            )
+        })
+    }
+
+    /// Starts the clock of a call: epoch deadline and sleep deadline.
+    fn arm(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        let ticks = u32::try_from(self.deadline_ticks).unwrap_or(u32::MAX);
+        self.store.data_mut().deadline = Some(Instant::now() + EPOCH_TICK * ticks);
+    }
+
+    /// Ends a call: logs its output, and turns a wasmtime error into the
+    /// limit or fault it was (the instance is then unusable).
+    fn finish_call<T>(
+        &mut self,
+        export: &'static str,
+        result: wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        let drained = self.capture.drain();
+        let state = self.store.data_mut();
+        state.deadline = None;
+        if state.deadline_hit.swap(false, Ordering::Relaxed) {
+            state.pending = PluginCounters::default();
+            let deadline = state.limits.batch_deadline;
+            return Err(self.fail(export, PluginErrorKind::Deadline(deadline)));
+        }
+        match result {
+            Ok(value) => {
+                state.log_output(&drained);
+                Ok(value)
+            }
+            Err(err) => {
+                state.pending = PluginCounters::default();
+                Err(self.error(export, &err, &drained))
+            }
+        }
+    }
+
+    fn fail(&self, export: &'static str, kind: PluginErrorKind) -> PluginError {
+        PluginError {
+            plugin: self.name.clone(),
+            version: self.version.clone(),
+            export,
+            kind,
+        }
+    }
+
+    /// Turns a wasmtime error into the specific limit or trap it was.
+    fn error(&self, export: &'static str, err: &wasmtime::Error, drained: &Drained) -> PluginError {
+        let state = self.store.data();
+        let kind = if let Some(wanted) = state.budget.exceeded {
+            PluginErrorKind::Memory {
+                cap_mib: state.limits.memory_bytes >> 20,
+                wanted_mib: wanted.div_ceil(1 << 20),
+            }
+        } else if let Some(hit) = err.downcast_ref::<HostLimitHit>() {
+            PluginErrorKind::HostLimit {
+                limit: hit.limit,
+                detail: hit.detail.clone(),
+            }
+        } else if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            PluginErrorKind::Deadline(state.limits.batch_deadline)
+        } else if let Some(trap) = err.downcast_ref::<Trap>() {
+            let panic = drained.stderr_tail();
+            PluginErrorKind::Trap {
+                trap: describe_trap(trap, err.downcast_ref::<WasmBacktrace>()),
+                panic: if panic.is_empty() {
+                    String::new()
+                } else {
+                    format!("; plugin stderr: {panic}")
+                },
+            }
+        } else if export == "instantiate" {
+            PluginErrorKind::Instantiate(sandbox::neutralise(&format!("{err:#}")))
+        } else {
+            PluginErrorKind::Trap {
+                trap: sandbox::neutralise(&format!("{err:#}")),
+                panic: drained.stderr_tail(),
+            }
+        };
+        self.fail(export, kind)
+    }
+}
+
+/// The trap and where it happened, innermost frame first, bounded.
+fn describe_trap(trap: &Trap, backtrace: Option<&WasmBacktrace>) -> String {
+    let mut text = trap.to_string();
+    let Some(backtrace) = backtrace else {
+        return text;
+    };
+    let frames = backtrace.frames();
+    let names: Vec<String> = frames
+        .iter()
+        .take(BACKTRACE_FRAMES)
+        .map(|frame| match frame.func_name() {
+            Some(name) => sandbox::neutralise(&sandbox::truncate(name, 160)),
+            None => format!("func #{}", frame.func_index()),
+        })
+        .collect();
+    if !names.is_empty() {
+        text.push_str("; wasm backtrace: ");
+        text.push_str(&names.join(" <- "));
+        if frames.len() > BACKTRACE_FRAMES {
+            text.push_str(&format!(" <- … ({} more)", frames.len() - BACKTRACE_FRAMES));
+        }
+    }
+    text
+}

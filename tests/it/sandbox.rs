@@ -1,0 +1,326 @@
+//! Hostile plugins against the sandbox: whatever a plugin does (many
+//! memories, sleeping in host calls, floods of output, logs or counters), the
+//! host stays inside its budget, and the plugin is stopped with an error that
+//! names the limit.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weir::engine::{EngineOptions, Limits, PluginEngine, PluginErrorKind};
+use weir::testkit::{PluginHarness, TestRecord};
+
+use crate::support::{Scratch, hostile, plugin, run_measured, stderr, weir_bin};
+
+fn records(values: &[&str]) -> Vec<TestRecord> {
+    values.iter().map(|v| TestRecord::new(*v)).collect()
+}
+
+/// Long enough for any honest run here; a run past it has hung.
+const HANG: Duration = Duration::from_secs(120);
+
+fn weir(scratch: &Scratch, args: &[&str]) -> Command {
+    let mut command = Command::new(weir_bin());
+    command
+        .args(args)
+        .env("WEIR_CACHE_DIR", scratch.path("cache"))
+        .env("WEIR_LOG", "warn");
+    command
+}
+
+#[test]
+fn a_component_with_many_memories_is_held_to_one_cap_for_the_whole_instance() {
+    let scratch = Scratch::new();
+    scratch.write("in.jsonl", "{\"n\":1}\n");
+    let wasm = hostile("many-memories");
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "hostile"
+source = {{ type = "file", path = "in.jsonl" }}
+limits = {{ memory_mb = 32 }}
+
+[[pipeline.plugin]]
+wasm = "{}"
+
+[[pipeline.sink]]
+type = "file"
+path = "out.jsonl"
+"#,
+        wasm.display()
+    ));
+    let run = run_measured(&mut weir(&scratch, &["run", path.to_str().unwrap()]), HANG);
+    let err = stderr(&run.output);
+    assert!(!run.output.status.success(), "{err}");
+    assert!(
+        err.contains("exceeded its memory cap of 32 MiB")
+            && err.contains("all its memories and tables together"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{}:8:", path.display())), "{err}");
+    // 40 memories of 24 MiB, each under the cap, would be 960 MiB.
+    assert!(
+        run.peak_rss_mib < 200,
+        "weir reached {} MiB running a plugin capped at 32 MiB",
+        run.peak_rss_mib
+    );
+}
+
+#[test]
+fn a_plugin_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
+    let limits = Limits {
+        batch_deadline: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let mut harness = PluginHarness::load_with_limits(plugin("misbehave"), "{}", &limits).unwrap();
+    let err = harness.process(&records(&["ok", "sleep"])).unwrap_err();
+    assert!(
+        matches!(err.kind, PluginErrorKind::Deadline(d) if d == Duration::from_millis(300)),
+        "expected a deadline error, got {err}"
+    );
+}
+
+#[test]
+fn check_and_run_end_when_a_plugin_sleeps_in_init() {
+    let scratch = Scratch::new();
+    scratch.write("in.jsonl", "{\"n\":1}\n");
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "sleepy"
+source = { type = "file", path = "in.jsonl" }
+limits = { batch_timeout_ms = 500 }
+
+[[pipeline.plugin]]
+wasm = "{plugin:misbehave}"
+config = { sleep_in_init = true }
+
+[[pipeline.sink]]
+type = "stdout"
+"#,
+    );
+    for command in ["check", "run"] {
+        let run = run_measured(
+            &mut weir(&scratch, &[command, path.to_str().unwrap()]),
+            HANG,
+        );
+        let err = stderr(&run.output);
+        assert!(!run.output.status.success(), "weir {command}: {err}");
+        assert!(
+            err.contains("exceeded its deadline of 500ms") && err.contains("(in `init`)"),
+            "weir {command}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_chatty_plugin_keeps_working_and_its_lines_reach_the_log_one_line_each() {
+    let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
+    // 20,000 lines of stderr: over a lifetime's worth of the old 64 KiB pipe.
+    for batch in 0..20 {
+        let outcomes = harness.process(&records(&["say"; 1000])).unwrap();
+        assert!(
+            outcomes.iter().all(|o| o.outputs().len() == 1),
+            "batch {batch} lost records"
+        );
+    }
+
+    // Through the CLI: lines reach the log, rate-limited, and a plugin
+    // cannot forge a host log line with a newline or an escape sequence.
+    let scratch = Scratch::new();
+    let lines: String = (0..500).map(|_| "log\n").collect();
+    scratch.write("in.jsonl", &lines);
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "chatty"
+source = { type = "file", path = "in.jsonl", format = "lines" }
+limits = { log_lines_per_s = 50 }
+
+[[pipeline.plugin]]
+wasm = "{plugin:misbehave}"
+
+[[pipeline.sink]]
+type = "file"
+path = "out.jsonl"
+"#,
+    );
+    let mut command = weir(&scratch, &["run", path.to_str().unwrap()]);
+    command.env("WEIR_LOG", "info");
+    let run = run_measured(&mut command, HANG);
+    let err = stderr(&run.output);
+    assert!(run.output.status.success(), "{err}");
+    assert!(err.contains("500 records in, 500 out"), "{err}");
+    let logged = err.lines().filter(|l| l.contains("logged")).count();
+    assert!(
+        (1..=100).contains(&logged),
+        "{logged} of 500 plugin lines logged at 50 a second"
+    );
+    assert!(
+        err.contains("Plugin logs more than its limits allow"),
+        "{err}"
+    );
+    assert!(
+        !err.lines().any(|l| l.starts_with("INFO weir: forged")),
+        "a plugin forged a host log line: {err}"
+    );
+    assert!(err.contains("logged\\nINFO weir: forged"), "{err}");
+}
+
+#[test]
+fn counters_are_held_to_their_name_length_and_count() {
+    let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
+    let err = harness.process(&records(&["counter-long"])).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(
+            &err.kind,
+            PluginErrorKind::HostLimit {
+                limit: "counter_name_bytes",
+                ..
+            }
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("31457280 bytes, over the cap of 128"),
+        "{message}"
+    );
+
+    let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
+    let err = harness.process(&records(&["counter-many"])).unwrap_err();
+    assert!(
+        matches!(
+            &err.kind,
+            PluginErrorKind::HostLimit {
+                limit: "counters",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The failed call's increments are not kept.
+    assert_eq!(harness.counters().len(), 0);
+}
+
+#[test]
+fn randomness_is_the_same_in_every_instance_of_a_plugin() {
+    let draw = || {
+        let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
+        let outcomes = harness.process(&records(&["random"])).unwrap();
+        outcomes[0].outputs()[0].value_str().into_owned()
+    };
+    let first = draw();
+    assert!(first.parse::<u64>().is_ok(), "{first}");
+    assert_eq!(first, draw(), "a replay sees the same random stream");
+}
+
+#[test]
+fn a_cache_folder_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let scratch = Scratch::new();
+    let shared = scratch.path("shared-cache");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = PluginEngine::new(EngineOptions {
+        cache_dir: Some(shared.clone()),
+    })
+    .err()
+    .expect("a world-writable cache is refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains(&shared.display().to_string())
+            && message.contains("others can write to it (mode 0777)"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_compiled_artifact_planted_under_another_plugins_name_is_never_run() {
+    let scratch = Scratch::new();
+    let cache = scratch.path("cache");
+    let engine = || {
+        PluginEngine::new(EngineOptions {
+            cache_dir: Some(cache.clone()),
+        })
+        .unwrap()
+    };
+    // Compile both, then put identity's machine code under json-filter's name.
+    let first = engine();
+    first.load(&plugin("identity")).unwrap();
+    let identity_entry = newest_entry(&cache);
+    first.load(&plugin("json-filter")).unwrap();
+    let filter_entry = newest_entry(&cache);
+    assert_ne!(identity_entry, filter_entry);
+    std::fs::copy(&identity_entry, &filter_entry).unwrap();
+
+    let second = engine();
+    let filter = second.load(&plugin("json-filter")).unwrap();
+    assert_eq!(
+        (second.cache().hits(), second.cache().misses()),
+        (0, 1),
+        "the planted artifact was not loaded"
+    );
+    let mut instance = filter
+        .instantiate(&Limits::default(), r#"{"field":"amount","min":10}"#)
+        .unwrap();
+    assert_eq!(instance.name(), "json-filter");
+    let input = records(&[r#"{"amount":1}"#]);
+    let reply = instance
+        .process(&weir_guest::testing::pack(&input))
+        .unwrap();
+    let outcomes = weir_guest::testing::unpack(&reply, &input).unwrap();
+    assert!(outcomes[0].is_dropped(), "json-filter's own code ran");
+
+    // A file that belongs to another user is not trusted either.
+    let third_entry = newest_entry(&cache);
+    std::os::unix::fs::chown(&third_entry, Some(4242), None).unwrap();
+    let third = engine();
+    third.load(&plugin("json-filter")).unwrap();
+    assert_eq!((third.cache().hits(), third.cache().misses()), (0, 1));
+}
+
+/// The compiled artifact written last in `cache`.
+fn newest_entry(cache: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(cache)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "cwasm"))
+        .max_by_key(|path| std::fs::metadata(path).unwrap().modified().unwrap())
+        .expect("a compiled artifact")
+}
+
+#[test]
+fn without_a_home_nothing_is_cached_and_no_shared_folder_is_used() {
+    let scratch = Scratch::new();
+    scratch.write("in.jsonl", "{\"n\":1}\n");
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "homeless"
+source = { type = "file", path = "in.jsonl" }
+[[pipeline.plugin]]
+wasm = "{plugin:identity}"
+[[pipeline.sink]]
+type = "stdout"
+"#,
+    );
+    let output = Command::new(weir_bin())
+        .args(["check", path.to_str().unwrap()])
+        .env_remove("WEIR_CACHE_DIR")
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("HOME")
+        .env("TMPDIR", scratch.path("tmp"))
+        .env("WEIR_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("No compile cache"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        !scratch.path("tmp").exists(),
+        "nothing written to a temp folder"
+    );
+}
