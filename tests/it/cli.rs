@@ -108,20 +108,24 @@ fn config_mistakes_are_reported_at_their_line_with_the_bad_key() {
 }
 
 #[test]
-fn a_trapping_plugin_fails_its_own_pipeline_and_the_others_finish() {
+fn a_quarantined_pipeline_stops_and_the_others_finish() {
     let scratch = Scratch::new();
-    scratch.write("bad.jsonl", "ok\npanic\n");
+    scratch.write("bad.jsonl", "ok\npanic\nok\npanic\npanic\nok\n");
     scratch.write("good.jsonl", "{\"n\":1}\n{\"n\":2}\n");
     let path = scratch.pipeline(
         r#"
 [[pipeline]]
 name = "bad"
 source = { type = "file", path = "bad.jsonl", format = "lines" }
+limits = { faults_before_quarantine = 2 }
 [[pipeline.plugin]]
 wasm = "{plugin:misbehave}"
 [[pipeline.sink]]
 type = "file"
 path = "bad-out.jsonl"
+[pipeline.dead_letter]
+type = "file"
+path = "bad-dead.jsonl"
 
 [[pipeline]]
 name = "good"
@@ -137,7 +141,8 @@ path = "good-out.jsonl"
     let err = stderr(&output);
     assert!(!output.status.success(), "{err}");
     assert!(
-        err.contains("pipeline `bad`: plugin `misbehave` 0.1.0: trapped"),
+        err.contains("pipeline `bad`: quarantined after 2 plugin faults within 60 s")
+            && err.contains("plugin `misbehave` 0.1.0: trapped"),
         "{err}"
     );
     assert!(err.contains("asked for a panic"), "{err}");
@@ -146,6 +151,27 @@ path = "good-out.jsonl"
         "{err}"
     );
     assert_eq!(scratch.json_lines("good-out.jsonl").len(), 2);
+    // Every input of the quarantined pipeline is accounted for: out, or
+    // dead-lettered with its fault or with the quarantine.
+    let out = std::fs::read_to_string(scratch.path("bad-out.jsonl")).unwrap();
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["ok", "ok"]);
+    let dead = scratch.json_lines("bad-dead.jsonl");
+    let reasons: Vec<(i64, &str)> = dead
+        .iter()
+        .map(|d| {
+            let reason = d["headers"]["weir.error.reason"].as_str().unwrap();
+            (d["offset"].as_i64().unwrap(), reason)
+        })
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(reasons[0].1.contains("asked for a panic") && reasons[0].0 == 2);
+    assert!(reasons[1].1.contains("asked for a panic") && reasons[1].0 == 4);
+    for (offset, reason) in &reasons[2..] {
+        assert!(
+            reason.starts_with("not processed: the pipeline was quarantined"),
+            "line {offset}: {reason}"
+        );
+    }
 }
 
 #[test]
@@ -265,7 +291,7 @@ path = "rest.jsonl"
 }
 
 #[test]
-fn a_plugin_trap_stops_the_run_even_while_the_source_waits_for_input() {
+fn a_quarantine_stops_the_run_even_while_the_source_waits_for_input() {
     use std::io::Write as _;
     let scratch = Scratch::new();
     let path = scratch.pipeline(
@@ -274,6 +300,7 @@ fn a_plugin_trap_stops_the_run_even_while_the_source_waits_for_input() {
 name = "waiting"
 source = { type = "stdin", format = "lines" }
 batch = { linger_ms = 10 }
+limits = { faults_before_quarantine = 1 }
 [[pipeline.plugin]]
 wasm = "{plugin:misbehave}"
 [[pipeline.sink]]
@@ -281,7 +308,7 @@ type = "stdout"
 "#,
     );
     let mut child = run_reading_stdin(&scratch, &path);
-    // Stdin stays open: only the trap can end this run.
+    // Stdin stays open: only the quarantine can end this run.
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"ok\npanic\n").unwrap();
     stdin.flush().unwrap();
@@ -298,7 +325,8 @@ type = "stdout"
     let err = stderr(&output);
     assert!(!output.status.success());
     assert!(
-        err.contains("pipeline `waiting`: plugin `misbehave` 0.1.0: trapped"),
+        err.contains("pipeline `waiting`: quarantined after 1 plugin faults")
+            && err.contains("plugin `misbehave` 0.1.0: trapped"),
         "{err}"
     );
 }

@@ -58,7 +58,8 @@ fn a_trapping_plugin_is_stopped_with_its_panic_message() {
     // The whole reason: the trap and where in the plugin it happened.
     let message = err.to_string();
     assert!(
-        message.contains("unreachable") && message.contains("wasm backtrace: "),
+        message.contains("unreachable")
+            && message.contains("; in <misbehave::Misbehave as weir_guest::"),
         "{message}"
     );
     assert!(

@@ -324,3 +324,148 @@ type = "stdout"
         "nothing written to a temp folder"
     );
 }
+
+/// `weir run` of a lines file through misbehave, with `limits`; returns the
+/// run, the values written, and the dead letters as (line, reason).
+fn run_lines(
+    scratch: &Scratch,
+    lines: &[&str],
+    limits: &str,
+    config: &str,
+) -> (crate::support::Measured, Vec<String>, Vec<(i64, String)>) {
+    let mut input = Vec::new();
+    for line in lines {
+        input.extend_from_slice(line.as_bytes());
+        input.push(b'\n');
+    }
+    std::fs::write(scratch.path("in.txt"), input).unwrap();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "poison"
+source = {{ type = "file", path = "in.txt", format = "lines" }}
+limits = {{ {limits} }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:misbehave}}"
+config = {{ {config} }}
+
+[[pipeline.sink]]
+type = "file"
+path = "out.txt"
+
+[pipeline.dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#
+    ));
+    let run = run_measured(&mut weir(scratch, &["run", path.to_str().unwrap()]), HANG);
+    let out = std::fs::read_to_string(scratch.path("out.txt")).unwrap_or_default();
+    let dead = scratch
+        .json_lines("dead.jsonl")
+        .iter()
+        .map(|d| {
+            let reason = d["headers"]["weir.error.reason"]
+                .as_str()
+                .unwrap_or_default();
+            (d["offset"].as_i64().unwrap(), reason.to_owned())
+        })
+        .collect();
+    (run, out.lines().map(str::to_owned).collect(), dead)
+}
+
+#[test]
+fn poison_records_are_dead_lettered_alone_and_the_rest_go_on_in_order() {
+    let scratch = Scratch::new();
+    let big = "x".repeat(40 << 20);
+    let mut lines: Vec<String> = (0..2000).map(|i| format!("line-{i}")).collect();
+    lines[10] = "panic".into();
+    lines[500] = "sleep".into();
+    lines[1000] = "hog".into();
+    lines[1500] = big;
+    lines[1999] = "panic".into();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let (run, out, dead) = run_lines(
+        &scratch,
+        &lines,
+        "memory_mb = 32, batch_timeout_ms = 300",
+        "hog_mib = 64",
+    );
+    let err = stderr(&run.output);
+    assert!(run.output.status.success(), "{err}");
+    let expected: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![10, 500, 1000, 1500, 1999].contains(i))
+        .map(|(_, l)| *l)
+        .collect();
+    assert_eq!(out, expected, "every other line, in order");
+    let offsets: Vec<i64> = dead.iter().map(|(line, _)| *line).collect();
+    assert_eq!(offsets, [11, 501, 1001, 1501, 2000], "line numbers");
+    assert!(
+        dead[0].1.contains("trapped") && dead[0].1.contains("asked for a panic"),
+        "{:?}",
+        dead[0]
+    );
+    assert!(
+        dead[1].1.contains("exceeded its deadline of 300ms"),
+        "{:?}",
+        dead[1]
+    );
+    assert!(
+        dead[2].1.contains("exceeded its memory cap of 32 MiB"),
+        "{:?}",
+        dead[2]
+    );
+    assert!(
+        dead[3].1.contains("exceeded its memory cap of 32 MiB"),
+        "{:?}",
+        dead[3]
+    );
+    assert!(
+        err.contains("2,000 records in, 1,995 out, 0 dropped, 5 dead-lettered, 5 plugin faults"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_record_whose_outputs_break_a_cap_is_dead_lettered_before_the_host_holds_them() {
+    let scratch = Scratch::new();
+    // Five million forwards of one record: 15 MB of reply, gigabytes of host
+    // records if they were taken.
+    let (run, out, dead) = run_lines(&scratch, &["a", "forward-flood", "b"], "", "");
+    let err = stderr(&run.output);
+    assert!(run.output.status.success(), "{err}");
+    assert_eq!(out, ["a", "b"]);
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .1
+            .contains("broke `limits.outputs_per_record` (1000): it emitted 5000000 outputs"),
+        "{:?}",
+        dead[0]
+    );
+    assert!(
+        run.peak_rss_mib < 256,
+        "weir reached {} MiB on an output flood",
+        run.peak_rss_mib
+    );
+
+    // Within the count, the bytes of a batch are capped too.
+    let scratch = Scratch::new();
+    let (run, out, dead) = run_lines(
+        &scratch,
+        &["a", "forward-flood", "b"],
+        "outputs_per_record = 100000, output_mb_per_batch = 1",
+        "flood = 50000",
+    );
+    assert!(run.output.status.success(), "{}", stderr(&run.output));
+    assert_eq!(out, ["a", "b"]);
+    assert!(
+        dead[0]
+            .1
+            .contains("broke `limits.output_mb_per_batch` (1 MiB)"),
+        "{:?}",
+        dead[0]
+    );
+}

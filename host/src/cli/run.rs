@@ -134,12 +134,13 @@ async fn show_progress(metrics: Vec<Arc<PipelineMetrics>>) {
 
 fn summary_line(s: &MetricsSnapshot) -> String {
     format!(
-        "pipeline `{}`: {} records in, {} out, {} dropped, {} dead-lettered in {:.3} s ({} records/s)",
+        "pipeline `{}`: {} records in, {} out, {} dropped, {} dead-lettered, {} plugin faults in {:.3} s ({} records/s)",
         s.pipeline,
         thousands(s.records_in),
         thousands(s.records_out),
         thousands(s.records_dropped),
         thousands(s.records_dead_lettered),
+        thousands(s.plugin_faults),
         s.elapsed.as_secs_f64(),
         thousands(s.rate_in() as u64),
     )

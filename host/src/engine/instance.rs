@@ -430,26 +430,45 @@ impl Instance {
     }
 }
 
-/// The trap and where it happened, innermost frame first, bounded.
+/// The trap and where it happened in the plugin's own code: innermost frame
+/// first, demangled, without the frames of Rust's panic machinery, bounded.
 fn describe_trap(trap: &Trap, backtrace: Option<&WasmBacktrace>) -> String {
     let mut text = trap.to_string();
     let Some(backtrace) = backtrace else {
         return text;
     };
-    let frames = backtrace.frames();
-    let names: Vec<String> = frames
+    let is_machinery = |name: &str| {
+        name == "abort"
+            || [
+                "std::",
+                "core::",
+                "alloc::",
+                "__rustc::",
+                "rust_panic",
+                "wit_bindgen::",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+    };
+    let names: Vec<String> = backtrace
+        .frames()
         .iter()
-        .take(BACKTRACE_FRAMES)
         .map(|frame| match frame.func_name() {
-            Some(name) => sandbox::neutralise(&sandbox::truncate(name, 160)),
+            Some(name) => format!("{:#}", rustc_demangle::demangle(name)),
             None => format!("func #{}", frame.func_index()),
         })
+        .skip_while(|name| is_machinery(name))
         .collect();
     if !names.is_empty() {
-        text.push_str("; wasm backtrace: ");
-        text.push_str(&names.join(" <- "));
-        if frames.len() > BACKTRACE_FRAMES {
-            text.push_str(&format!(" <- … ({} more)", frames.len() - BACKTRACE_FRAMES));
+        let shown: Vec<String> = names
+            .iter()
+            .take(BACKTRACE_FRAMES)
+            .map(|name| sandbox::neutralise(&sandbox::truncate(name, 160)))
+            .collect();
+        text.push_str("; in ");
+        text.push_str(&shown.join(" <- "));
+        if names.len() > BACKTRACE_FRAMES {
+            text.push_str(&format!(" <- … ({} more)", names.len() - BACKTRACE_FRAMES));
         }
     }
     text

@@ -12,6 +12,8 @@ pub struct BatchProcessed {
     pub sent: u64,
     /// Records dropped by a plugin.
     pub dropped: u64,
+    /// Plugin faults and limit hits.
+    pub faults: u64,
 }
 
 impl BatchProcessed {
@@ -25,6 +27,9 @@ impl BatchProcessed {
         metrics
             .records_dropped
             .fetch_add(self.dropped, Ordering::Relaxed);
+        metrics
+            .plugin_faults
+            .fetch_add(self.faults, Ordering::Relaxed);
         tracing::trace!(
             pipeline = %metrics.pipeline,
             received = self.received,

@@ -21,6 +21,7 @@ pub struct PipelineMetrics {
     records_out: AtomicU64,
     records_dropped: AtomicU64,
     records_dead_lettered: AtomicU64,
+    plugin_faults: AtomicU64,
     batches: AtomicU64,
 }
 
@@ -34,6 +35,7 @@ impl PipelineMetrics {
             records_out: AtomicU64::new(0),
             records_dropped: AtomicU64::new(0),
             records_dead_lettered: AtomicU64::new(0),
+            plugin_faults: AtomicU64::new(0),
             batches: AtomicU64::new(0),
         }
     }
@@ -47,6 +49,7 @@ impl PipelineMetrics {
             records_out: self.records_out.load(Ordering::Relaxed),
             records_dropped: self.records_dropped.load(Ordering::Relaxed),
             records_dead_lettered: self.records_dead_lettered.load(Ordering::Relaxed),
+            plugin_faults: self.plugin_faults.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
         }
     }
@@ -67,6 +70,9 @@ pub struct MetricsSnapshot {
     pub records_dropped: u64,
     /// `weir_records_dead_lettered_total`: records sent to the dead-letter sink.
     pub records_dead_lettered: u64,
+    /// `weir_plugin_faults_total`: traps, deadlines and limit hits, each of
+    /// which cost the record that caused it.
+    pub plugin_faults: u64,
     /// `weir_batches_processed_total`.
     pub batches: u64,
 }

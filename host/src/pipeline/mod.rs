@@ -75,6 +75,14 @@ pub enum PipelineError {
         /// What failed.
         source: PluginError,
     },
+    /// Its plugins faulted too often: it stopped reading.
+    #[error("pipeline `{pipeline}`: {reason}")]
+    Quarantined {
+        /// The pipeline.
+        pipeline: String,
+        /// Why, with the last fault.
+        reason: String,
+    },
     /// A sink failed.
     #[error("pipeline `{pipeline}`: {source}")]
     Sink {
@@ -94,7 +102,8 @@ pub fn prepare_chain(
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
 ) -> Result<Chain, ConfigError> {
-    let limits = pipeline.limits().to_limits();
+    let limits_config = pipeline.limits();
+    let limits = limits_config.to_limits();
     let mut slots = Vec::with_capacity(pipeline.plugins.len());
     for (index, plugin) in pipeline.plugins.iter().enumerate() {
         let (source, at) = plugin.source();
@@ -119,7 +128,12 @@ pub fn prepare_chain(
         );
         slots.push(slot);
     }
-    Ok(Chain::new(slots))
+    let mut chain = Chain::new(slots);
+    chain.quarantine_after(
+        limits_config.faults_before_quarantine,
+        limits_config.fault_window(),
+    );
+    Ok(chain)
 }
 
 struct SinkEntry {
@@ -260,7 +274,7 @@ impl Pipeline {
         let (to_chain, mut from_source) = mpsc::channel::<SourceBatch>(IN_FLIGHT);
         let (to_sinks, from_chain) = mpsc::channel::<Processed>(IN_FLIGHT);
 
-        let mut processor = tokio::task::spawn_blocking(move || -> Result<(), PluginError> {
+        let mut processor = tokio::task::spawn_blocking(move || -> Result<(), ChainStop> {
             while let Some(batch) = from_source.blocking_recv() {
                 let received = batch.len() as u64;
                 let mut dead: Vec<DeadLetter> = batch
@@ -272,17 +286,23 @@ impl Pipeline {
                         stage: Stage::Source,
                     })
                     .collect();
-                let output = chain.process(batch.records)?;
+                let output = chain.process(batch.records).map_err(ChainStop::Plugin)?;
                 dead.extend(output.dead);
                 let processed = Processed {
                     records: output.records,
                     dead,
                     dropped: output.dropped,
+                    faults: output.faults,
                     received,
                     checkpoint: batch.checkpoint,
                 };
                 if to_sinks.blocking_send(processed).is_err() {
                     break;
+                }
+                if let Some(reason) = output.quarantined {
+                    // What was processed is written and committed; nothing
+                    // more is read.
+                    return Err(ChainStop::Quarantined(reason));
                 }
             }
             Ok(())
@@ -353,10 +373,23 @@ impl Pipeline {
         };
         // The plugin's error explains a closed channel better than the sink's.
         match processed {
-            Ok(Err(source)) => {
+            Ok(Err(ChainStop::Plugin(source))) => {
                 return Err(PipelineError::Plugin {
                     pipeline: name,
                     source,
+                });
+            }
+            Ok(Err(ChainStop::Quarantined(reason))) => {
+                if let Ok(Err(source)) = written {
+                    return Err(PipelineError::Sink {
+                        pipeline: name,
+                        source,
+                    });
+                }
+                tracing::error!(pipeline = %name, %reason, "Pipeline quarantined: it stopped reading.");
+                return Err(PipelineError::Quarantined {
+                    pipeline: name,
+                    reason,
                 });
             }
             Err(panic) => std::panic::resume_unwind(panic.into_panic()),
@@ -383,11 +416,20 @@ impl Pipeline {
     }
 }
 
+/// Why the chain stopped taking batches.
+enum ChainStop {
+    /// A plugin could not be started again after a fault.
+    Plugin(PluginError),
+    /// Too many faults: the pipeline is quarantined.
+    Quarantined(String),
+}
+
 /// A batch after the chain, on its way to the sinks.
 struct Processed {
     records: Vec<Record>,
     dead: Vec<DeadLetter>,
     dropped: u64,
+    faults: u64,
     received: u64,
     checkpoint: Checkpoint,
 }
@@ -428,7 +470,13 @@ impl SinkWriter {
             tokio::select! {
                 batch = batches.recv() => {
                     let Some(batch) = batch else { break };
-                    self.write(batch.records, batch.dead, batch.dropped, batch.received).await?;
+                    let counts = BatchProcessed {
+                        received: batch.received,
+                        sent: 0,
+                        dropped: batch.dropped,
+                        faults: batch.faults,
+                    };
+                    self.write(batch.records, batch.dead, counts).await?;
                     let checkpoint = pending.get_or_insert_with(Checkpoint::default);
                     for position in &batch.checkpoint.positions {
                         checkpoint.advance(position);
@@ -448,8 +496,7 @@ impl SinkWriter {
         &mut self,
         records: Vec<Record>,
         mut dead: Vec<DeadLetter>,
-        dropped: u64,
-        received: u64,
+        mut counts: BatchProcessed,
     ) -> Result<(), SinkError> {
         let mut per_sink: Vec<Vec<Record>> = vec![Vec::new(); self.sinks.len()];
         let mut sent = 0;
@@ -490,12 +537,8 @@ impl SinkWriter {
             }
             .emit(&self.metrics);
         }
-        BatchProcessed {
-            received,
-            sent,
-            dropped,
-        }
-        .emit(&self.metrics);
+        counts.sent = sent;
+        counts.emit(&self.metrics);
         Ok(())
     }
 
