@@ -168,7 +168,7 @@ impl Chain {
         let fault = match self.call(index, records, &mut next, output) {
             Ok(()) => return Ok(next),
             Err(Fault { error, unprocessed }) if error.kind.is_fault() => (error, unprocessed),
-            Err(Fault { error, .. }) => return Err(error),
+            Err(Fault { error, .. }) => return Err(*error),
         };
         let (error, mut unprocessed) = fault;
         self.slots[index].restart()?;
@@ -203,7 +203,7 @@ impl Chain {
                     self.note_fault(&reason, output);
                     self.slots[index].restart()?;
                 }
-                Err(Fault { error, .. }) => return Err(error),
+                Err(Fault { error, .. }) => return Err(*error),
             }
         }
         if output.faults == faults_before {
@@ -254,7 +254,7 @@ impl Chain {
             Ok(reply) => Bytes::from(reply),
             Err(error) => {
                 return Err(Fault {
-                    error,
+                    error: Box::new(error),
                     unprocessed: records,
                 });
             }
@@ -270,9 +270,10 @@ impl Chain {
     }
 }
 
-/// A fault, and the inputs it left unprocessed.
+/// A fault, and the inputs it left unprocessed. Boxed: faults are rare and
+/// the result of every call carries room for one.
 struct Fault {
-    error: PluginError,
+    error: Box<PluginError>,
     unprocessed: Vec<Record>,
 }
 
@@ -409,12 +410,12 @@ impl ReplyReader<'_> {
 
     fn bad_reply(&self, err: weir_guest::abi::AbiError, unprocessed: Vec<Record>) -> Fault {
         Fault {
-            error: PluginError {
+            error: Box::new(PluginError {
                 plugin: self.slot.name().to_owned(),
                 version: self.slot.version().to_owned(),
                 export: "process",
                 kind: PluginErrorKind::BadReply(err.to_string()),
-            },
+            }),
             unprocessed,
         }
     }
