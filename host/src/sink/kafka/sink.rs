@@ -69,7 +69,11 @@ impl KafkaSink {
         };
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((err, message))) if self.owns_producer && self.producer_lost(&err) => {
+            // A message purged from a producer that was replaced (or whose
+            // queue was purged) was not delivered: send it again.
+            Ok(Err((err, message)))
+                if self.owns_producer && (self.producer_lost(&err) || is_purged(&err)) =>
+            {
                 self.replace_producer(&err)?;
                 self.resend(&message)
             }
@@ -136,6 +140,14 @@ impl KafkaSink {
         self.in_flight.push_back(delivery);
         Ok(())
     }
+}
+
+/// Whether a delivery failed because its producer's queue was purged.
+fn is_purged(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+    )
 }
 
 /// How many times one sink replaces a failed producer before giving up.
