@@ -104,7 +104,7 @@ struct HostLimitHit {
 /// What each plugin store holds.
 pub(super) struct StoreState {
     wasi: WasiCtx,
-    pub(super) table: ResourceTable,
+    table: ResourceTable,
     budget: InstanceBudget,
     /// When the current call must end; `None` between calls.
     pub(super) deadline: Option<Instant>,
@@ -134,6 +134,15 @@ impl WasiView for StoreState {
 }
 
 impl StoreState {
+    /// A pollable for a sleep of `duration`, cut at the current call's
+    /// deadline.
+    pub(super) fn sleep(
+        &mut self,
+        duration: Duration,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        sandbox::bounded_sleep(&mut self.table, duration, self.deadline, &self.deadline_hit)
+    }
+
     fn log_line(&mut self, level: Level, line: &str) {
         if !self.log_budget.allow() {
             return;
@@ -317,11 +326,6 @@ impl Instance {
     /// failed), so that a replacement goes on counting where it stopped.
     pub fn inherit_counters(&mut self, from: &Instance) {
         self.store.data_mut().counters = from.counters().clone();
-    }
-
-    /// Bytes the instance's memories and tables hold.
-    pub fn memory_bytes(&self) -> u64 {
-        self.store.data().budget.used()
     }
 
     /// Runs one packed batch and returns the packed reply. After an error the

@@ -78,7 +78,8 @@ impl InstanceBudget {
     }
 
     /// Bytes the instance holds now.
-    pub(super) fn used(&self) -> u64 {
+    #[cfg(test)]
+    fn used(&self) -> u64 {
         self.used
     }
 

@@ -229,30 +229,17 @@ fn link_bounded_sleeps(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
     clock.func_wrap(
         "subscribe-duration",
         |mut store: StoreContextMut<'_, StoreState>, (nanos,): (u64,)| {
-            let state = store.data_mut();
-            let duration = Duration::from_nanos(nanos);
-            sandbox::bounded_sleep(
-                &mut state.table,
-                duration,
-                state.deadline,
-                &state.deadline_hit,
-            )
-            .map(|pollable: Resource<_>| (pollable,))
+            let sleep = store.data_mut().sleep(Duration::from_nanos(nanos));
+            sleep.map(|pollable: Resource<_>| (pollable,))
         },
     )?;
     clock.func_wrap(
         "subscribe-instant",
         |mut store: StoreContextMut<'_, StoreState>, (when,): (u64,)| {
             let state = store.data_mut();
-            let now = u64::try_from(state.clock_start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let duration = Duration::from_nanos(when.saturating_sub(now));
-            sandbox::bounded_sleep(
-                &mut state.table,
-                duration,
-                state.deadline,
-                &state.deadline_hit,
-            )
-            .map(|pollable: Resource<_>| (pollable,))
+            let now = sandbox::nanos_since(state.clock_start);
+            let sleep = state.sleep(Duration::from_nanos(when.saturating_sub(now)));
+            sleep.map(|pollable: Resource<_>| (pollable,))
         },
     )?;
     linker.allow_shadowing(false);

@@ -70,8 +70,13 @@ impl HostMonotonicClock for PluginClock {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        nanos_since(self.start)
     }
+}
+
+/// The plugin's monotonic clock reading for an instance started at `start`.
+pub(super) fn nanos_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The sleep behind `wasi:clocks/monotonic-clock#subscribe-*`: ready at the
