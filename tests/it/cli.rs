@@ -343,3 +343,38 @@ fn run_reading_stdin(scratch: &Scratch, path: &std::path::Path) -> std::process:
         .spawn()
         .unwrap()
 }
+
+#[test]
+fn exactly_once_without_a_worker_id_is_refused_before_anything_is_read() {
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "eo"
+delivery = "exactly_once"
+source = { type = "kafka", brokers = "127.0.0.1:9", topics = ["in"] }
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "127.0.0.1:9"
+topic = "out"
+
+[pipeline.dead_letter]
+type = "kafka"
+brokers = "127.0.0.1:9"
+topic = "dlq"
+"#,
+    );
+    let output = std::process::Command::new(weir_bin())
+        .args(["run", path.to_str().unwrap()])
+        .env("WEIR_CACHE_DIR", scratch.path("cache"))
+        .env_remove("WEIR_WORKER_ID")
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert!(!output.status.success(), "{err}");
+    assert!(
+        err.contains("needs WEIR_WORKER_ID") && err.contains("pipeline `eo`"),
+        "{err}"
+    );
+}

@@ -341,26 +341,34 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
 /// Kills a worker with SIGKILL three times as soon as it has written more
 /// output, restarts it each time, and finally lets it finish. Returns the
 /// input ids and the output topic as read (committed only, if asked).
+///
+/// The plugin takes 50 us a record, so the 100,000 records take at least
+/// 5 s of plugin time: each kill, which comes once 2,000 more outputs are
+/// out, lands mid-stream, and the test checks that it did.
 async fn kill_and_restart(delivery: &str, read_committed: bool) -> (Vec<usize>, Vec<usize>) {
     const RECORDS: usize = 100_000;
     let broker = broker_with_input(RECORDS).await;
     let scratch = Scratch::new();
-    let path = survivor_pipeline(&scratch, &broker, delivery);
+    let path = paced_survivor_pipeline(&scratch, &broker, delivery, 50);
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
     tokio::task::block_in_place(|| {
-        for _ in 0..3 {
+        for kill in 1..=3 {
             let before = watch.size("out");
             let mut worker = spawn_worker(&path, &cache, "1");
             wait_for("new output before a kill", Duration::from_secs(60), || {
-                watch.size("out") > before + 2_000 || watch.committed("in") >= RECORDS as i64
+                still_running(&mut worker) && watch.size("out") > before + 2_000
             });
             worker.kill().unwrap();
             worker.wait().unwrap();
+            let committed = watch.committed("in");
             eprintln!(
-                "killed: {} outputs written, {} inputs committed",
+                "kill {kill}: {} outputs written, {committed} inputs committed",
                 watch.size("out"),
-                watch.committed("in")
+            );
+            assert!(
+                committed < RECORDS as i64,
+                "kill {kill} came after every input was committed: it tested nothing"
             );
         }
         let worker = spawn_worker(&path, &cache, "1");
@@ -431,6 +439,22 @@ async fn exactly_once_a_worker_killed_mid_stream_neither_loses_nor_doubles() {
 }
 
 fn survivor_pipeline(scratch: &Scratch, broker: &Broker, delivery: &str) -> std::path::PathBuf {
+    paced_survivor_pipeline(scratch, broker, delivery, 0)
+}
+
+/// The survivor pipeline through a plugin that spends `pace_us` on each
+/// record (identity when 0): slow enough that a kill lands mid-stream.
+fn paced_survivor_pipeline(
+    scratch: &Scratch,
+    broker: &Broker,
+    delivery: &str,
+    pace_us: u64,
+) -> std::path::PathBuf {
+    let plugin = if pace_us == 0 {
+        "wasm = \"{plugin:identity}\"".to_owned()
+    } else {
+        format!("wasm = \"{{plugin:misbehave}}\"\nconfig = {{ pace_us = {pace_us} }}")
+    };
     scratch.pipeline(&format!(
         r#"
 [[pipeline]]
@@ -441,7 +465,7 @@ source = {{ type = "kafka", brokers = "{b}", topics = ["in"], group = "survivors
 batch = {{ max_records = 200, linger_ms = 5 }}
 
 [[pipeline.plugin]]
-wasm = "{{plugin:identity}}"
+{plugin}
 
 [[pipeline.sink]]
 type = "kafka"
@@ -465,6 +489,20 @@ async fn broker_with_input(records: usize) -> Broker {
     let input: Vec<(String, String)> = (0..records).map(payment).collect();
     broker.produce("in", &input).await;
     broker
+}
+
+/// The `records in` figure of a worker's `pipeline `survivor`` summary line,
+/// which must be there.
+fn records_in(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("pipeline `survivor`: "))
+        .unwrap_or_else(|| panic!("no summary line for pipeline `survivor` in:\n{log}"));
+    let figure = line["pipeline `survivor`: ".len()..]
+        .split(" records in")
+        .next()
+        .unwrap();
+    figure.replace(',', "").parse().unwrap()
 }
 
 fn ids(records: &[crate::broker::Consumed]) -> Vec<usize> {
@@ -515,14 +553,8 @@ async fn two_workers_split_the_partitions_and_together_write_each_record_once() 
     assert_eq!(output.len(), RECORDS, "no input twice");
     for summary in &summaries {
         // Each worker's summary: both took part.
-        let line = summary
-            .lines()
-            .find(|l| l.starts_with("pipeline `survivor`"))
-            .unwrap_or_default();
-        assert!(
-            !line.contains(": 0 records in"),
-            "a worker took no partition: {summary}"
-        );
+        let records_in = records_in(summary);
+        assert!(records_in > 0, "a worker took no partition: {summary}");
     }
 }
 
@@ -557,8 +589,9 @@ async fn a_broker_down_at_start_and_gone_for_ten_seconds_loses_nothing() {
         );
         stop_gracefully(worker);
     });
-    let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", false)));
-    let seen: BTreeSet<usize> = output.iter().copied().collect();
+    let output = tokio::task::block_in_place(|| broker.read_all("out", false));
+    let output_ids = ids(&output);
+    let seen: BTreeSet<usize> = output_ids.iter().copied().collect();
     let missing: Vec<usize> = (0..RECORDS).filter(|id| !seen.contains(id)).collect();
     assert!(
         missing.is_empty(),
@@ -566,6 +599,22 @@ async fn a_broker_down_at_start_and_gone_for_ten_seconds_loses_nothing() {
         missing.len(),
         &missing[..missing.len().min(10)]
     );
+    // Per key (one partition each), records first appear in input order:
+    // what was resent after the outage did not go behind newer records.
+    let mut last_new: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut first_seen = BTreeSet::new();
+    for (record, id) in output.iter().zip(&output_ids) {
+        if !first_seen.insert(*id) {
+            continue;
+        }
+        let key = record.key.as_deref().unwrap_or_default();
+        if let Some(previous) = last_new.insert(key, *id) {
+            assert!(
+                previous < *id,
+                "key {key}: record {id} first appeared after record {previous}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,6 +656,12 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
             eprintln!("{line}");
         }
     }
+    let second_in = records_in(&summaries[1]);
+    assert!(
+        second_in > 0,
+        "the joining worker took no partition: {}",
+        summaries[1]
+    );
     let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", false)));
     let distinct: BTreeSet<usize> = output.iter().copied().collect();
     assert_eq!(distinct.len(), RECORDS, "every input present");
@@ -684,4 +739,110 @@ async fn weir_produce_writes_the_counted_events_keyed_by_user() {
         3,
         "spread by key"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_kafka_to_file_worker_keeps_the_output_it_wrote_before() {
+    let broker = Broker::start();
+    broker.create_topic("in", 2).await;
+    let first: Vec<(String, String)> = (0..500).map(payment).collect();
+    broker.produce("in", &first).await;
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "to-file"
+commit_interval_ms = 100
+source = {{ type = "kafka", brokers = "{b}", topics = ["in"] }}
+
+[[pipeline.sink]]
+type = "file"
+path = "out.jsonl"
+"#,
+        b = broker.brokers()
+    ));
+    let records = |summaries: &[MetricsSnapshot]| summaries[0].records_in;
+    let done = run_until(&path, |now| records(now) >= 500).await;
+    assert_eq!(records(&done), 500);
+    assert_eq!(scratch.json_lines("out.jsonl").len(), 500);
+
+    // The restarted worker resumes after the committed offsets and appends.
+    let second: Vec<(String, String)> = (500..800).map(payment).collect();
+    broker.produce("in", &second).await;
+    let done = run_until(&path, |now| records(now) >= 300).await;
+    assert_eq!(records(&done), 300, "only the new records are read");
+    let ids: BTreeSet<u64> = scratch
+        .json_lines("out.jsonl")
+        .iter()
+        .map(|line| line["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..800).collect(),
+        "the first run's output is still there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_whose_offset_commits_fail_stops_with_the_error_and_counts_it() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    // The mock cluster is for fault injection: every offset commit is
+    // refused as unauthorised.
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("in", 1, 1).unwrap();
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 50],
+    );
+    let brokers = cluster.bootstrap_servers();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for i in 0..100 {
+        let (key, value) = payment(i);
+        producer
+            .send(
+                FutureRecord::to("in").key(&key).payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "refused"
+commit_interval_ms = 100
+source = {{ type = "kafka", brokers = "{brokers}", topics = ["in"] }}
+
+[[pipeline.sink]]
+type = "file"
+path = "out.jsonl"
+"#
+    ));
+    let file = PipelineFile::load(&path).unwrap();
+    let engine = PluginEngine::new(EngineOptions::default()).unwrap();
+    let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine)
+        .await
+        .unwrap();
+    let metrics = pipeline.metrics();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let ended = tokio::time::timeout(Duration::from_secs(120), pipeline.run(shutdown))
+        .await
+        .expect("the pipeline stopped by itself");
+    let err = ended
+        .expect_err("a pipeline that cannot commit must not run on")
+        .to_string();
+    assert!(
+        err.contains("offset commit failed") && err.contains("uthoriz"),
+        "{err}"
+    );
+    assert_eq!(metrics.snapshot().commit_errors, 1);
+    // What was written before the failed commit stays written.
+    assert_eq!(scratch.json_lines("out.jsonl").len(), 100);
 }

@@ -388,7 +388,8 @@ fn poison_records_are_dead_lettered_alone_and_the_rest_go_on_in_order() {
     let (run, out, dead) = run_lines(
         &scratch,
         &lines,
-        "memory_mb = 32, batch_timeout_ms = 300",
+        // The 40 MiB line reaches the plugin: it is under `max_record_bytes`.
+        "memory_mb = 32, batch_timeout_ms = 300, max_record_bytes = 67108864",
         "hog_mib = 64",
     );
     let err = stderr(&run.output);

@@ -138,13 +138,17 @@ pub fn run_measured(command: &mut Command, limit: std::time::Duration) -> Measur
 }
 
 /// The `weir` binary. `cargo nextest run --workspace --release` builds it
-/// (the host crate has integration tests); when only this crate's tests are
-/// run it is built here.
+/// (the host crate has integration tests); when it is missing or older than
+/// any of its sources (only this crate's tests were run after a change), it
+/// is built here: a test never runs a stale binary.
 pub fn weir_bin() -> PathBuf {
     let bin = target_dir().join("release/weir");
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        if !bin.is_file() {
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        let sources = ["host", "wit", "Cargo.toml", "Cargo.lock"].map(|p| workspace().join(p));
+        let newest = sources.iter().filter_map(|p| newest_change(p)).max();
+        if built.is_none_or(|built| newest.is_some_and(|newest| newest > built)) {
             run_cargo(&[
                 "build",
                 "--quiet",
@@ -157,6 +161,20 @@ pub fn weir_bin() -> PathBuf {
         }
     });
     bin
+}
+
+/// The latest modification time of `path` or anything under it.
+fn newest_change(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    let own = meta.modified().ok();
+    if !meta.is_dir() {
+        return own;
+    }
+    let children = std::fs::read_dir(path).ok()?;
+    children
+        .filter_map(|entry| newest_change(&entry.ok()?.path()))
+        .chain(own)
+        .max()
 }
 
 /// Runs `weir ARGS` with a private compile cache.

@@ -14,7 +14,7 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         cache_dir: file.cache_dir.clone(),
     })?;
     for pipeline in &file.pipelines {
-        if let SourceConfig::File { path: input, .. } = &pipeline.source
+        if let SourceConfig::File { path: input, .. } = pipeline.source.get_ref()
             && !input.is_file()
         {
             let at = pipeline.name.span().start;
@@ -38,7 +38,8 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 )
             })
             .collect();
-        println!(
+        say!(
+            stdout,
             "ok: pipeline `{}`: {} plugin(s){}{}, {} sink(s)",
             pipeline.name.get_ref(),
             plugins.len(),
@@ -59,7 +60,8 @@ pub fn build_plugin(dir: &Path) -> anyhow::Result<ExitCode> {
         Some(dir) => format!("precompiled into {}", dir.display()),
         None => "not precompiled: no cache folder".to_owned(),
     };
-    println!(
+    say!(
+        stdout,
         "built {} {}: {} ({cached})",
         described.name(),
         described.version(),

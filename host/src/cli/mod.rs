@@ -2,6 +2,26 @@
 //! subcommands (`run`, `check`, `plugin build`, `plugin new`), each a thin
 //! layer over the library.
 
+/// `print!`/`println!` to stdout or stderr that never panic: a reader that
+/// went away or a full disk must not turn a finished run into a crash
+/// (exit 101) or hide its real outcome.
+macro_rules! say {
+    (stdout, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+    (stderr, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+    (stderr_partial, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stderr = std::io::stderr();
+        let _ = write!(stderr, $($arg)*);
+        let _ = stderr.flush();
+    }};
+}
+
 mod check;
 mod produce;
 mod run;
@@ -121,7 +141,7 @@ enum PluginCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|err| {
-        eprintln!("weir: ignoring --log {:?}: {err}", cli.log);
+        say!(stderr, "weir: ignoring --log {:?}: {err}", cli.log);
         EnvFilter::new("info")
     });
     tracing_subscriber::fmt()
@@ -177,7 +197,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("weir: {err:#}");
+            say!(stderr, "weir: {err:#}");
             ExitCode::FAILURE
         }
     }

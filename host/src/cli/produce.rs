@@ -3,7 +3,6 @@
 //! a terminal and a final count.
 
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -88,20 +87,21 @@ async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         }
         if args.progress && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
-            eprint!(
+            say!(
+                stderr_partial,
                 "\r\x1b[2Kproduced {} {} events",
                 events.produced(),
                 kind.name()
             );
-            let _ = std::io::stderr().flush();
         }
     }
     acknowledge(&mut in_flight, 0, &args.topic).await?;
     if args.progress {
-        eprint!("\r\x1b[2K");
+        say!(stderr_partial, "\r\x1b[2K");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!(
+    say!(
+        stdout,
         "produced {} {} events ({} malformed) to `{}` in {:.2} s ({:.0} events/s)",
         events.produced(),
         kind.name(),

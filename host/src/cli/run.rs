@@ -1,7 +1,6 @@
 //! `weir run`: starts every pipeline of a file, shows progress on a
 //! terminal, stops cleanly on Ctrl-C, and prints a summary.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -66,7 +65,16 @@ async fn run_file(
     })?;
     let mut pipelines = Vec::new();
     for config in &file.pipelines {
-        pipelines.push(Pipeline::build(&file, config, &engine).await?);
+        // Building may compile plugins or wait for a cluster: a stop asked
+        // meanwhile ends the run now (nothing was read yet).
+        let mut stop = shutdown.clone();
+        tokio::select! {
+            built = Pipeline::build(&file, config, &engine) => pipelines.push(built?),
+            _ = stop.wait_for(|stop| *stop) => {
+                say!(stderr, "weir: stopped while starting pipeline `{}`; nothing was read", config.name.get_ref());
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
     }
 
     let metrics: Vec<Arc<PipelineMetrics>> = pipelines.iter().map(Pipeline::metrics).collect();
@@ -84,17 +92,17 @@ async fn run_file(
             Ok(Err(err)) => {
                 failed = true;
                 summaries.push(metrics.snapshot());
-                eprintln!("weir: {err}");
+                say!(stderr, "weir: {err}");
             }
             Err(panic) => std::panic::resume_unwind(panic.into_panic()),
         }
     }
     if let Some(ticker) = ticker {
         ticker.abort();
-        eprint!("\r\x1b[2K");
+        say!(stderr_partial, "\r\x1b[2K");
     }
     for summary in &summaries {
-        eprintln!("{}", summary_line(summary));
+        say!(stderr, "{}", summary_line(summary));
     }
     Ok(if failed {
         ExitCode::FAILURE
@@ -127,8 +135,7 @@ async fn show_progress(metrics: Vec<Arc<PipelineMetrics>>) {
                 )
             })
             .collect();
-        eprint!("\r\x1b[2K{}", line.join(" | "));
-        let _ = std::io::stderr().flush();
+        say!(stderr_partial, "\r\x1b[2K{}", line.join(" | "));
     }
 }
 

@@ -56,9 +56,9 @@ pub fn new_plugin(
     std::fs::write(dir.join("Cargo.toml"), manifest)?;
     std::fs::write(dir.join("src/lib.rs"), LIB_RS)?;
     std::fs::write(dir.join(".gitignore"), "/target\n")?;
-    println!("created plugin `{name}` in {}", dir.display());
-    println!("  test it:   cd {} && cargo test", dir.display());
-    println!("  build it:  weir plugin build {}", dir.display());
+    say!(stdout, "created plugin `{name}` in {}", dir.display());
+    say!(stdout, "  test it:   cd {} && cargo test", dir.display());
+    say!(stdout, "  build it:  weir plugin build {}", dir.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -67,7 +67,7 @@ pub struct PipelineConfig {
     /// Unique name, used in logs, metrics and dead-letter headers.
     pub name: Spanned<String>,
     /// Where records come from.
-    pub source: SourceConfig,
+    pub source: Spanned<SourceConfig>,
     /// How records are grouped into batches for the plugins.
     #[serde(default)]
     pub batch: BatchConfig,
@@ -81,7 +81,7 @@ pub struct PipelineConfig {
     pub sinks: Vec<Spanned<SinkConfig>>,
     /// Where failed and malformed records go, with the reason in headers.
     /// Without one, they go to stderr as JSON envelopes: never silently lost.
-    pub dead_letter: Option<SinkConfig>,
+    pub dead_letter: Option<Spanned<SinkConfig>>,
     /// The delivery guarantee.
     #[serde(default)]
     pub delivery: Delivery,
@@ -224,6 +224,10 @@ pub struct LimitsConfig {
     pub faults_before_quarantine: u32,
     /// The window over which faults are counted, in seconds.
     pub fault_window_s: u64,
+    /// Longest input record (a line, or a Kafka message's key and value),
+    /// in bytes; longer ones are dead-lettered with their first 64 KiB and
+    /// their position, never held whole.
+    pub max_record_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -240,6 +244,7 @@ impl Default for LimitsConfig {
             log_lines_per_s: limits.log_lines_per_s,
             faults_before_quarantine: 10,
             fault_window_s: 60,
+            max_record_bytes: 4 << 20,
         }
     }
 }
@@ -299,6 +304,12 @@ impl LimitsConfig {
             u32::MAX.into(),
         )?;
         range("fault_window_s", self.fault_window_s, 1, 7 * 24 * 3600)?;
+        range(
+            "max_record_bytes",
+            self.max_record_bytes as u64,
+            1 << 10,
+            1 << 30,
+        )?;
         Ok(())
     }
 
@@ -374,10 +385,15 @@ pub enum SinkConfig {
     /// Kafka topics, through an idempotent (or, exactly-once, transactional)
     /// producer.
     Kafka(crate::sink::kafka::KafkaSinkConfig),
-    /// A JSON-lines file, created or truncated at start.
+    /// A file, one record per line.
     File {
         /// Path, relative to the pipeline file.
         path: PathBuf,
+        /// `append` keeps what is there (the default when the source can
+        /// replay, Kafka: a restarted worker must not erase output whose
+        /// offsets are committed); `truncate` starts empty (the default for
+        /// files, stdin and generators, whose runs start over).
+        mode: Option<FileMode>,
         /// The routes this sink takes.
         #[serde(default = "default_routes")]
         routes: Vec<String>,
@@ -385,6 +401,24 @@ pub enum SinkConfig {
         /// dead-letter sink.
         format: Option<RecordFormat>,
     },
+}
+
+/// Whether a file sink keeps what the file holds.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileMode {
+    /// Write after what is there.
+    Append,
+    /// Empty the file first.
+    Truncate,
+}
+
+impl SourceConfig {
+    /// Whether records can be read again after a restart (a committed
+    /// position to resume from).
+    pub fn can_replay(&self) -> bool {
+        matches!(self, SourceConfig::Kafka(_))
+    }
 }
 
 /// The routes a sink takes when it names none.
@@ -451,6 +485,7 @@ impl PipelineFile {
         };
         file.check()?;
         file.resolve_paths();
+        file.check_paths()?;
         Ok(file)
     }
 
@@ -532,10 +567,10 @@ impl PipelineFile {
                     ));
                 }
             }
-            if let SourceConfig::Generator(generator) = &pipeline.source {
+            if let SourceConfig::Generator(generator) = pipeline.source.get_ref() {
                 generator
                     .check()
-                    .map_err(|message| self.error_at(name.span().start, message))?;
+                    .map_err(|message| self.error_at(pipeline.source.span().start, message))?;
             }
             self.check_kafka(pipeline)?;
         }
@@ -543,17 +578,29 @@ impl PipelineFile {
     }
 
     fn check_kafka(&self, pipeline: &PipelineConfig) -> Result<(), ConfigError> {
-        let name = &pipeline.name;
-        let at = |message: String| self.error_at(name.span().start, message);
-        let source_topics = match &pipeline.source {
+        let name = pipeline.name.get_ref();
+        let source_at = pipeline.source.span().start;
+        let source = match pipeline.source.get_ref() {
             SourceConfig::Kafka(kafka) => {
                 if kafka.topics.is_empty() {
-                    return Err(at(format!(
-                        "pipeline `{}`: the kafka source lists no `topics`",
-                        name.get_ref()
-                    )));
+                    return Err(self.error_at(
+                        source_at,
+                        format!("pipeline `{name}`: the kafka source lists no `topics`"),
+                    ));
                 }
-                Some(&kafka.topics)
+                if let Some(strategy) = kafka.options.get("partition.assignment.strategy")
+                    && strategy.contains("cooperative")
+                {
+                    return Err(self.error_at(
+                        source_at,
+                        format!(
+                            "pipeline `{name}`: `partition.assignment.strategy = \"{strategy}\"` is \
+                             not supported: weir commits a revoked partition's batches before it \
+                             lets go, which needs eager rebalancing; use `range` or `roundrobin`"
+                        ),
+                    ));
+                }
+                Some(kafka)
             }
             _ => None,
         };
@@ -561,31 +608,113 @@ impl PipelineFile {
             let unknown = plugin
                 .topics
                 .iter()
-                .find(|topic| source_topics.is_none_or(|known| !known.contains(topic)));
+                .find(|topic| source.is_none_or(|known| !known.topics.contains(topic)));
             if let Some(topic) = unknown {
                 let at = plugin.source().1;
                 return Err(self.error_at(
                     at,
                     format!(
-                        "plugin `topics` names `{topic}`, which pipeline `{}` does not consume",
-                        name.get_ref()
+                        "plugin `topics` names `{topic}`, which pipeline `{name}` does not consume"
                     ),
                 ));
             }
         }
-        if pipeline.delivery == Delivery::ExactlyOnce {
-            let all_kafka = source_topics.is_some()
-                && pipeline
-                    .sinks
-                    .iter()
-                    .map(Spanned::get_ref)
-                    .chain(pipeline.dead_letter.as_ref())
-                    .all(|sink| matches!(sink, SinkConfig::Kafka(_)));
-            if !all_kafka || pipeline.dead_letter.is_none() {
-                return Err(at(format!(
-                    "pipeline `{}`: `delivery = \"exactly_once\"` needs a kafka source, kafka sinks and a kafka `dead_letter`",
-                    name.get_ref()
-                )));
+        if pipeline.delivery != Delivery::ExactlyOnce {
+            return Ok(());
+        }
+        let (Some(source), Some(_)) = (source, &pipeline.dead_letter) else {
+            return Err(self.error_at(
+                pipeline.name.span().start,
+                format!(
+                    "pipeline `{name}`: `delivery = \"exactly_once\"` needs a kafka source, kafka sinks and a kafka `dead_letter`"
+                ),
+            ));
+        };
+        // One transactional producer writes every output and commits the
+        // source's offsets: it must reach the source's cluster, and the
+        // sinks must agree on how (TLS, SASL).
+        let mut first_options: Option<&std::collections::BTreeMap<String, String>> = None;
+        for sink in pipeline.sinks.iter().chain(&pipeline.dead_letter) {
+            let at = sink.span().start;
+            let SinkConfig::Kafka(kafka) = sink.get_ref() else {
+                return Err(self.error_at(
+                    at,
+                    format!(
+                        "pipeline `{name}`: `delivery = \"exactly_once\"` needs a kafka source, kafka sinks and a kafka `dead_letter`"
+                    ),
+                ));
+            };
+            if !same_cluster(&kafka.brokers, &source.brokers) {
+                return Err(self.error_at(
+                    at,
+                    format!(
+                        "pipeline `{name}`: this exactly-once sink writes to `{}`, but the source \
+                         reads from `{}`; a transaction commits outputs and consumed offsets \
+                         together, so both must be one cluster with the same `brokers`",
+                        kafka.brokers, source.brokers
+                    ),
+                ));
+            }
+            match first_options {
+                None => first_options = Some(&kafka.options),
+                Some(first) if *first != kafka.options => {
+                    return Err(self.error_at(
+                        at,
+                        format!(
+                            "pipeline `{name}`: this exactly-once sink's `options` differ from \
+                             the first kafka sink's; its outputs go through one transactional \
+                             producer, so every kafka sink (and the dead letter) must set the same"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a file written by two sinks (their lines would tear each
+    /// other) or written while a pipeline reads it (it would be destroyed).
+    fn check_paths(&self) -> Result<(), ConfigError> {
+        let inputs: Vec<(PathBuf, &PipelineConfig)> = self
+            .pipelines
+            .iter()
+            .filter_map(|pipeline| match pipeline.source.get_ref() {
+                SourceConfig::File { path, .. } => Some((file_identity(path), pipeline)),
+                _ => None,
+            })
+            .collect();
+        let mut written: std::collections::HashMap<PathBuf, usize> = Default::default();
+        for pipeline in &self.pipelines {
+            for sink in pipeline.sinks.iter().chain(&pipeline.dead_letter) {
+                let SinkConfig::File { path, .. } = sink.get_ref() else {
+                    continue;
+                };
+                let at = sink.span().start;
+                let identity = file_identity(path);
+                if let Some((_, reader)) = inputs.iter().find(|(input, _)| *input == identity) {
+                    return Err(self.error_at(
+                        at,
+                        format!(
+                            "this sink writes `{}`, which pipeline `{}` reads (line {}): it would \
+                             destroy its own input",
+                            path.display(),
+                            reader.name.get_ref(),
+                            line_of(&self.source, reader.source.span().start)
+                        ),
+                    ));
+                }
+                if let Some(other) = written.insert(identity, at) {
+                    return Err(self.error_at(
+                        at,
+                        format!(
+                            "this sink writes `{}`, which the sink at line {} writes too: their \
+                             lines would tear each other; give each its own file",
+                            path.display(),
+                            line_of(&self.source, other)
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -599,7 +728,7 @@ impl PipelineFile {
             }
         };
         for pipeline in &mut self.pipelines {
-            if let SourceConfig::File { path, .. } = &mut pipeline.source {
+            if let SourceConfig::File { path, .. } = pipeline.source.get_mut() {
                 resolve(path);
             }
             for plugin in &mut pipeline.plugins {
@@ -611,7 +740,7 @@ impl PipelineFile {
                 }
             }
             let sinks = pipeline.sinks.iter_mut().map(Spanned::get_mut);
-            for sink in sinks.chain(pipeline.dead_letter.as_mut()) {
+            for sink in sinks.chain(pipeline.dead_letter.as_mut().map(Spanned::get_mut)) {
                 if let SinkConfig::File { path, .. } = sink {
                     resolve(path);
                 }
@@ -633,6 +762,41 @@ impl PluginConfig {
             (None, None) => (PluginSource::Crate(PathBuf::new()), 0),
         }
     }
+}
+
+/// What tells two paths to one file apart from paths to two: the real path
+/// of the deepest folder that exists, with the rest appended.
+fn file_identity(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let parts: Vec<_> = absolute.components().collect();
+    for existing in (1..=parts.len()).rev() {
+        let prefix: PathBuf = parts[..existing].iter().collect();
+        if let Ok(real) = prefix.canonicalize() {
+            // What does not exist yet holds no symlinks: `..` is lexical.
+            return parts[existing..].iter().fold(real, |mut path, part| {
+                match part {
+                    std::path::Component::ParentDir => {
+                        path.pop();
+                    }
+                    std::path::Component::CurDir => {}
+                    other => path.push(other),
+                }
+                path
+            });
+        }
+    }
+    absolute
+}
+
+/// Whether two bootstrap lists name the same brokers, in any order.
+fn same_cluster(a: &str, b: &str) -> bool {
+    let set = |list: &str| -> std::collections::BTreeSet<String> {
+        list.split(',')
+            .map(|broker| broker.trim().to_ascii_lowercase())
+            .filter(|broker| !broker.is_empty())
+            .collect()
+    };
+    set(a) == set(b)
 }
 
 /// The 1-based line holding byte `at` of `source`.

@@ -27,7 +27,7 @@ fn defaults_paths_and_plugin_config_are_filled_in() {
     assert_eq!(pipeline.batch.max_records, 1024);
     assert!(pipeline.batch.is_full(10, 4 << 20) && !pipeline.batch.is_full(1023, 100));
     assert_eq!(pipeline.limits().to_limits().memory_bytes, 64 << 20);
-    let SourceConfig::File { path, format } = &pipeline.source else {
+    let SourceConfig::File { path, format } = pipeline.source.get_ref() else {
         panic!("file source expected");
     };
     assert_eq!(path, Path::new("/etc/weir/in.jsonl"));
@@ -130,6 +130,7 @@ options = { "security.protocol" = "ssl" }
 type = "kafka"
 brokers = "b:9092"
 topic = "dlq"
+options = { "security.protocol" = "ssl" }
 "#;
 
 #[test]
@@ -137,7 +138,7 @@ fn kafka_pipelines_parse_with_their_pass_through_options() {
     let file = parse(KAFKA).unwrap();
     let pipeline = &file.pipelines[0];
     assert_eq!(pipeline.delivery, Delivery::ExactlyOnce);
-    let SourceConfig::Kafka(source) = &pipeline.source else {
+    let SourceConfig::Kafka(source) = pipeline.source.get_ref() else {
         panic!("kafka source expected");
     };
     assert_eq!(source.group_for("k"), "weir-k");
@@ -170,4 +171,60 @@ fn exactly_once_needs_kafka_everywhere_and_plugin_topics_must_be_consumed() {
         "{err}"
     );
     assert_eq!(err.line, 8, "{err}");
+}
+
+#[test]
+fn exactly_once_sinks_must_share_the_source_cluster_and_one_set_of_options() {
+    let elsewhere = KAFKA.replacen(
+        "brokers = \"b:9092\"\ntopic = \"dlq\"",
+        "brokers = \"other:9092\"\ntopic = \"dlq\"",
+        1,
+    );
+    let err = parse(&elsewhere).unwrap_err();
+    assert!(err.message.contains("writes to `other:9092`"), "{err}");
+    assert_eq!(err.line, 18, "the dead letter's table: {err}");
+
+    let plain = KAFKA.replace(
+        "topic = \"dlq\"\noptions = { \"security.protocol\" = \"ssl\" }",
+        "topic = \"dlq\"",
+    );
+    let err = parse(&plain).unwrap_err();
+    assert!(err.message.contains("`options` differ"), "{err}");
+
+    // The same brokers listed in another order are one cluster.
+    let reordered = KAFKA
+        .replace(
+            "brokers = \"b:9092\", topics",
+            "brokers = \"b:9092, c:9092\", topics",
+        )
+        .replace("brokers = \"b:9092\"\n", "brokers = \"c:9092,b:9092\"\n");
+    parse(&reordered).unwrap();
+}
+
+#[test]
+fn cooperative_rebalancing_is_refused_at_the_source() {
+    let text = KAFKA.replace(
+        "topics = [\"payments\", \"clicks\"] }",
+        "topics = [\"payments\", \"clicks\"], options = { \"partition.assignment.strategy\" = \"cooperative-sticky\" } }",
+    );
+    let err = parse(&text).unwrap_err();
+    assert!(err.message.contains("needs eager rebalancing"), "{err}");
+    assert_eq!(err.line, 5, "{err}");
+}
+
+#[test]
+fn a_file_written_twice_or_written_while_read_is_refused_at_its_line() {
+    let into_input = MINIMAL.replace("path = \"out/x.jsonl\"", "path = \"in.jsonl\"");
+    let err = parse(&into_input).unwrap_err();
+    assert!(err.message.contains("would destroy its own input"), "{err}");
+    assert_eq!(err.line, 10, "{err}");
+
+    let twice = format!(
+        "{MINIMAL}\n[pipeline.dead_letter]\ntype = \"file\"\npath = \"out/../out/x.jsonl\"\n"
+    );
+    let err = parse(&twice).unwrap_err();
+    assert!(
+        err.message.contains("the sink at line 10 writes too"),
+        "{err}"
+    );
 }

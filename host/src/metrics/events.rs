@@ -65,3 +65,27 @@ impl RecordsDeadLettered<'_> {
         );
     }
 }
+
+/// A source commit failed for good: the pipeline stops.
+pub struct CommitFailed<'a> {
+    /// Why.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl CommitFailed<'_> {
+    /// Counts and logs it.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(pipeline = %metrics.pipeline, error = %self.error, "Source commit failed.");
+    }
+}
+
+/// A rebalance moved partitions before their commit landed.
+pub struct CommitSuperseded;
+
+impl CommitSuperseded {
+    /// Counts it (the source has logged why).
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.commits_superseded.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -23,6 +23,8 @@ pub struct PipelineMetrics {
     records_dead_lettered: AtomicU64,
     plugin_faults: AtomicU64,
     batches: AtomicU64,
+    commits_superseded: AtomicU64,
+    commit_errors: AtomicU64,
 }
 
 impl PipelineMetrics {
@@ -37,6 +39,8 @@ impl PipelineMetrics {
             records_dead_lettered: AtomicU64::new(0),
             plugin_faults: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            commits_superseded: AtomicU64::new(0),
+            commit_errors: AtomicU64::new(0),
         }
     }
 
@@ -51,6 +55,8 @@ impl PipelineMetrics {
             records_dead_lettered: self.records_dead_lettered.load(Ordering::Relaxed),
             plugin_faults: self.plugin_faults.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            commits_superseded: self.commits_superseded.load(Ordering::Relaxed),
+            commit_errors: self.commit_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -75,6 +81,13 @@ pub struct MetricsSnapshot {
     pub plugin_faults: u64,
     /// `weir_batches_processed_total`.
     pub batches: u64,
+    /// `weir_commits_superseded_total`: commits refused because a
+    /// rebalance moved the partitions; their new owner reads the records
+    /// again.
+    pub commits_superseded: u64,
+    /// `weir_commit_errors_total`: commits that failed for good (the
+    /// pipeline stops on the first).
+    pub commit_errors: u64,
 }
 
 impl MetricsSnapshot {

@@ -7,7 +7,7 @@ use crate::record::Record;
 
 /// Header: why the record failed.
 pub const REASON: &str = "weir.error.reason";
-/// Header: `source`, `plugin` or `route`: where it failed.
+/// Header: `source`, `plugin`, `route` or `sink`: where it failed.
 pub const STAGE: &str = "weir.error.stage";
 /// Header: the plugin that failed it.
 pub const PLUGIN: &str = "weir.error.plugin";
@@ -36,6 +36,9 @@ pub enum Stage {
     },
     /// No sink takes the route a plugin sent it to.
     Route,
+    /// A sink cannot hold it as it is (a line break in a value written one
+    /// record per line).
+    Sink,
 }
 
 /// A record that goes to the dead-letter sink.
@@ -61,6 +64,7 @@ impl DeadLetter {
         match self.stage {
             Stage::Source => add(STAGE, "source".into()),
             Stage::Route => add(STAGE, "route".into()),
+            Stage::Sink => add(STAGE, "sink".into()),
             Stage::Plugin { name, version } => {
                 add(STAGE, "plugin".into());
                 add(PLUGIN, name.into());

@@ -35,17 +35,16 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{
-    ConfigError, Delivery, PipelineConfig, PipelineFile, RecordFormat, SinkConfig, SourceConfig,
+    ConfigError, FileMode, PipelineConfig, PipelineFile, RecordFormat, SinkConfig,
 };
 use crate::engine::{PluginEngine, PluginError};
 use crate::kafka::KafkaTransaction;
-use crate::metrics::events::{BatchProcessed, RecordsDeadLettered};
+use crate::metrics::events::{BatchProcessed, CommitFailed, CommitSuperseded, RecordsDeadLettered};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
 use crate::record::Record;
-use crate::sink::{self, Sink, SinkError};
-use crate::source::kafka::KafkaSource;
-use crate::source::{self, Checkpoint, Committer, Source, SourceBatch, SourceError};
+use crate::sink::{self, Sink, SinkDefaults, SinkError};
+use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
 
 pub use chain::{Chain, ChainOutput};
 pub use dead_letter::{DeadLetter, Stage};
@@ -171,46 +170,27 @@ impl Pipeline {
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
         };
-        let source_error = |source| PipelineError::Source {
-            pipeline: name.clone(),
+        let source::OpenSource {
             source,
-        };
-        let exactly_once = pipeline.delivery == Delivery::ExactlyOnce;
-        let (source, transaction): (Box<dyn Source>, _) = match &pipeline.source {
-            SourceConfig::Kafka(kafka) => {
-                let source = KafkaSource::new(kafka, &name, &pipeline.batch, exactly_once)
-                    .map_err(source_error)?;
-                let transaction = if exactly_once {
-                    let worker = std::env::var("WEIR_WORKER_ID").unwrap_or_else(|_| "0".into());
-                    let id = format!("{}-{worker}", kafka.group_for(&name));
-                    let (connection, consumer) = (kafka.connection(), source.consumer());
-                    let started = tokio::task::spawn_blocking(move || {
-                        KafkaTransaction::start(&connection, &id, consumer)
-                    });
-                    let started = match started.await {
-                        Ok(started) => started,
-                        Err(panic) => std::panic::resume_unwind(panic.into_panic()),
-                    };
-                    Some(Arc::new(started.map_err(|err| PipelineError::Sink {
-                        pipeline: name.clone(),
-                        source: SinkError::Io {
-                            sink: "kafka transactions".into(),
-                            source: std::io::Error::other(err),
-                        },
-                    })?))
-                } else {
-                    None
-                };
-                (Box::new(source), transaction)
-            }
-            other => (
-                source::build(other, &pipeline.batch).map_err(source_error)?,
-                None,
-            ),
-        };
+            transaction,
+        } = source::open(pipeline)
+            .await
+            .map_err(|source| PipelineError::Source {
+                pipeline: name.clone(),
+                source,
+            })?;
         let sink_error = |source| PipelineError::Sink {
             pipeline: name.clone(),
             source,
+        };
+        let outputs = SinkDefaults {
+            format: RecordFormat::Value,
+            file_mode: if pipeline.source.get_ref().can_replay() {
+                FileMode::Append
+            } else {
+                FileMode::Truncate
+            },
+            transaction: transaction.as_deref(),
         };
         let mut sinks = Vec::new();
         let mut routes: HashMap<String, Vec<usize>> = HashMap::new();
@@ -220,15 +200,19 @@ impl Pipeline {
                 routes.entry(route.clone()).or_default().push(index);
             }
             sinks.push(SinkEntry {
-                sink: sink::build(config, RecordFormat::Value, transaction.as_deref())
-                    .await
-                    .map_err(sink_error)?,
+                sink: sink::build(config, &outputs).await.map_err(sink_error)?,
             });
         }
         let dead_letter = match &pipeline.dead_letter {
-            Some(config) => sink::build(config, RecordFormat::Envelope, transaction.as_deref())
-                .await
-                .map_err(sink_error)?,
+            Some(config) => sink::build(
+                config.get_ref(),
+                &SinkDefaults {
+                    format: RecordFormat::Envelope,
+                    ..outputs
+                },
+            )
+            .await
+            .map_err(sink_error)?,
             None => sink::default_dead_letter(),
         };
         Ok(Pipeline {
@@ -396,9 +380,6 @@ impl Pipeline {
             Ok(Ok(())) => {}
         }
         match written {
-            Ok(Err(SinkError::Closed { sink })) => {
-                tracing::info!(pipeline = %name, %sink, "Output closed by its reader; stopped.");
-            }
             Ok(Err(source)) => {
                 return Err(PipelineError::Sink {
                     pipeline: name,
@@ -452,11 +433,27 @@ struct SinkWriter {
 impl SinkWriter {
     async fn run(mut self, batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
         let result = self.write_all(batches).await;
-        if let (Err(_), Some(transaction)) = (&result, &self.transaction) {
-            let transaction = transaction.clone();
-            let _ = tokio::task::spawn_blocking(move || transaction.abort()).await;
+        if result.is_err() {
+            match &self.transaction {
+                Some(transaction) => {
+                    let transaction = transaction.clone();
+                    let _ = tokio::task::spawn_blocking(move || transaction.abort()).await;
+                }
+                // One sink failing (a closed stdout) does not take what the
+                // others were given with it: it is flushed, not committed.
+                None => self.flush_sinks_after_failure().await,
+            }
         }
         result
+    }
+
+    async fn flush_sinks_after_failure(&mut self) {
+        let sinks = self.sinks.iter_mut().map(|entry| &mut entry.sink);
+        for sink in sinks.chain(std::iter::once(&mut self.dead_letter)) {
+            if let Err(err) = sink.flush().await {
+                tracing::debug!(pipeline = %self.pipeline, %err, "Flush after a sink failure failed too.");
+            }
+        }
     }
 
     async fn write_all(&mut self, mut batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
@@ -503,12 +500,27 @@ impl SinkWriter {
         for record in records {
             match self.routes.get(record.route_name()) {
                 Some(targets) => {
-                    sent += 1;
-                    if let Some((last, others)) = targets.split_last() {
-                        for &target in others {
-                            per_sink[target].push(record.clone());
+                    // Each sink that takes the route gets the record, moved
+                    // into the last one; a sink that cannot hold it as it is
+                    // has that copy dead-lettered.
+                    let mut last_taker = None;
+                    for &target in targets {
+                        match self.sinks[target].sink.refuses(&record) {
+                            Some(reason) => dead.push(DeadLetter {
+                                reason,
+                                record: record.clone(),
+                                stage: Stage::Sink,
+                            }),
+                            None => {
+                                if let Some(previous) = last_taker.replace(target) {
+                                    per_sink[previous].push(record.clone());
+                                }
+                            }
                         }
-                        per_sink[*last].push(record);
+                    }
+                    if let Some(last) = last_taker {
+                        sent += 1;
+                        per_sink[last].push(record);
                     }
                 }
                 None => dead.push(DeadLetter {
@@ -560,12 +572,19 @@ impl SinkWriter {
                 })?;
         }
         // With a transaction this only tells the source what is committed.
-        self.committer
-            .commit(&checkpoint)
-            .await
-            .map_err(|err| SinkError::Io {
-                sink: "source commit".into(),
-                source: std::io::Error::other(err),
-            })
+        match self.committer.commit(&checkpoint).await {
+            Ok(Commit::Done) => Ok(()),
+            Ok(Commit::Superseded(_)) => {
+                CommitSuperseded.emit(&self.metrics);
+                Ok(())
+            }
+            Err(err) => {
+                CommitFailed { error: &err }.emit(&self.metrics);
+                Err(SinkError::Io {
+                    sink: "source commit".into(),
+                    source: std::io::Error::other(err),
+                })
+            }
+        }
     }
 }

@@ -32,6 +32,19 @@ pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// Why `format` cannot write `record` on one line of `sink`, if it cannot: a
+/// value holding a line break would read back as two records. Envelopes
+/// escape them.
+pub fn refuse_line_breaks(record: &Record, format: RecordFormat, sink: &str) -> Option<String> {
+    if format != RecordFormat::Value || !record.value.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return None;
+    }
+    Some(format!(
+        "the value holds a line break, and {sink} writes one value per line: it would read \
+         back as two records (`format = \"envelope\"` escapes it)"
+    ))
+}
+
 /// A record as one JSON object, keeping everything a reader needs to replay
 /// or diagnose it.
 #[derive(Serialize)]

@@ -1,13 +1,17 @@
-//! The `file` sink: JSON lines appended to a file created (or truncated) at
-//! start; `flush` writes and `fsync`s.
+//! The `file` sink: one record per line, appended (or, with `mode =
+//! "truncate"`, written over); `flush` writes and `fsync`s. Appending is the
+//! default when the source can replay (Kafka): a restarted worker keeps what
+//! it wrote and committed before. A line torn by a crash is cut off at open:
+//! its record was never committed, so it is written again.
 
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
-use super::{Sink, SinkError, encode};
-use crate::config::RecordFormat;
+use super::{Sink, SinkError, encode, refuse_line_breaks};
+use crate::config::{FileMode, RecordFormat};
 use crate::record::Record;
 
 /// Writes records to a file, one per line.
@@ -22,20 +26,42 @@ pub struct FileSink {
 const BUFFER: usize = 1 << 20;
 
 impl FileSink {
-    /// Creates (or truncates) `path`, and its parent folders.
-    pub async fn create(path: &Path, format: RecordFormat) -> Result<Self, SinkError> {
+    /// Opens `path` (creating it and its parent folders) to append, or
+    /// truncates it first.
+    pub async fn open(
+        path: &Path,
+        format: RecordFormat,
+        mode: FileMode,
+    ) -> Result<Self, SinkError> {
         let describe = format!("file {:?}", path.display().to_string());
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent)
                 .await
                 .map_err(|e| SinkError::io(&describe, e))?;
         }
-        let file = tokio::fs::File::create(path)
-            .await
-            .map_err(|e| SinkError::io(&describe, e))?;
+        let (path_owned, describe_owned) = (path.to_owned(), describe.clone());
+        let opened = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .read(true)
+                .write(true)
+                .truncate(mode == FileMode::Truncate)
+                .open(&path_owned)?;
+            let cut = cut_torn_line(&mut file)?;
+            if cut > 0 {
+                tracing::warn!(sink = %describe_owned, bytes = cut, "The file ended in a torn line (a crash mid-write); cut it off: its record is written again.");
+            }
+            file.seek(SeekFrom::End(0))?;
+            Ok(file)
+        })
+        .await;
+        let file = match opened {
+            Ok(file) => file.map_err(|e| SinkError::io(&describe, e))?,
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+        };
         Ok(FileSink {
             path: path.to_owned(),
-            file,
+            file: tokio::fs::File::from_std(file),
             format,
             buffer: Vec::with_capacity(BUFFER),
         })
@@ -67,9 +93,61 @@ impl Sink for FileSink {
         Ok(())
     }
 
+    fn refuses(&self, record: &Record) -> Option<String> {
+        refuse_line_breaks(record, self.format, &self.describe())
+    }
+
     async fn flush(&mut self) -> Result<(), SinkError> {
         self.drain().await?;
         let synced = self.file.sync_data().await;
         synced.map_err(|e| SinkError::io(&self.describe(), e))
+    }
+}
+
+/// Truncates `file` after its last newline; returns how many bytes went.
+fn cut_torn_line(file: &mut std::fs::File) -> std::io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let piece = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(piece)?;
+        if let Some(at) = piece.iter().rposition(|&b| b == b'\n') {
+            end = start + at as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        file.set_len(end)?;
+    }
+    Ok(len - end)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_whole_lines_stay() {
+        for (content, kept) in [
+            (&b"a\nbb\ncc"[..], &b"a\nbb\n"[..]),
+            (b"a\nbb\n", b"a\nbb\n"),
+            (b"torn", b""),
+            (b"", b""),
+        ] {
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(content).unwrap();
+            let cut = cut_torn_line(&mut file).unwrap();
+            let mut now = Vec::new();
+            file.seek(SeekFrom::Start(0)).unwrap();
+            file.read_to_end(&mut now).unwrap();
+            assert_eq!(now, kept);
+            assert_eq!(cut as usize, content.len() - kept.len());
+        }
     }
 }

@@ -15,10 +15,10 @@ mod stdout;
 
 use async_trait::async_trait;
 
-use crate::config::{RecordFormat, SinkConfig};
+use crate::config::{FileMode, RecordFormat, SinkConfig};
 use crate::record::Record;
 
-pub use encode::encode;
+pub use encode::{encode, refuse_line_breaks};
 pub use file::FileSink;
 pub use stdout::{StderrSink, StdoutSink};
 
@@ -33,8 +33,9 @@ pub enum SinkError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// The reader went away (a closed stdout pipe): stop cleanly.
-    #[error("sink {sink}: the reader closed the stream")]
+    /// The reader went away (a closed stdout pipe): the pipeline stops with
+    /// this error once its other sinks are flushed.
+    #[error("sink {sink}: the reader closed the stream; nothing more is written")]
     Closed {
         /// Which sink.
         sink: String,
@@ -71,22 +72,37 @@ pub trait Sink: Send {
 
     /// Makes everything written so far durable.
     async fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// Why this sink cannot hold `record` as it is, if it cannot: the
+    /// pipeline dead-letters its copy instead of writing it.
+    fn refuses(&self, _record: &Record) -> Option<String> {
+        None
+    }
 }
 
-/// Builds the sink `config` describes, writing `default_format` unless it
-/// sets one (dead-letter sinks default to `envelope`, keeping the reason
-/// headers).
-/// Kafka sinks of an exactly-once pipeline write through its `transaction`.
+/// What a sink's config leaves to its pipeline.
+pub struct SinkDefaults<'a> {
+    /// How records are written unless the sink sets a `format`: values for
+    /// outputs, envelopes (keeping the reason headers) for dead letters.
+    pub format: RecordFormat,
+    /// How a file sink opens its file unless it sets a `mode`.
+    pub file_mode: FileMode,
+    /// Exactly-once: the transaction Kafka sinks write through.
+    pub transaction: Option<&'a crate::kafka::KafkaTransaction>,
+}
+
+/// Builds the sink `config` describes.
 pub async fn build(
     config: &SinkConfig,
-    default_format: RecordFormat,
-    transaction: Option<&crate::kafka::KafkaTransaction>,
+    defaults: &SinkDefaults<'_>,
 ) -> Result<Box<dyn Sink>, SinkError> {
-    let format = config.format_or(default_format);
+    let format = config.format_or(defaults.format);
     Ok(match config {
         SinkConfig::Stdout { .. } => Box::new(StdoutSink::new(format)),
-        SinkConfig::File { path, .. } => Box::new(FileSink::create(path, format).await?),
-        SinkConfig::Kafka(kafka) => match transaction {
+        SinkConfig::File { path, mode, .. } => {
+            Box::new(FileSink::open(path, format, mode.unwrap_or(defaults.file_mode)).await?)
+        }
+        SinkConfig::Kafka(kafka) => match defaults.transaction {
             Some(transaction) => Box::new(kafka::KafkaSink::with_producer(
                 kafka.clone(),
                 transaction.producer(),

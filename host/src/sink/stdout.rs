@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{Sink, SinkError, encode};
+use super::{Sink, SinkError, encode, refuse_line_breaks};
 use crate::config::RecordFormat;
 use crate::record::Record;
 
@@ -59,6 +59,10 @@ impl<W: AsyncWrite + Unpin + Send> Sink for StreamSink<W> {
         }
         let written = self.stream.write_all(&self.buffer).await;
         written.map_err(|e| SinkError::io(self.name, e))
+    }
+
+    fn refuses(&self, record: &Record) -> Option<String> {
+        refuse_line_breaks(record, self.format, self.name)
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::{BatchConfig, SourceConfig};
+use crate::config::{PipelineConfig, SourceConfig};
+use crate::kafka::KafkaTransaction;
 use crate::record::{Record, SourcePosition};
 
 pub use generator::Generator;
@@ -113,7 +114,20 @@ pub trait Source: Send {
 #[async_trait]
 pub trait Committer: Send + Sync {
     /// Everything up to `checkpoint` is durably written by every sink.
-    async fn commit(&self, checkpoint: &Checkpoint) -> Result<(), SourceError>;
+    /// An error means positions cannot be committed: the pipeline stops
+    /// rather than run on replaying everything after a restart.
+    async fn commit(&self, checkpoint: &Checkpoint) -> Result<Commit, SourceError>;
+}
+
+/// What became of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// The positions are committed (or there was nothing to commit).
+    Done,
+    /// The partitions moved to another reader before the commit landed (a
+    /// rebalance): that reader starts at the previous commit and reads
+    /// these records again. At-least-once holds; they are counted.
+    Superseded(String),
 }
 
 /// For sources that cannot replay (files, stdin, generators): nothing to
@@ -122,24 +136,36 @@ pub struct NothingToCommit;
 
 #[async_trait]
 impl Committer for NothingToCommit {
-    async fn commit(&self, _checkpoint: &Checkpoint) -> Result<(), SourceError> {
-        Ok(())
+    async fn commit(&self, _checkpoint: &Checkpoint) -> Result<Commit, SourceError> {
+        Ok(Commit::Done)
     }
 }
 
-/// Builds the source a pipeline's config describes.
-pub fn build(config: &SourceConfig, batch: &BatchConfig) -> Result<Box<dyn Source>, SourceError> {
-    Ok(match config {
-        SourceConfig::File { path, format } => Box::new(LineSource::file(path, *format, batch)?),
-        SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch)),
-        SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
-        // Needs the pipeline's name and delivery: built by the pipeline.
-        SourceConfig::Kafka(kafka) => {
-            return Err(SourceError::Io {
-                what: format!("kafka topics {:?}", kafka.topics),
-                source: std::io::Error::other("a kafka source is built by its pipeline"),
-            });
+/// A pipeline's source, open, with the transaction its Kafka sinks write
+/// through when its delivery is exactly-once.
+pub struct OpenSource {
+    /// The source.
+    pub source: Box<dyn Source>,
+    /// Exactly-once only: the transaction that commits the sinks' outputs
+    /// with the source's positions.
+    pub transaction: Option<Arc<KafkaTransaction>>,
+}
+
+/// Opens the source `pipeline` describes.
+pub async fn open(pipeline: &PipelineConfig) -> Result<OpenSource, SourceError> {
+    let batch = &pipeline.batch;
+    let max_record = pipeline.limits().max_record_bytes;
+    let source: Box<dyn Source> = match pipeline.source.get_ref() {
+        SourceConfig::File { path, format } => {
+            Box::new(LineSource::file(path, *format, batch, max_record)?)
         }
+        SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch, max_record)),
+        SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
+        SourceConfig::Kafka(kafka) => return kafka::open(kafka, pipeline).await,
+    };
+    Ok(OpenSource {
+        source,
+        transaction: None,
     })
 }
 

@@ -1,13 +1,14 @@
 //! Produces records and waits for the brokers' acknowledgements on `flush`.
 
 use std::collections::VecDeque;
+use std::mem::ManuallyDrop;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 
 use super::KafkaSinkConfig;
 use crate::kafka::{KafkaConnection, to_headers};
@@ -19,25 +20,28 @@ const MAX_IN_FLIGHT: usize = 100_000;
 
 /// Writes records to Kafka.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    /// Taken by `drop`, which retires it off the async workers.
+    producer: ManuallyDrop<FutureProducer>,
     config: KafkaSinkConfig,
+    /// Deliveries not yet acknowledged, oldest first.
     in_flight: VecDeque<DeliveryFuture>,
     /// False for the shared transactional producer of an exactly-once
     /// pipeline, whose failures fail the transaction instead.
     owns_producer: bool,
-    replacements: u32,
-    replaced_for_current: bool,
+    /// Producers replaced since the last acknowledged delivery: one outage
+    /// costs one or two; a cluster that fails every new producer at once is
+    /// an error, not a loop.
+    replacements_without_progress: u32,
 }
+
+/// How many producers in a row may fail before a single delivery succeeds.
+const MAX_REPLACEMENTS_WITHOUT_PROGRESS: u32 = 5;
 
 impl KafkaSink {
     /// An idempotent producer for `config`: retries never duplicate or
     /// reorder a partition's records.
     pub fn new(config: KafkaSinkConfig) -> Result<Self, SinkError> {
-        let producer = config
-            .connection()
-            .client_config(KafkaConnection::PRODUCER)
-            .create()
-            .map_err(|e| kafka_error(&config.topic, e))?;
+        let producer = Self::create_producer(&config)?;
         let mut sink = Self::with_producer(config, producer);
         sink.owns_producer = true;
         Ok(sink)
@@ -47,13 +51,20 @@ impl KafkaSink {
     /// producer, in exactly-once pipelines.
     pub fn with_producer(config: KafkaSinkConfig, producer: FutureProducer) -> Self {
         KafkaSink {
-            producer,
+            producer: ManuallyDrop::new(producer),
             config,
             in_flight: VecDeque::new(),
             owns_producer: false,
-            replacements: 0,
-            replaced_for_current: false,
+            replacements_without_progress: 0,
         }
+    }
+
+    fn create_producer(config: &KafkaSinkConfig) -> Result<FutureProducer, SinkError> {
+        config
+            .connection()
+            .client_config(KafkaConnection::PRODUCER)
+            .create()
+            .map_err(|e| kafka_error(&describe(config), e))
     }
 
     fn topic_for(&self, record: &Record) -> &str {
@@ -68,14 +79,17 @@ impl KafkaSink {
             return Ok(());
         };
         match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            // A message purged from a producer that was replaced (or whose
-            // queue was purged) was not delivered: send it again.
+            Ok(Ok(_)) => {
+                self.replacements_without_progress = 0;
+                Ok(())
+            }
+            // A message purged from its producer's queue, or refused by a
+            // producer that can no longer deliver, was not written: it is
+            // sent again, in its place, through a new producer.
             Ok(Err((err, message)))
                 if self.owns_producer && (self.producer_lost(&err) || is_purged(&err)) =>
             {
-                self.replace_producer(&err)?;
-                self.resend(&message)
+                self.replace_producer(&err, vec![message]).await
             }
             Ok(Err((err, _message))) => Err(kafka_error(&self.describe(), err)),
             Err(_canceled) => Err(kafka_error(&self.describe(), KafkaError::Canceled)),
@@ -100,45 +114,90 @@ impl KafkaSink {
             )
     }
 
-    /// Swaps in a fresh producer. Records not yet acknowledged are sent again
-    /// through it (at-least-once: a record may then be written twice).
-    fn replace_producer(&mut self, err: &KafkaError) -> Result<(), SinkError> {
-        if self.replacements >= MAX_REPLACEMENTS {
-            return Err(kafka_error(&self.describe(), err.clone()));
+    /// Swaps in a fresh producer and sends through it, in their original
+    /// order and before anything newer, every message the old one had not
+    /// acknowledged: `unacknowledged` (the oldest), then the rest of what
+    /// was in flight. Per-partition order holds; a message whose
+    /// acknowledgement was lost may be written twice (at-least-once).
+    async fn replace_producer(
+        &mut self,
+        err: &KafkaError,
+        mut unacknowledged: Vec<OwnedMessage>,
+    ) -> Result<(), SinkError> {
+        self.replacements_without_progress += 1;
+        if self.replacements_without_progress > MAX_REPLACEMENTS_WITHOUT_PROGRESS {
+            return Err(SinkError::Io {
+                sink: self.describe(),
+                source: std::io::Error::other(format!(
+                    "{MAX_REPLACEMENTS_WITHOUT_PROGRESS} new producers in a row failed before \
+                     delivering anything; last error: {err}"
+                )),
+            });
         }
-        self.replacements += 1;
-        if self.producer.client().fatal_error().is_none() && self.replaced_for_current {
-            return Ok(());
+        tracing::warn!(sink = %self.describe(), %err, in_flight = self.in_flight.len() + unacknowledged.len(), "Producer failed for good; replacing it and resending what it had not acknowledged.");
+        let fresh = Self::create_producer(&self.config)?;
+        let old = std::mem::replace(&mut *self.producer, fresh);
+        // Everything the old producer still holds comes back as purged.
+        old.purge(PurgeConfig::default().queue().inflight());
+        for delivery in std::mem::take(&mut self.in_flight) {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((_, message))) => unacknowledged.push(message),
+                Err(_canceled) => {
+                    return Err(kafka_error(&self.describe(), KafkaError::Canceled));
+                }
+            }
         }
-        tracing::warn!(sink = %self.describe(), %err, "Producer failed for good; replacing it and resending what was not acknowledged.");
-        self.producer = self
-            .config
-            .connection()
-            .client_config(KafkaConnection::PRODUCER)
-            .create()
-            .map_err(|e| kafka_error(&self.describe(), e))?;
-        self.replaced_for_current = true;
+        retire(old, false);
+        for message in &unacknowledged {
+            self.resend(message).await?;
+        }
         Ok(())
     }
 
-    fn resend(&mut self, message: &OwnedMessage) -> Result<(), SinkError> {
-        let mut record =
-            FutureRecord::to(message.topic()).payload(message.payload().unwrap_or_default());
-        if let Some(key) = message.key() {
-            record = record.key(key);
+    async fn resend(&mut self, message: &OwnedMessage) -> Result<(), SinkError> {
+        loop {
+            let mut record =
+                FutureRecord::to(message.topic()).payload(message.payload().unwrap_or_default());
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(timestamp) = message.timestamp().to_millis() {
+                record = record.timestamp(timestamp);
+            }
+            if let Some(headers) = message.headers() {
+                record = record.headers(headers.clone());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.in_flight.push_back(delivery);
+                    return Ok(());
+                }
+                // The new producer's queue holds as many as the old one's, so
+                // this is brief; the oldest cannot be awaited here without
+                // breaking the order being restored.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((err, _)) => return Err(kafka_error(&self.describe(), err)),
+            }
         }
-        if let Some(timestamp) = message.timestamp().to_millis() {
-            record = record.timestamp(timestamp);
+    }
+}
+
+/// Drops a producer off the async workers: librdkafka's teardown joins
+/// threads and waits for the brokers.
+/// `flush` first gives what it holds a few seconds to be delivered.
+fn retire(producer: FutureProducer, flush: bool) {
+    let finish = move || {
+        if flush {
+            let _ = producer.flush(Duration::from_secs(5));
         }
-        if let Some(headers) = message.headers() {
-            record = record.headers(headers.clone());
-        }
-        let delivery = self
-            .producer
-            .send_result(record)
-            .map_err(|(err, _)| kafka_error(&self.describe(), err))?;
-        self.in_flight.push_back(delivery);
-        Ok(())
+        drop(producer);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(finish)),
+        Err(_) => finish(),
     }
 }
 
@@ -150,8 +209,9 @@ fn is_purged(err: &KafkaError) -> bool {
     )
 }
 
-/// How many times one sink replaces a failed producer before giving up.
-const MAX_REPLACEMENTS: u32 = 100_000;
+fn describe(config: &KafkaSinkConfig) -> String {
+    format!("kafka topic {:?} at {}", config.topic, config.brokers)
+}
 
 fn kafka_error(sink: &str, err: KafkaError) -> SinkError {
     SinkError::Io {
@@ -163,10 +223,7 @@ fn kafka_error(sink: &str, err: KafkaError) -> SinkError {
 #[async_trait]
 impl Sink for KafkaSink {
     fn describe(&self) -> String {
-        format!(
-            "kafka topic {:?} at {}",
-            self.config.topic, self.config.brokers
-        )
+        describe(&self.config)
     }
 
     async fn write(&mut self, records: &[Record]) -> Result<(), SinkError> {
@@ -198,7 +255,7 @@ impl Sink for KafkaSink {
                         }
                     }
                     Err((err, _)) if self.owns_producer && self.producer_lost(&err) => {
-                        self.replace_producer(&err)?;
+                        self.replace_producer(&err, Vec::new()).await?;
                     }
                     Err((err, _)) => return Err(kafka_error(&self.describe(), err)),
                 }
@@ -220,8 +277,11 @@ impl Sink for KafkaSink {
 
 impl Drop for KafkaSink {
     fn drop(&mut self) {
+        // SAFETY: `producer` is not used again: this is the sink's drop.
+        let producer = unsafe { ManuallyDrop::take(&mut self.producer) };
         // Deliveries not awaited were never acknowledged to the source, so
-        // nothing committed depends on them; give them a moment anyway.
-        let _ = self.producer.flush(Duration::from_secs(5));
+        // nothing committed depends on them; they get a moment to land, on a
+        // blocking thread like the teardown itself.
+        retire(producer, self.owns_producer && !self.in_flight.is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! Consumes with a `StreamConsumer`; commits synchronously on a blocking
 //! worker once the pipeline hands back a checkpoint.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::{KafkaSourceConfig, StartFrom};
 use crate::config::BatchConfig;
 use crate::kafka::to_record;
-use crate::source::{Checkpoint, Committer, Source, SourceBatch, SourceError};
+use crate::source::{Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError};
 
 /// Per partition: the last offset handed to the pipeline and the last one
 /// committed. A revoke waits on it until what was handed over from the
@@ -31,11 +31,11 @@ struct ProgressState {
     handed_over: HashMap<(String, i32), i64>,
     committed: HashMap<(String, i32), i64>,
     /// Bumped at every revoke, so a batch being read can drop the records
-    /// of partitions it no longer owns.
+    /// it read before: their partitions are no longer its own.
     revokes: u64,
-    revoked: HashSet<(String, i32)>,
-    /// The broker refused a commit for the current generation: draining
-    /// cannot succeed, so a revoke stops waiting.
+    /// The broker refused a commit for the current generation, or the
+    /// source is closing: draining cannot succeed, so a revoke stops
+    /// waiting.
     refused: bool,
 }
 
@@ -62,6 +62,7 @@ impl Progress {
         }
     }
 
+    /// No commit is coming: a revoke stops waiting for one.
     fn refused(&self) {
         self.lock().refused = true;
         self.changed.notify_all();
@@ -85,7 +86,6 @@ impl Progress {
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
         let mut state = self.lock();
         state.revokes += 1;
-        state.revoked.extend(partitions.iter().cloned());
         let pending = |state: &ProgressState| {
             partitions.iter().any(|key| {
                 let handed = state.handed_over.get(key);
@@ -111,13 +111,13 @@ impl Progress {
         drained
     }
 
-    /// After an assign, the partitions are ours again.
-    fn assigned(&self, partitions: &[(String, i32)]) {
-        let mut state = self.lock();
-        state.refused = false;
-        for key in partitions {
-            state.revoked.remove(key);
-        }
+    /// After an assign, commits can succeed again.
+    fn assigned(&self) {
+        self.lock().refused = false;
+    }
+
+    fn revokes(&self) -> u64 {
+        self.lock().revokes
     }
 }
 
@@ -197,7 +197,7 @@ impl ConsumerContext for RebalanceLog {
                         tracing::warn!(group = %self.group, %err, "Cannot read committed offsets; using the reset policy.");
                     }
                 }
-                self.progress.assigned(&keys(partitions));
+                self.progress.assigned();
                 if let Err(err) = consumer.assign(partitions) {
                     tracing::error!(group = %self.group, %err, "Cannot take the assigned partitions.");
                 }
@@ -245,6 +245,7 @@ pub struct KafkaSource {
     commits: bool,
     what: String,
     batch: BatchConfig,
+    max_record_bytes: usize,
     unavailable_since: Option<std::time::Instant>,
     last_warning: Option<std::time::Instant>,
     progress: Arc<Progress>,
@@ -265,6 +266,7 @@ impl KafkaSource {
         config: &KafkaSourceConfig,
         pipeline: &str,
         batch: &BatchConfig,
+        max_record_bytes: usize,
         read_committed: bool,
     ) -> Result<Self, SourceError> {
         let group = config.group_for(pipeline);
@@ -291,7 +293,7 @@ impl KafkaSource {
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "3000"),
         ]);
-        if let Ok(worker) = std::env::var("WEIR_WORKER_ID") {
+        if let Ok(worker) = std::env::var(super::WORKER_ID_VAR) {
             // Static membership: a restarted worker takes its partitions back
             // at once instead of waiting out the session of its dead self.
             if !config.options.contains_key("group.instance.id") {
@@ -319,6 +321,7 @@ impl KafkaSource {
                 .map(|t| (t.clone(), Arc::from(t.as_str())))
                 .collect(),
             batch: batch.clone(),
+            max_record_bytes,
             commits: !read_committed,
             what,
             unavailable_since: None,
@@ -400,39 +403,58 @@ fn is_transient(err: &KafkaError) -> bool {
 #[async_trait]
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
-        let revokes_before = self.progress.lock().revokes;
         let size =
             |r: &crate::record::Record| r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
         let first = self.recv().await?.1;
+        let mut revokes = self.progress.revokes();
         let mut bytes = size(&first);
         let mut records = vec![first];
         let deadline = tokio::time::Instant::now() + self.batch.linger();
         while !self.batch.is_full(records.len(), bytes) {
-            match tokio::time::timeout_at(deadline, self.recv()).await {
-                Ok(next) => {
-                    let record = next?.1;
-                    bytes += size(&record);
-                    records.push(record);
-                }
+            let record = match tokio::time::timeout_at(deadline, self.recv()).await {
+                Ok(next) => next?.1,
                 Err(_linger_over) => break,
+            };
+            // A rebalance ran inside that read: every partition was revoked
+            // (eager rebalancing) and those assigned again restart at their
+            // last commit, so what this batch read before it is read again.
+            let now = self.progress.revokes();
+            if now != revokes {
+                revokes = now;
+                records.clear();
+                bytes = 0;
             }
+            bytes += size(&record);
+            records.push(record);
         }
-        // A revoke during this batch: its partitions' records belong to the
-        // next owner, who starts at the last commit.
-        let state = self.progress.lock();
-        if state.revokes != revokes_before {
-            records.retain(|r| {
-                !state
-                    .revoked
-                    .contains(&(r.source.topic.to_string(), r.source.partition))
-            });
-        }
-        drop(state);
         let mut batch = SourceBatch::default();
         for record in &records {
             batch.checkpoint.advance(&record.source);
         }
-        batch.records = records;
+        let (fit, overlong): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|record| size(record) <= self.max_record_bytes);
+        batch.records = fit;
+        batch.rejected = overlong
+            .into_iter()
+            .map(|mut record| {
+                let length = size(&record);
+                record.value.truncate(64 << 10);
+                Rejected {
+                    reason: format!(
+                        "the message at {}/{}@{} is {length} bytes, over \
+                         `limits.max_record_bytes` ({}); the dead letter keeps the first {} \
+                         bytes of its value",
+                        record.source.topic,
+                        record.source.partition,
+                        record.source.offset,
+                        self.max_record_bytes,
+                        record.value.len()
+                    ),
+                    record,
+                }
+            })
+            .collect();
         self.progress.handed_over(&batch.checkpoint);
         Ok(Some(batch))
     }
@@ -447,6 +469,14 @@ impl Source for KafkaSource {
     }
 }
 
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // Closing the consumer revokes its partitions: what the pipeline
+        // did not commit by now never will be, so the revoke must not wait.
+        self.progress.refused();
+    }
+}
+
 /// Commits a Kafka source's offsets while it goes on reading.
 struct KafkaCommitter {
     progress: Arc<Progress>,
@@ -458,33 +488,90 @@ struct KafkaCommitter {
 
 #[async_trait]
 impl Committer for KafkaCommitter {
-    async fn commit(&self, checkpoint: &Checkpoint) -> Result<(), SourceError> {
+    async fn commit(&self, checkpoint: &Checkpoint) -> Result<Commit, SourceError> {
         if checkpoint.positions.is_empty() {
-            return Ok(());
+            return Ok(Commit::Done);
         }
         if !self.enabled {
             // The transaction committed these offsets already.
             self.progress.committed(checkpoint);
-            return Ok(());
+            return Ok(Commit::Done);
         }
         let offsets = next_offsets(checkpoint).map_err(|e| io(&self.what, e))?;
-        let consumer = self.consumer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync)).await;
-        match committed {
-            Ok(Ok(())) => {
-                self.progress.committed(checkpoint);
-                Ok(())
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1.. {
+            let (consumer, offsets) = (self.consumer.clone(), offsets.clone());
+            let committed =
+                tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
+                    .await;
+            let err = match committed {
+                Ok(Ok(())) => {
+                    self.progress.committed(checkpoint);
+                    return Ok(Commit::Done);
+                }
+                Ok(Err(err)) => err,
+                Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            };
+            match classify_commit_error(&err) {
+                CommitError::Superseded => {
+                    self.progress.refused();
+                    tracing::warn!(source = %self.what, %err, "Offset commit refused after a rebalance; the partitions' new owner reads these records again.");
+                    return Ok(Commit::Superseded(err.to_string()));
+                }
+                CommitError::Transient if attempt < COMMIT_ATTEMPTS => {
+                    tracing::warn!(source = %self.what, %err, attempt, "Offset commit failed; retrying.");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                CommitError::Transient | CommitError::Fatal => {
+                    self.progress.refused();
+                    return Err(SourceError::Io {
+                        what: self.what.clone(),
+                        source: std::io::Error::other(format!(
+                            "offset commit failed after {attempt} attempt(s): {err}"
+                        )),
+                    });
+                }
             }
-            // After a rebalance the partitions may be someone else's: their
-            // records will be read again there (at-least-once), not lost.
-            Ok(Err(err)) => {
-                self.progress.refused();
-                tracing::warn!(source = %self.what, %err, "Offset commit refused; records since the last commit will be read again.");
-                Ok(())
-            }
-            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
         }
+        unreachable!("the loop returns")
+    }
+}
+
+/// Attempts at one commit when the coordinator is moving or slow:
+/// 100 ms, 200 ms ... apart, about 3 s in all.
+const COMMIT_ATTEMPTS: u32 = 5;
+
+enum CommitError {
+    /// The group rebalanced: the partitions are someone else's now.
+    Superseded,
+    /// The coordinator is moving or slow: worth another try.
+    Transient,
+    /// Anything else: authorization, an unknown topic, another worker with
+    /// this one's `WEIR_WORKER_ID` (fenced), a broken client.
+    Fatal,
+}
+
+fn classify_commit_error(err: &KafkaError) -> CommitError {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    match err.rdkafka_error_code() {
+        Some(
+            Code::RebalanceInProgress
+            | Code::IllegalGeneration
+            | Code::UnknownMemberId
+            | Code::AssignmentLost,
+        ) => CommitError::Superseded,
+        Some(
+            Code::NotCoordinator
+            | Code::CoordinatorNotAvailable
+            | Code::CoordinatorLoadInProgress
+            | Code::RequestTimedOut
+            | Code::OperationTimedOut
+            | Code::NetworkException
+            | Code::BrokerTransportFailure
+            | Code::AllBrokersDown,
+        ) => CommitError::Transient,
+        _ => CommitError::Fatal,
     }
 }
 

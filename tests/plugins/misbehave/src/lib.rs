@@ -7,7 +7,8 @@
 //!   counter with a 30 MiB name), `counter-many` (1,000 distinct counters);
 //! - probes of ambient capabilities: `env`, `read`, `connect`, `random`.
 //!
-//! With `sleep_in_init`, `init` sleeps for an hour. Lets the tests prove that
+//! With `sleep_in_init`, `init` sleeps for an hour; with `pace_us`, every
+//! record takes that long (a slow plugin). Lets the tests prove that
 //! each limit stops a plugin with its own error.
 
 use serde::Deserialize;
@@ -23,6 +24,9 @@ pub struct Misbehave {
     flood: usize,
     #[serde(default)]
     sleep_in_init: bool,
+    /// Microseconds spent (spinning) on every record: a slow plugin.
+    #[serde(default)]
+    pace_us: u64,
 }
 
 fn default_hog_mib() -> usize {
@@ -44,6 +48,13 @@ impl Transform for Misbehave {
     }
 
     fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
+        if self.pace_us > 0 {
+            // Spins: sleeps this short would each last a timer tick.
+            let until = std::time::Instant::now() + std::time::Duration::from_micros(self.pace_us);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         match record.value() {
             b"panic" => panic!("record at offset {} asked for a panic", record.offset()),
             b"spin" => {
