@@ -7,6 +7,7 @@
 mod broker;
 mod cli;
 mod engine;
+mod files;
 mod kafka;
 mod pipeline;
 mod sandbox;

@@ -9,7 +9,9 @@ use std::time::Duration;
 use weir::engine::{EngineOptions, Limits, PluginEngine, PluginErrorKind};
 use weir::testkit::{PluginHarness, TestRecord};
 
-use crate::support::{Scratch, hostile, plugin, run_measured, stderr, weir_bin};
+use crate::support::{
+    Scratch, hostile, plugin, run_measured, stderr, weir_bin, weir_command as weir,
+};
 
 fn records(values: &[&str]) -> Vec<TestRecord> {
     values.iter().map(|v| TestRecord::new(*v)).collect()
@@ -17,15 +19,6 @@ fn records(values: &[&str]) -> Vec<TestRecord> {
 
 /// Long enough for any honest run here; a run past it has hung.
 const HANG: Duration = Duration::from_secs(120);
-
-fn weir(scratch: &Scratch, args: &[&str]) -> Command {
-    let mut command = Command::new(weir_bin());
-    command
-        .args(args)
-        .env("WEIR_CACHE_DIR", scratch.path("cache"))
-        .env("WEIR_LOG", "warn");
-    command
-}
 
 #[test]
 fn a_component_with_many_memories_is_held_to_one_cap_for_the_whole_instance() {

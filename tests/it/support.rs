@@ -80,6 +80,18 @@ pub struct Measured {
     pub peak_rss_mib: u64,
 }
 
+/// `weir ARGS` with a private compile cache, no stdin and warnings logged,
+/// to adjust and run.
+pub fn weir_command(scratch: &Scratch, args: &[&str]) -> Command {
+    let mut command = Command::new(weir_bin());
+    command
+        .args(args)
+        .env("WEIR_CACHE_DIR", scratch.path("cache"))
+        .env("WEIR_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    command
+}
+
 /// Runs `command` to its end, with stdout and stderr captured, and reads its
 /// peak RSS from `wait4`. Kills it and fails the test if it runs past
 /// `limit`: a run that never ends is the failure some tests look for.
@@ -87,7 +99,6 @@ pub fn run_measured(command: &mut Command, limit: std::time::Duration) -> Measur
     use std::io::Read as _;
     use std::process::Stdio;
     let mut child = command
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -14,16 +14,24 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
         cache_dir: file.cache_dir.clone(),
     })?;
     for pipeline in &file.pipelines {
-        if let SourceConfig::File { path: input, .. } = pipeline.source.get_ref()
-            && !input.is_file()
-        {
-            let at = pipeline.name.span().start;
-            let message = format!(
-                "pipeline `{}`: input file `{}` does not exist",
-                pipeline.name.get_ref(),
-                input.display()
-            );
-            return Err(file.error_at(at, message).into());
+        if let SourceConfig::File { path: input, .. } = pipeline.source.get_ref() {
+            // Not opened: a FIFO would block until its writer comes.
+            let problem = match std::fs::metadata(input) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    Some("does not exist".into())
+                }
+                Err(err) => Some(format!("cannot be read: {err}")),
+                Ok(meta) if meta.is_dir() => Some("is a folder, not a file of records".into()),
+                Ok(_) => None,
+            };
+            if let Some(problem) = problem {
+                let message = format!(
+                    "pipeline `{}`: input file `{}` {problem}",
+                    pipeline.name.get_ref(),
+                    input.display()
+                );
+                return Err(file.error_at(pipeline.source.span().start, message).into());
+            }
         }
         let mut chain = prepare_chain(&file, pipeline, &engine)?;
         let plugins: Vec<String> = chain

@@ -4,12 +4,23 @@ use std::sync::atomic::Ordering;
 
 use super::PipelineMetrics;
 
+/// A batch was read from the source.
+pub struct BatchRead {
+    /// Records (and rejected inputs) in it.
+    pub records: u64,
+}
+
+impl BatchRead {
+    /// Counts its records in.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics
+            .records_in
+            .fetch_add(self.records, Ordering::Relaxed);
+    }
+}
+
 /// A batch went through the plugin chain and reached the sinks.
 pub struct BatchProcessed {
-    /// Records read from the source in this batch.
-    pub received: u64,
-    /// Records written to sinks.
-    pub sent: u64,
     /// Records dropped by a plugin.
     pub dropped: u64,
     /// Plugin faults and limit hits.
@@ -21,10 +32,6 @@ impl BatchProcessed {
     pub fn emit(&self, metrics: &PipelineMetrics) {
         metrics.batches.fetch_add(1, Ordering::Relaxed);
         metrics
-            .records_in
-            .fetch_add(self.received, Ordering::Relaxed);
-        metrics.records_out.fetch_add(self.sent, Ordering::Relaxed);
-        metrics
             .records_dropped
             .fetch_add(self.dropped, Ordering::Relaxed);
         metrics
@@ -32,11 +39,23 @@ impl BatchProcessed {
             .fetch_add(self.faults, Ordering::Relaxed);
         tracing::trace!(
             pipeline = %metrics.pipeline,
-            received = self.received,
-            sent = self.sent,
             dropped = self.dropped,
+            faults = self.faults,
             "Batch processed."
         );
+    }
+}
+
+/// Records written earlier are now durable in every sink they went to.
+pub struct RecordsSent {
+    /// How many.
+    pub count: u64,
+}
+
+impl RecordsSent {
+    /// Counts them out.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.records_out.fetch_add(self.count, Ordering::Relaxed);
     }
 }
 

@@ -70,7 +70,9 @@ pub struct MetricsSnapshot {
     pub elapsed: Duration,
     /// `weir_records_received_total`: records read from the source.
     pub records_in: u64,
-    /// `weir_records_sent_total`: records written to sinks (not counting dead letters).
+    /// `weir_records_sent_total`: records durably written to every sink
+    /// they were routed to (flushed; with exactly-once, committed); dead
+    /// letters not counted.
     pub records_out: u64,
     /// `weir_records_dropped_total`: records a plugin emitted nothing for.
     pub records_dropped: u64,

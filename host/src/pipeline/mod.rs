@@ -39,7 +39,9 @@ use crate::config::{
 };
 use crate::engine::{PluginEngine, PluginError};
 use crate::kafka::KafkaTransaction;
-use crate::metrics::events::{BatchProcessed, CommitFailed, CommitSuperseded, RecordsDeadLettered};
+use crate::metrics::events::{
+    BatchProcessed, BatchRead, CommitFailed, CommitSuperseded, RecordsDeadLettered, RecordsSent,
+};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
 use crate::record::Record;
@@ -260,7 +262,6 @@ impl Pipeline {
 
         let mut processor = tokio::task::spawn_blocking(move || -> Result<(), ChainStop> {
             while let Some(batch) = from_source.blocking_recv() {
-                let received = batch.len() as u64;
                 let mut dead: Vec<DeadLetter> = batch
                     .rejected
                     .into_iter()
@@ -277,7 +278,6 @@ impl Pipeline {
                     dead,
                     dropped: output.dropped,
                     faults: output.faults,
-                    received,
                     checkpoint: batch.checkpoint,
                 };
                 if to_sinks.blocking_send(processed).is_err() {
@@ -301,6 +301,7 @@ impl Pipeline {
             committer: source.committer(),
             commit_interval,
             transaction,
+            unflushed_sent: 0,
         };
         let mut writer = tokio::spawn(writer.run(from_chain));
 
@@ -334,6 +335,10 @@ impl Pipeline {
             match batch {
                 Ok(Some(batch)) if batch.is_empty() => {}
                 Ok(Some(batch)) => {
+                    BatchRead {
+                        records: batch.len() as u64,
+                    }
+                    .emit(&metrics);
                     if to_chain.send(batch).await.is_err() {
                         break;
                     }
@@ -411,7 +416,6 @@ struct Processed {
     dead: Vec<DeadLetter>,
     dropped: u64,
     faults: u64,
-    received: u64,
     checkpoint: Checkpoint,
 }
 
@@ -428,6 +432,9 @@ struct SinkWriter {
     /// Exactly-once: commits outputs and offsets together instead of the
     /// source committing.
     transaction: Option<Arc<KafkaTransaction>>,
+    /// Records written but not yet flushed: counted out once every sink
+    /// has them durably (a write that only reached a buffer is not out).
+    unflushed_sent: u64,
 }
 
 impl SinkWriter {
@@ -468,8 +475,6 @@ impl SinkWriter {
                 batch = batches.recv() => {
                     let Some(batch) = batch else { break };
                     let counts = BatchProcessed {
-                        received: batch.received,
-                        sent: 0,
                         dropped: batch.dropped,
                         faults: batch.faults,
                     };
@@ -493,7 +498,7 @@ impl SinkWriter {
         &mut self,
         records: Vec<Record>,
         mut dead: Vec<DeadLetter>,
-        mut counts: BatchProcessed,
+        counts: BatchProcessed,
     ) -> Result<(), SinkError> {
         let mut per_sink: Vec<Vec<Record>> = vec![Vec::new(); self.sinks.len()];
         let mut sent = 0;
@@ -549,9 +554,16 @@ impl SinkWriter {
             }
             .emit(&self.metrics);
         }
-        counts.sent = sent;
+        self.unflushed_sent += sent;
         counts.emit(&self.metrics);
         Ok(())
+    }
+
+    fn count_sent(&mut self) {
+        RecordsSent {
+            count: std::mem::take(&mut self.unflushed_sent),
+        }
+        .emit(&self.metrics);
     }
 
     async fn commit(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), SinkError> {
@@ -560,6 +572,7 @@ impl SinkWriter {
         }
         self.dead_letter.flush().await?;
         let Some(checkpoint) = checkpoint else {
+            self.count_sent();
             return Ok(());
         };
         if let Some(transaction) = &self.transaction {
@@ -571,6 +584,7 @@ impl SinkWriter {
                     source: std::io::Error::other(err),
                 })?;
         }
+        self.count_sent();
         // With a transaction this only tells the source what is committed.
         match self.committer.commit(&checkpoint).await {
             Ok(Commit::Done) => Ok(()),

@@ -5,6 +5,7 @@
 //! - floods: `say` (a line on stderr), `log` (a line through the host log),
 //!   `forward-flood` (forwards the record `flood` times), `counter-long` (a
 //!   counter with a 30 MiB name), `counter-many` (1,000 distinct counters);
+//! - `newline` emits a value holding a line break;
 //! - probes of ambient capabilities: `env`, `read`, `connect`, `random`.
 //!
 //! With `sleep_in_init`, `init` sleeps for an hour; with `pace_us`, every
@@ -126,6 +127,7 @@ impl Transform for Misbehave {
                 let seen = RandomState::new().hash_one(record.offset());
                 drop(out.emit(seen.to_string().as_bytes()));
             }
+            b"newline" => drop(out.emit(b"forged\n{\"admin\":true}")),
             b"fail" => {
                 return Err(Error::new(format!(
                     "record at offset {} is marked fail",
