@@ -412,6 +412,10 @@ pub struct OutcomeWriter {
     outcomes: u32,
     current: usize,
     outputs: u32,
+    /// Why an output of the current record cannot be written as asked (a
+    /// field past its length limit): the record fails with it instead of
+    /// sending something else than the plugin wrote.
+    overflow: Option<String>,
 }
 
 impl OutcomeWriter {
@@ -424,6 +428,7 @@ impl OutcomeWriter {
             outcomes: 0,
             current: 0,
             outputs: 0,
+            overflow: None,
         }
     }
 
@@ -432,8 +437,30 @@ impl OutcomeWriter {
     pub fn begin(&mut self) {
         self.current = self.buf.len();
         self.outputs = 0;
+        self.overflow = None;
         self.buf.push(TAG_EMIT);
         self.buf.extend_from_slice(&[0; 8]);
+    }
+
+    /// Why the current record's outputs could not be written as asked, if
+    /// they could not: end it with [`OutcomeWriter::fail`] then.
+    pub fn take_overflow(&mut self) -> Option<String> {
+        self.overflow.take()
+    }
+
+    fn overflow(&mut self, what: &str, len: usize, max: usize) {
+        if self.overflow.is_none() {
+            self.overflow = Some(format!(
+                "output {}: {what} is {len}, over the limit of {max}",
+                self.outputs + 1
+            ));
+        }
+    }
+
+    /// Drops the output begun at `start` (by [`OutcomeWriter::begin_output`])
+    /// as if it had never been started.
+    pub fn abandon_output(&mut self, start: usize) {
+        self.buf.truncate(start - 1);
     }
 
     /// Ends the current outcome as "emitted what was written".
@@ -481,11 +508,25 @@ impl OutcomeWriter {
         let value_len = self.buf.len() - start - OUTPUT_FIXED;
         let key = key.map(|k| &k[..len_u32(k.len()) as usize]);
         let route = route.unwrap_or_default();
+        if route.len() > usize::from(u16::MAX) {
+            self.overflow("the route name's length", route.len(), u16::MAX.into());
+        }
         let route = &route.as_bytes()[..usize::from(len_u16(route.len()))];
         self.buf.extend_from_slice(key.unwrap_or_default());
         self.buf.extend_from_slice(route);
         let mut header_count = 0u16;
-        for (name, value) in headers.take(usize::from(u16::MAX)) {
+        for (name, value) in headers {
+            if header_count == u16::MAX {
+                self.overflow(
+                    "the header count",
+                    usize::from(u16::MAX) + 1,
+                    u16::MAX.into(),
+                );
+                break;
+            }
+            if name.len() > usize::from(u16::MAX) {
+                self.overflow("a header name's length", name.len(), u16::MAX.into());
+            }
             put_header(&mut self.buf, name, value);
             header_count += 1;
         }
@@ -503,6 +544,9 @@ impl OutcomeWriter {
     #[inline]
     pub fn forward(&mut self, route: Option<&str>) {
         let route = route.unwrap_or_default();
+        if route.len() > usize::from(u16::MAX) {
+            self.overflow("the route name's length", route.len(), u16::MAX.into());
+        }
         let route = &route.as_bytes()[..usize::from(len_u16(route.len()))];
         self.buf.push(OUTPUT_FORWARD);
         self.buf
@@ -579,11 +623,25 @@ impl<'a> OutputsView<'a> {
             pos: 0,
         };
         let mut left = self.count;
+        let mut checked_end = false;
         core::iter::from_fn(move || {
-            left = left.checked_sub(1)?;
+            if left == 0 {
+                // Bytes past the declared outputs: a reply that says less
+                // than it holds is as malformed as one that says more.
+                if checked_end || cursor.pos == cursor.buf.len() {
+                    return None;
+                }
+                checked_end = true;
+                return Some(Err(AbiError {
+                    what: "bytes past the outputs the outcome declares",
+                    at: cursor.pos,
+                }));
+            }
+            left -= 1;
             let item = read_output(&mut cursor);
             if item.is_err() {
                 left = 0;
+                checked_end = true;
             }
             Some(item)
         })
@@ -740,6 +798,30 @@ mod tests {
         assert_eq!(first.headers().iter().count(), 2);
         assert_eq!(records[1].key(), None);
         assert_eq!(records[1].timestamp(), None);
+    }
+
+    #[test]
+    fn outputs_past_the_declared_count_are_an_error() {
+        let mut out = OutcomeWriter::with_capacity(64);
+        out.begin();
+        out.forward(None);
+        out.forward(None);
+        out.commit();
+        let mut reply = out.finish();
+        // Declare one output where two are written.
+        reply[5..9].copy_from_slice(&1u32.to_le_bytes());
+        let mut reader = OutcomeReader::new(&reply, 1).unwrap();
+        let Some(Ok(OutcomeView::Emit(outputs))) = reader.next() else {
+            panic!("one emit outcome");
+        };
+        let items: Vec<_> = outputs.iter().collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        assert!(
+            items[1]
+                .as_ref()
+                .is_err_and(|e| e.what.contains("past the outputs"))
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Output {
     ) -> Result<Emit<'_, 'a>> {
         let (start, buf) = self.0.begin_output();
         if let Err(err) = write(buf) {
-            buf.truncate(start);
+            self.0.abandon_output(start);
             return Err(err);
         }
         Ok(Emit::new(&mut self.0, start))
@@ -163,7 +163,10 @@ pub fn process_batch<T: Transform>(plugin: &mut T, batch: &[u8]) -> Vec<u8> {
         };
         out.0.begin();
         match plugin.process(record, &mut out) {
-            Ok(()) => out.0.commit(),
+            Ok(()) => match out.0.take_overflow() {
+                None => out.0.commit(),
+                Some(overflow) => out.0.fail(&overflow),
+            },
             Err(err) => out.0.fail(err.message()),
         }
     }
@@ -226,4 +229,76 @@ pub fn counter(name: &str, delta: u64) {
     crate::bindings::weir::plugin::host::add_to_counter(name, delta);
     #[cfg(not(target_arch = "wasm32"))]
     crate::testing::add_to_native_counter(name, delta);
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::testing::{TestOutcome, TestRecord, run};
+
+    /// Emits per the record's value: the edge cases of the output builder.
+    #[derive(Deserialize)]
+    struct Edges;
+
+    impl Transform for Edges {
+        fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
+            match record.value() {
+                b"handled" => {
+                    // A serialiser that fails half way, handled by the plugin.
+                    let failed = out
+                        .emit_with(|buf| {
+                            buf.extend_from_slice(b"{\"half");
+                            Err(Error::new("cannot serialise"))
+                        })
+                        .is_err();
+                    assert!(failed);
+                    drop(out.emit(b"after"));
+                }
+                b"long-route" => drop(out.emit(b"x").to(&"r".repeat(70_000))),
+                b"long-forward" => out.forward_to(&record, &"r".repeat(70_000)),
+                b"many-headers" => {
+                    let mut emit = out.emit(b"x");
+                    for _ in 0..70_000 {
+                        emit = emit.header("h", b"v");
+                    }
+                }
+                _ => out.forward(&record),
+            }
+            Ok(())
+        }
+    }
+
+    fn outcome(value: &str) -> TestOutcome {
+        run(
+            &mut Edges,
+            &[TestRecord::new(value), TestRecord::new("next")],
+        )
+        .into_iter()
+        .next()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_handled_emit_with_error_leaves_no_trace_in_the_reply() {
+        let outcome = outcome("handled");
+        let values: Vec<_> = outcome.outputs().iter().map(|o| o.value_str()).collect();
+        assert_eq!(values, ["after"]);
+    }
+
+    #[test]
+    fn fields_past_their_length_limit_fail_the_record_instead_of_being_cut() {
+        for (value, what) in [
+            ("long-route", "route name's length is 70000"),
+            ("long-forward", "route name's length is 70000"),
+            ("many-headers", "header count is 65536"),
+        ] {
+            let failure = outcome(value).failure().map(str::to_owned);
+            assert!(
+                failure.as_deref().is_some_and(|f| f.contains(what)),
+                "{value}: {failure:?}"
+            );
+        }
+    }
 }

@@ -34,6 +34,10 @@ pub struct Record {
     pub source: SourcePosition,
     /// The named output a plugin routed it to; `None` for the default.
     pub route: Option<Arc<str>>,
+    /// A Kafka message with no value at all (a tombstone: "delete this key"
+    /// in a compacted topic), not an empty one. Kept while the value stays
+    /// empty, so a forwarding chain writes a tombstone to a Kafka sink.
+    pub tombstone: bool,
 }
 
 impl Record {
@@ -46,6 +50,7 @@ impl Record {
             timestamp: None,
             source,
             route: None,
+            tombstone: false,
         }
     }
 

@@ -378,3 +378,41 @@ topic = "dlq"
         "{err}"
     );
 }
+
+#[test]
+fn check_opens_nothing_but_finds_sinks_that_could_not_open_at_their_line() {
+    let scratch = Scratch::new();
+    scratch.write("in.jsonl", "{}\n");
+    let check = |sink: &str| {
+        let path = scratch.pipeline(&format!(
+            r#"
+[[pipeline]]
+name = "p"
+source = {{ type = "file", path = "in.jsonl" }}
+
+[[pipeline.sink]]
+type = "stdout"
+
+[[pipeline.sink]]
+{sink}
+"#
+        ));
+        let output = weir(&["check", path.to_str().unwrap()], &scratch.path("cache"));
+        (output.status.success(), stderr(&output))
+    };
+    let (ok, err) = check("type = \"file\"\npath = \"in.jsonl/out.jsonl\"");
+    assert!(
+        !ok && err.contains("pipeline.toml:9:") && err.contains("is not a folder"),
+        "{err}"
+    );
+    let (ok, err) = check(
+        "type = \"kafka\"\nbrokers = \"127.0.0.1:9\"\ntopic = \"t\"\noptions = { \"no.such.option\" = \"1\" }",
+    );
+    assert!(
+        !ok && err.contains("pipeline.toml:9:") && err.contains("no.such.option"),
+        "{err}"
+    );
+    let (ok, err) = check("type = \"file\"\npath = \"fresh/dir/out.jsonl\"");
+    assert!(ok, "{err}");
+    assert!(!scratch.path("fresh").exists(), "check created nothing");
+}

@@ -33,6 +33,13 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 return Err(file.error_at(pipeline.source.span().start, message).into());
             }
         }
+        let sinks = pipeline.sinks.iter().chain(&pipeline.dead_letter);
+        for sink in sinks {
+            crate::sink::check(sink.get_ref()).map_err(|problem| {
+                let message = format!("pipeline `{}`: {problem}", pipeline.name.get_ref());
+                file.error_at(sink.span().start, message)
+            })?;
+        }
         let mut chain = prepare_chain(&file, pipeline, &engine)?;
         let plugins: Vec<String> = chain
             .slots_mut()

@@ -363,9 +363,11 @@ pub enum PluginSource {
 }
 
 impl PluginConfig {
-    /// The plugin's settings as the JSON object `init` receives.
+    /// The plugin's settings as the JSON object `init` receives. TOML dates
+    /// and times become their RFC 3339 text (`1979-05-27T07:32:00Z`).
     pub fn config_json(&self) -> String {
-        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+        let table = toml::Value::Table(self.config.clone());
+        toml_to_json(&table).to_string()
     }
 }
 
@@ -786,6 +788,26 @@ fn file_identity(path: &Path) -> PathBuf {
         }
     }
     absolute
+}
+
+/// A TOML value as JSON: the same shape, with dates and times as strings.
+fn toml_to_json(value: &toml::Value) -> serde_json::Value {
+    use serde_json::Value as Json;
+    match value {
+        toml::Value::String(text) => Json::String(text.clone()),
+        toml::Value::Integer(n) => Json::from(*n),
+        // NaN and infinities have no JSON form: null, as serde_json writes them.
+        toml::Value::Float(x) => serde_json::Number::from_f64(*x).map_or(Json::Null, Json::Number),
+        toml::Value::Boolean(b) => Json::Bool(*b),
+        toml::Value::Datetime(at) => Json::String(at.to_string()),
+        toml::Value::Array(items) => Json::Array(items.iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => Json::Object(
+            table
+                .iter()
+                .map(|(key, value)| (key.clone(), toml_to_json(value)))
+                .collect(),
+        ),
+    }
 }
 
 /// Whether two bootstrap lists name the same brokers, in any order.

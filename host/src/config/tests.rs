@@ -228,3 +228,18 @@ fn a_file_written_twice_or_written_while_read_is_refused_at_its_line() {
         "{err}"
     );
 }
+
+#[test]
+fn plugin_config_dates_reach_the_plugin_as_rfc3339_text() {
+    let text = MINIMAL.replace(
+        "config = { field = \"amount\", min = 1.5, nested = { a = [1, 2] } }",
+        "config = { since = 1979-05-27T07:32:00Z, day = 2024-02-29, list = [08:00:00] }",
+    );
+    let file = parse(&text).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&file.pipelines[0].plugins[0].config_json()).unwrap();
+    assert_eq!(
+        config,
+        serde_json::json!({"since": "1979-05-27T07:32:00Z", "day": "2024-02-29", "list": ["08:00:00"]})
+    );
+}

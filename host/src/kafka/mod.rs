@@ -97,6 +97,7 @@ pub fn to_record(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Record {
             offset: message.offset(),
         },
     );
+    record.tombstone = message.payload().is_none();
     record.key = message.key().map(Bytes::copy_from_slice);
     record.timestamp = message.timestamp().to_millis();
     if let Some(headers) = message.headers() {

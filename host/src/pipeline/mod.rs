@@ -181,9 +181,12 @@ impl Pipeline {
                 pipeline: name.clone(),
                 source,
             })?;
-        let sink_error = |source| PipelineError::Sink {
-            pipeline: name.clone(),
-            source,
+        // A sink that cannot open is its config's fault: named at its line.
+        let sink_error = |at: usize| {
+            let name = &name;
+            move |err: SinkError| {
+                PipelineError::Setup(file.error_at(at, format!("pipeline `{name}`: {err}")))
+            }
         };
         let outputs = SinkDefaults {
             format: RecordFormat::Value,
@@ -196,13 +199,15 @@ impl Pipeline {
         };
         let mut sinks = Vec::new();
         let mut routes: HashMap<String, Vec<usize>> = HashMap::new();
-        for (index, config) in pipeline.sinks.iter().enumerate() {
-            let config: &SinkConfig = config.get_ref();
+        for (index, spanned) in pipeline.sinks.iter().enumerate() {
+            let config: &SinkConfig = spanned.get_ref();
             for route in config.routes() {
                 routes.entry(route.clone()).or_default().push(index);
             }
             sinks.push(SinkEntry {
-                sink: sink::build(config, &outputs).await.map_err(sink_error)?,
+                sink: sink::build(config, &outputs)
+                    .await
+                    .map_err(sink_error(spanned.span().start))?,
             });
         }
         let dead_letter = match &pipeline.dead_letter {
@@ -214,7 +219,7 @@ impl Pipeline {
                 },
             )
             .await
-            .map_err(sink_error)?,
+            .map_err(sink_error(config.span().start))?,
             None => sink::default_dead_letter(),
         };
         Ok(Pipeline {

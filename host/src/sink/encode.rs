@@ -1,5 +1,9 @@
 //! How line-oriented sinks (stdout, files) write a record.
 
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -11,14 +15,35 @@ pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
     match format {
         RecordFormat::Value => out.extend_from_slice(&record.value),
         RecordFormat::Envelope => {
+            let mut headers: BTreeMap<&str, HeaderValues<'_>> = BTreeMap::new();
+            for (name, value) in &record.headers {
+                let value = Text::of(value);
+                match headers.get_mut(name.as_str()) {
+                    Some(HeaderValues::One(first)) => {
+                        let first = std::mem::replace(first, Text::Utf8(""));
+                        headers.insert(name, HeaderValues::Many(vec![first, value]));
+                    }
+                    Some(HeaderValues::Many(values)) => values.push(value),
+                    None => {
+                        headers.insert(name, HeaderValues::One(value));
+                    }
+                }
+            }
+            let (value, value_base64) = match Payload::of(&record.value) {
+                Some(payload) => (Some(payload), None),
+                None => (None, Some(STANDARD.encode(&record.value))),
+            };
+            let (key, key_base64) = match record.key.as_deref().map(Text::of) {
+                Some(Text::Base64(key)) => (None, Some(key)),
+                other => (other, None),
+            };
             let envelope = Envelope {
-                key: record.key.as_deref().map(String::from_utf8_lossy),
-                value: Payload::of(&record.value),
-                headers: record
-                    .headers
-                    .iter()
-                    .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value)))
-                    .collect(),
+                key,
+                key_base64,
+                value,
+                value_base64,
+                tombstone: record.tombstone && record.value.is_empty(),
+                headers,
                 timestamp: record.timestamp,
                 topic: &record.source.topic,
                 partition: record.source.partition,
@@ -36,7 +61,7 @@ pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
 /// value holding a line break would read back as two records. Envelopes
 /// escape them.
 pub fn refuse_line_breaks(record: &Record, format: RecordFormat, sink: &str) -> Option<String> {
-    if format != RecordFormat::Value || !record.value.iter().any(|&b| b == b'\n' || b == b'\r') {
+    if format != RecordFormat::Value || memchr::memchr2(b'\n', b'\r', &record.value).is_none() {
         return None;
     }
     Some(format!(
@@ -46,12 +71,21 @@ pub fn refuse_line_breaks(record: &Record, format: RecordFormat, sink: &str) -> 
 }
 
 /// A record as one JSON object, keeping everything a reader needs to replay
-/// or diagnose it.
+/// or diagnose it, byte for byte: bytes that are not UTF-8 travel as base64
+/// (`key_base64`, `value_base64`, `{"base64": ...}` for a header value), and
+/// a header name given more than once maps to the list of its values.
 #[derive(Serialize)]
 struct Envelope<'a> {
-    key: Option<std::borrow::Cow<'a, str>>,
-    value: Payload<'a>,
-    headers: std::collections::BTreeMap<&'a str, std::borrow::Cow<'a, str>>,
+    key: Option<Text<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<Payload<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tombstone: bool,
+    headers: BTreeMap<&'a str, HeaderValues<'a>>,
     timestamp: Option<i64>,
     topic: &'a str,
     partition: i32,
@@ -59,23 +93,74 @@ struct Envelope<'a> {
     route: &'a str,
 }
 
+/// Bytes as a JSON string when they are UTF-8, else as `{"base64": ...}`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Text<'a> {
+    Utf8(&'a str),
+    Base64(String),
+}
+
+impl<'a> Text<'a> {
+    fn of(bytes: &'a [u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Text::Utf8(text),
+            Err(_) => Text::Base64(STANDARD.encode(bytes)),
+        }
+    }
+}
+
+/// One header value, or several for a name given more than once.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum HeaderValues<'a> {
+    One(#[serde(serialize_with = "header_value")] Text<'a>),
+    Many(#[serde(serialize_with = "header_values")] Vec<Text<'a>>),
+}
+
+fn header_value<S: serde::Serializer>(value: &Text<'_>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap as _;
+    match value {
+        Text::Utf8(text) => s.serialize_str(text),
+        Text::Base64(encoded) => {
+            let mut map = s.serialize_map(Some(1))?;
+            map.serialize_entry("base64", encoded)?;
+            map.end()
+        }
+    }
+}
+
+fn header_values<S: serde::Serializer>(values: &[Text<'_>], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq as _;
+    struct One<'b, 'a>(&'b Text<'a>);
+    impl Serialize for One<'_, '_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            header_value(self.0, s)
+        }
+    }
+    let mut seq = s.serialize_seq(Some(values.len()))?;
+    for value in values {
+        seq.serialize_element(&One(value))?;
+    }
+    seq.end()
+}
+
 /// A value embedded as JSON when it is JSON, else as a string.
 #[derive(Serialize)]
 #[serde(untagged)]
 enum Payload<'a> {
     Json(&'a RawValue),
-    Text(std::borrow::Cow<'a, str>),
+    Text(&'a str),
 }
 
 impl<'a> Payload<'a> {
-    fn of(value: &'a [u8]) -> Self {
-        std::str::from_utf8(value)
-            .ok()
-            .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
-            .map_or_else(
-                || Payload::Text(String::from_utf8_lossy(value)),
-                Payload::Json,
-            )
+    /// `None` when the value is not UTF-8.
+    fn of(value: &'a [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(value).ok()?;
+        Some(match serde_json::from_str::<&RawValue>(text) {
+            Ok(json) => Payload::Json(json),
+            Err(_) => Payload::Text(text),
+        })
     }
 }
 
@@ -113,6 +198,34 @@ mod tests {
         assert_eq!(lines[1]["value"], "{not json");
         assert_eq!(lines[1]["offset"], 7);
         assert_eq!(lines[1]["headers"]["weir.error.reason"], "bad");
+    }
+
+    #[test]
+    fn envelope_keeps_repeated_headers_binary_bytes_and_tombstones() {
+        let mut binary = record(b"\xff\xfe\x00");
+        binary.key = Some(bytes::Bytes::from_static(b"\x80k"));
+        binary.headers.push(("trace".into(), "a".into()));
+        binary
+            .headers
+            .push(("trace".into(), bytes::Bytes::from_static(b"\xc3")));
+        let mut tombstone = record(b"");
+        tombstone.tombstone = true;
+        let mut out = Vec::new();
+        encode(&binary, RecordFormat::Envelope, &mut out);
+        encode(&tombstone, RecordFormat::Envelope, &mut out);
+        let lines: Vec<serde_json::Value> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        let decode = |v: &serde_json::Value| STANDARD.decode(v.as_str().unwrap()).unwrap();
+        assert_eq!(decode(&lines[0]["value_base64"]), b"\xff\xfe\x00");
+        assert!(lines[0].get("value").is_none());
+        assert_eq!(decode(&lines[0]["key_base64"]), b"\x80k");
+        assert_eq!(lines[0]["headers"]["trace"][0], "a");
+        assert_eq!(decode(&lines[0]["headers"]["trace"][1]["base64"]), b"\xc3");
+        assert_eq!(lines[1]["tombstone"], true);
+        assert_eq!(lines[1]["value"], "");
     }
 
     #[test]

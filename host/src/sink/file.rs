@@ -104,6 +104,57 @@ impl Sink for FileSink {
     }
 }
 
+/// Whether a file sink could open `path`: it is not a folder, and the
+/// deepest folder of it that exists is a folder this process may write in.
+pub fn check(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("`{}` is a folder, not a file", path.display()));
+    }
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|err| format!("cannot write `{}`: {err}", path.display()));
+    }
+    let mut folder = path.parent();
+    while let Some(dir) = folder {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(format!(
+                    "cannot create `{}`: `{}` is not a folder",
+                    path.display(),
+                    dir.display()
+                ));
+            }
+            Ok(_) => {
+                let c_path =
+                    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+                        .map_err(|_| format!("`{}` holds a NUL byte", dir.display()))?;
+                // SAFETY: a valid NUL-terminated path; access only reads it.
+                let writable =
+                    unsafe { libc::access(c_path.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+                return if writable {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "cannot create `{}`: folder `{}` is not writable",
+                        path.display(),
+                        dir.display()
+                    ))
+                };
+            }
+            Err(_) => folder = dir.parent(),
+        }
+    }
+    Ok(())
+}
+
 /// Truncates `file` after its last newline; returns how many bytes went.
 fn cut_torn_line(file: &mut std::fs::File) -> std::io::Result<u64> {
     let len = file.metadata()?.len();

@@ -112,6 +112,17 @@ pub async fn build(
     })
 }
 
+/// What would stop the sink `config` describes from opening, found without
+/// writing anything: a file whose folder cannot be created or written, a
+/// path that is a folder, a Kafka option librdkafka does not know.
+pub fn check(config: &SinkConfig) -> Result<(), String> {
+    match config {
+        SinkConfig::Stdout { .. } => Ok(()),
+        SinkConfig::File { path, .. } => file::check(path),
+        SinkConfig::Kafka(kafka) => kafka::check(kafka),
+    }
+}
+
 /// The sink for dead letters when a pipeline names none: stderr, as envelopes.
 pub fn default_dead_letter() -> Box<dyn Sink> {
     Box::new(StderrSink::new(RecordFormat::Envelope))

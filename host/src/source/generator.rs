@@ -76,7 +76,12 @@ fn default_users() -> u32 {
 }
 
 impl GeneratorConfig {
-    /// Checks the settings' ranges.
+    /// Slowest `rate`: one event every 1,000 s.
+    const MIN_RATE: f64 = 0.001;
+    /// Fastest `rate`: a billion events per second (unthrottled, in effect).
+    const MAX_RATE: f64 = 1e9;
+
+    /// What is wrong with the settings, naming the key and its value.
     pub fn check(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.malformed) {
             return Err(format!(
@@ -84,11 +89,14 @@ impl GeneratorConfig {
                 self.malformed
             ));
         }
-        if self
-            .rate
-            .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
+        if let Some(rate) = self.rate
+            && !(Self::MIN_RATE..=Self::MAX_RATE).contains(&rate)
         {
-            return Err("generator `rate` must be a positive number of events per second".into());
+            return Err(format!(
+                "generator `rate` is {rate}; it must be between {} and {} events per second",
+                Self::MIN_RATE,
+                Self::MAX_RATE
+            ));
         }
         if self.users == 0 {
             return Err("generator `users` must be at least 1".into());
@@ -294,7 +302,9 @@ impl Generator {
     /// When the next event is due under the configured rate.
     fn due(&self) -> Option<Instant> {
         let rate = self.events.config.rate?;
-        Some(self.started + Duration::from_secs_f64(self.events.produced() as f64 / rate))
+        let due = Duration::try_from_secs_f64(self.events.produced() as f64 / rate)
+            .unwrap_or(Duration::MAX);
+        self.started.checked_add(due)
     }
 }
 

@@ -32,6 +32,8 @@ pub struct KafkaSink {
     /// costs one or two; a cluster that fails every new producer at once is
     /// an error, not a loop.
     replacements_without_progress: u32,
+    /// Producers replaced over the sink's life.
+    replaced: u64,
 }
 
 /// How many producers in a row may fail before a single delivery succeeds.
@@ -56,7 +58,13 @@ impl KafkaSink {
             in_flight: VecDeque::new(),
             owns_producer: false,
             replacements_without_progress: 0,
+            replaced: 0,
         }
+    }
+
+    /// How many times a producer that failed for good was replaced.
+    pub fn producers_replaced(&self) -> u64 {
+        self.replaced
     }
 
     fn create_producer(config: &KafkaSinkConfig) -> Result<FutureProducer, SinkError> {
@@ -125,6 +133,7 @@ impl KafkaSink {
         mut unacknowledged: Vec<OwnedMessage>,
     ) -> Result<(), SinkError> {
         self.replacements_without_progress += 1;
+        self.replaced += 1;
         if self.replacements_without_progress > MAX_REPLACEMENTS_WITHOUT_PROGRESS {
             return Err(SinkError::Io {
                 sink: self.describe(),
@@ -157,8 +166,10 @@ impl KafkaSink {
 
     async fn resend(&mut self, message: &OwnedMessage) -> Result<(), SinkError> {
         loop {
-            let mut record =
-                FutureRecord::to(message.topic()).payload(message.payload().unwrap_or_default());
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(message.topic());
+            if let Some(payload) = message.payload() {
+                record = record.payload(payload);
+            }
             if let Some(key) = message.key() {
                 record = record.key(key);
             }
@@ -230,8 +241,11 @@ impl Sink for KafkaSink {
         for record in records {
             let headers = to_headers(record);
             loop {
-                let mut message =
-                    FutureRecord::to(self.topic_for(record)).payload(&record.value[..]);
+                let mut message: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(self.topic_for(record));
+                if !(record.tombstone && record.value.is_empty()) {
+                    message = message.payload(&record.value[..]);
+                }
                 if let Some(key) = &record.key {
                     message = message.key(&key[..]);
                 }

@@ -547,8 +547,7 @@ enum CommitError {
     Superseded,
     /// The coordinator is moving or slow: worth another try.
     Transient,
-    /// Anything else: authorization, an unknown topic, another worker with
-    /// this one's `WEIR_WORKER_ID` (fenced), a broken client.
+    /// Anything else: authorization, an unknown topic, a broken client.
     Fatal,
 }
 
@@ -559,7 +558,11 @@ fn classify_commit_error(err: &KafkaError) -> CommitError {
             Code::RebalanceInProgress
             | Code::IllegalGeneration
             | Code::UnknownMemberId
-            | Code::AssignmentLost,
+            | Code::AssignmentLost
+            // A static member that rejoined (a broker restart) fences its
+            // own previous incarnation; a true twin with this worker's id
+            // is a fatal consumer error that reading reports.
+            | Code::FencedInstanceId,
         ) => CommitError::Superseded,
         Some(
             Code::NotCoordinator
