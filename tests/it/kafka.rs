@@ -906,3 +906,70 @@ async fn a_producer_that_fails_for_good_is_replaced_and_what_it_held_is_resent_i
         "records first appear in the order written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_forwarded_by_a_plugin_is_still_a_tombstone() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = Broker::start();
+    broker.create_topic("in", 1).await;
+    broker.create_topic("out", 1).await;
+    let producer: FutureProducer = broker
+        .connection()
+        .client_config(weir::kafka::KafkaConnection::PRODUCER)
+        .create()
+        .unwrap();
+    for record in [
+        FutureRecord::<str, str>::to("in")
+            .key("user-1")
+            .payload("{}"),
+        FutureRecord::<str, str>::to("in").key("user-1"),
+        FutureRecord::<str, str>::to("in").key("user-2").payload(""),
+    ] {
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "compact"
+source = {{ type = "kafka", brokers = "{b}", topics = ["in"] }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:identity}}"
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "{b}"
+topic = "out"
+"#,
+        b = broker.brokers()
+    ));
+    run_until(&path, |now| now[0].records_out >= 3).await;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "tombstone-check")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset("out", 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    rdkafka::consumer::Consumer::assign(&consumer, &assignment).unwrap();
+    let mut payloads = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while payloads.len() < 3 && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            use rdkafka::Message as _;
+            payloads.push(message.payload().map(<[u8]>::to_vec));
+        }
+    }
+    assert_eq!(
+        payloads,
+        [Some(b"{}".to_vec()), None, Some(Vec::new())],
+        "value, tombstone, empty value"
+    );
+}

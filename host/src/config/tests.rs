@@ -243,3 +243,28 @@ fn plugin_config_dates_reach_the_plugin_as_rfc3339_text() {
         serde_json::json!({"since": "1979-05-27T07:32:00Z", "day": "2024-02-29", "list": ["08:00:00"]})
     );
 }
+
+#[test]
+fn absurd_numbers_are_refused_at_their_line_not_panicked_on() {
+    let generator = MINIMAL.replace(
+        "source = { type = \"file\", path = \"in.jsonl\" }",
+        "source = { type = \"generator\", kind = \"payments\", rate = 1e-300 }",
+    );
+    let err = parse(&generator).unwrap_err();
+    assert!(err.message.contains("`rate` is 1e-300"), "{err}");
+    assert_eq!(err.line, 4, "{err}");
+
+    let huge = format!("{MINIMAL}\n[pipeline.limits]\nmemory_mb = 17592186044416\n");
+    let err = parse(&huge).unwrap_err();
+    assert!(
+        err.message.contains("`limits.memory_mb` is 17592186044416"),
+        "{err}"
+    );
+
+    let tiny = format!("{MINIMAL}\n[pipeline.limits]\nmax_record_bytes = 10\n");
+    let err = parse(&tiny).unwrap_err();
+    assert!(
+        err.message.contains("`limits.max_record_bytes` is 10"),
+        "{err}"
+    );
+}

@@ -581,6 +581,11 @@ impl SinkWriter {
             return Ok(());
         };
         if let Some(transaction) = &self.transaction {
+            // An error here ends the writer, which aborts the transaction.
+            self.committer.verify().map_err(|err| SinkError::Io {
+                sink: "kafka transaction".into(),
+                source: std::io::Error::other(err),
+            })?;
             transaction
                 .commit(&checkpoint)
                 .await

@@ -93,7 +93,7 @@ impl GeneratorConfig {
             && !(Self::MIN_RATE..=Self::MAX_RATE).contains(&rate)
         {
             return Err(format!(
-                "generator `rate` is {rate}; it must be between {} and {} events per second",
+                "generator `rate` is {rate:e}; it must be between {} and {} events per second",
                 Self::MIN_RATE,
                 Self::MAX_RATE
             ));

@@ -117,6 +117,13 @@ pub trait Committer: Send + Sync {
     /// An error means positions cannot be committed: the pipeline stops
     /// rather than run on replaying everything after a restart.
     async fn commit(&self, checkpoint: &Checkpoint) -> Result<Commit, SourceError>;
+
+    /// Called before a transaction commits outputs with these positions: an
+    /// error means they are no longer this source's to commit, and the
+    /// transaction is aborted instead.
+    fn verify(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// What became of a commit.

@@ -37,6 +37,10 @@ struct ProgressState {
     /// source is closing: draining cannot succeed, so a revoke stops
     /// waiting.
     refused: bool,
+    /// A revoke let partitions go before what was read from them was
+    /// committed: with exactly-once, their outputs sit in the open
+    /// transaction, which must never commit.
+    released_uncommitted: bool,
 }
 
 /// How long a revoke waits for in-flight batches to commit before letting
@@ -108,6 +112,7 @@ impl Progress {
             state.handed_over.remove(key);
             state.committed.remove(key);
         }
+        state.released_uncommitted |= !drained;
         drained
     }
 
@@ -488,6 +493,25 @@ struct KafkaCommitter {
 
 #[async_trait]
 impl Committer for KafkaCommitter {
+    fn verify(&self) -> Result<(), SourceError> {
+        if self.enabled || !self.progress.lock().released_uncommitted {
+            return Ok(());
+        }
+        // Exactly-once: the partitions' next owner reads those records again
+        // from the last commit, so the transaction holding their outputs is
+        // aborted, and this worker stops; restarted, it resumes from its
+        // last commit too.
+        Err(SourceError::Io {
+            what: self.what.clone(),
+            source: std::io::Error::other(format!(
+                "a rebalance took partitions away before their batches committed (within {} s); \
+                 the open transaction holding their outputs is aborted and the pipeline stops, \
+                 to resume from the last commit",
+                DRAIN_TIMEOUT.as_secs()
+            )),
+        })
+    }
+
     async fn commit(&self, checkpoint: &Checkpoint) -> Result<Commit, SourceError> {
         if checkpoint.positions.is_empty() {
             return Ok(Commit::Done);
