@@ -262,6 +262,10 @@ type = "stdout"
         "{err}"
     );
     assert_eq!(records_out(&err, "loud"), 0, "{err}");
+    assert!(
+        err.contains("pipeline `loud`: 3 records in, 0 out"),
+        "the failed batch was read: {err}"
+    );
 }
 
 #[test]
@@ -339,4 +343,46 @@ path = "out.txt"
     std::fs::write(&fifo, "through\na fifo\n").unwrap();
     assert!(run.wait().unwrap().success());
     assert_eq!(lines_of(&scratch, "out.txt"), ["through", "a fifo"]);
+}
+
+#[test]
+fn a_json_line_with_bytes_that_are_not_utf8_is_dead_lettered_as_malformed() {
+    let scratch = Scratch::new();
+    std::fs::write(
+        scratch.path("in.jsonl"),
+        b"{\"a\":\"ok\"}\n{\"a\":\"\xff\xfe\"}\n",
+    )
+    .unwrap();
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "strict"
+source = { type = "file", path = "in.jsonl" }
+
+[[pipeline.sink]]
+type = "file"
+path = "out.jsonl"
+
+[pipeline.dead_letter]
+type = "file"
+path = "dead.jsonl"
+"#,
+    );
+    let run = run_measured(
+        &mut weir_command(&scratch, &["run", path.to_str().unwrap()]),
+        HANG,
+    );
+    let err = stderr(&run.output);
+    assert!(run.output.status.success(), "{err}");
+    assert_eq!(lines_of(&scratch, "out.jsonl"), [r#"{"a":"ok"}"#]);
+    let dead = scratch.json_lines("dead.jsonl");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["offset"], 2);
+    let reason = dead[0]["headers"]["weir.error.reason"].as_str().unwrap();
+    assert!(
+        reason.contains("malformed JSON") && reason.contains("not UTF-8"),
+        "{reason}"
+    );
+    // The envelope keeps the bytes as they were.
+    assert_eq!(dead[0]["value_base64"], "eyJhIjoi//4ifQ==");
 }
