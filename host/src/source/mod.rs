@@ -164,7 +164,15 @@ pub async fn open(pipeline: &PipelineConfig) -> Result<OpenSource, SourceError> 
     let max_record = pipeline.limits().max_record_bytes;
     let source: Box<dyn Source> = match pipeline.source.get_ref() {
         SourceConfig::File { path, format } => {
-            Box::new(LineSource::file(path, *format, batch, max_record)?)
+            // Off the async workers: opening a FIFO waits for its writer.
+            let (path, format, batch) = (path.clone(), *format, batch.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                LineSource::file(&path, format, &batch, max_record)
+            });
+            match opened.await {
+                Ok(source) => Box::new(source?),
+                Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+            }
         }
         SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch, max_record)),
         SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
