@@ -108,3 +108,13 @@ impl CommitSuperseded {
         metrics.commits_superseded.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// The cluster could not take a commit now; it goes with the next one.
+pub struct CommitDeferred;
+
+impl CommitDeferred {
+    /// Counts it (the pipeline logs the first of a streak).
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.commits_deferred.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -24,6 +24,7 @@ pub struct PipelineMetrics {
     plugin_faults: AtomicU64,
     batches: AtomicU64,
     commits_superseded: AtomicU64,
+    commits_deferred: AtomicU64,
     commit_errors: AtomicU64,
 }
 
@@ -40,6 +41,7 @@ impl PipelineMetrics {
             plugin_faults: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             commits_superseded: AtomicU64::new(0),
+            commits_deferred: AtomicU64::new(0),
             commit_errors: AtomicU64::new(0),
         }
     }
@@ -56,6 +58,7 @@ impl PipelineMetrics {
             plugin_faults: self.plugin_faults.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             commits_superseded: self.commits_superseded.load(Ordering::Relaxed),
+            commits_deferred: self.commits_deferred.load(Ordering::Relaxed),
             commit_errors: self.commit_errors.load(Ordering::Relaxed),
         }
     }
@@ -87,6 +90,9 @@ pub struct MetricsSnapshot {
     /// rebalance moved the partitions; their new owner reads the records
     /// again.
     pub commits_superseded: u64,
+    /// `weir_commits_deferred_total`: commits the cluster could not take
+    /// then (away, coordinator moving); their positions went with the next.
+    pub commits_deferred: u64,
     /// `weir_commit_errors_total`: commits that failed for good (the
     /// pipeline stops on the first).
     pub commit_errors: u64,

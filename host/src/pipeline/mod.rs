@@ -40,7 +40,8 @@ use crate::config::{
 use crate::engine::{PluginEngine, PluginError};
 use crate::kafka::KafkaTransaction;
 use crate::metrics::events::{
-    BatchProcessed, BatchRead, CommitFailed, CommitSuperseded, RecordsDeadLettered, RecordsSent,
+    BatchProcessed, BatchRead, CommitDeferred, CommitFailed, CommitSuperseded, RecordsDeadLettered,
+    RecordsSent,
 };
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
@@ -307,6 +308,7 @@ impl Pipeline {
             commit_interval,
             transaction,
             unflushed_sent: 0,
+            deferred: None,
         };
         let mut writer = tokio::spawn(writer.run(from_chain));
 
@@ -440,6 +442,8 @@ struct SinkWriter {
     /// Records written but not yet flushed: counted out once every sink
     /// has them durably (a write that only reached a buffer is not out).
     unflushed_sent: u64,
+    /// Positions whose commit the cluster could not take yet.
+    deferred: Option<Checkpoint>,
 }
 
 impl SinkWriter {
@@ -496,7 +500,11 @@ impl SinkWriter {
                 }
             }
         }
-        self.commit(pending.take()).await
+        self.commit(pending.take()).await?;
+        if self.deferred.is_some() {
+            tracing::warn!(pipeline = %self.pipeline, "The last source positions could not be committed before stopping; their records will be read again.");
+        }
+        Ok(())
     }
 
     async fn write(
@@ -576,6 +584,17 @@ impl SinkWriter {
             entry.sink.flush().await?;
         }
         self.dead_letter.flush().await?;
+        // What a deferred commit left goes with this one (offsets are
+        // cumulative, so the later position of each partition wins).
+        let checkpoint = match (self.deferred.clone(), checkpoint) {
+            (Some(mut earlier), Some(later)) => {
+                for position in &later.positions {
+                    earlier.advance(position);
+                }
+                Some(earlier)
+            }
+            (earlier, later) => later.or(earlier),
+        };
         let Some(checkpoint) = checkpoint else {
             self.count_sent();
             return Ok(());
@@ -597,7 +616,20 @@ impl SinkWriter {
         self.count_sent();
         // With a transaction this only tells the source what is committed.
         match self.committer.commit(&checkpoint).await {
-            Ok(Commit::Done) => Ok(()),
+            Ok(Commit::Done) => {
+                if self.deferred.take().is_some() {
+                    tracing::info!(pipeline = %self.pipeline, "Source commits go through again.");
+                }
+                Ok(())
+            }
+            Ok(Commit::Deferred(reason)) => {
+                if self.deferred.is_none() {
+                    tracing::warn!(pipeline = %self.pipeline, %reason, "Source commit deferred until the cluster takes it; reading goes on.");
+                }
+                CommitDeferred.emit(&self.metrics);
+                self.deferred = Some(checkpoint);
+                Ok(())
+            }
             Ok(Commit::Superseded(_)) => {
                 CommitSuperseded.emit(&self.metrics);
                 Ok(())

@@ -135,6 +135,10 @@ pub enum Commit {
     /// rebalance): that reader starts at the previous commit and reads
     /// these records again. At-least-once holds; they are counted.
     Superseded(String),
+    /// The cluster could not take the commit now (it is away or its
+    /// coordinator is moving): the pipeline commits these positions with
+    /// the next ones.
+    Deferred(String),
 }
 
 /// For sources that cannot replay (files, stdin, generators): nothing to

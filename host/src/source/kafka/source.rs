@@ -543,11 +543,13 @@ impl Committer for KafkaCommitter {
                     return Ok(Commit::Superseded(err.to_string()));
                 }
                 CommitError::Transient if attempt < COMMIT_ATTEMPTS => {
-                    tracing::warn!(source = %self.what, %err, attempt, "Offset commit failed; retrying.");
+                    tracing::debug!(source = %self.what, %err, attempt, "Offset commit failed; retrying.");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                CommitError::Transient | CommitError::Fatal => {
+                // The cluster is away: these offsets go with the next commit.
+                CommitError::Transient => return Ok(Commit::Deferred(err.to_string())),
+                CommitError::Fatal => {
                     self.progress.refused();
                     return Err(SourceError::Io {
                         what: self.what.clone(),
@@ -562,14 +564,15 @@ impl Committer for KafkaCommitter {
     }
 }
 
-/// Attempts at one commit when the coordinator is moving or slow:
-/// 100 ms, 200 ms ... apart, about 3 s in all.
+/// Attempts at one commit when the coordinator is moving or slow, 100 ms,
+/// 200 ms ... apart (about 3 s in all), before it is deferred to the next.
 const COMMIT_ATTEMPTS: u32 = 5;
 
 enum CommitError {
     /// The group rebalanced: the partitions are someone else's now.
     Superseded,
-    /// The coordinator is moving or slow: worth another try.
+    /// The cluster is away or its coordinator moving: worth another try,
+    /// then the next commit.
     Transient,
     /// Anything else: authorization, an unknown topic, a broken client.
     Fatal,
@@ -596,7 +599,8 @@ fn classify_commit_error(err: &KafkaError) -> CommitError {
             | Code::OperationTimedOut
             | Code::NetworkException
             | Code::BrokerTransportFailure
-            | Code::AllBrokersDown,
+            | Code::AllBrokersDown
+            | Code::WaitingForCoordinator,
         ) => CommitError::Transient,
         _ => CommitError::Fatal,
     }
