@@ -631,6 +631,8 @@ impl SinkWriter {
                 Ok(())
             }
             Ok(Commit::Superseded(_)) => {
+                // Those partitions are another reader's now.
+                self.deferred = None;
                 CommitSuperseded.emit(&self.metrics);
                 Ok(())
             }

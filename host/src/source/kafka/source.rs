@@ -66,6 +66,24 @@ impl Progress {
         }
     }
 
+    /// The positions of `checkpoint` whose partitions this source holds:
+    /// handed over since they were last assigned.
+    fn owned(&self, checkpoint: &Checkpoint) -> Checkpoint {
+        let state = self.lock();
+        Checkpoint {
+            positions: checkpoint
+                .positions
+                .iter()
+                .filter(|p| {
+                    state
+                        .handed_over
+                        .contains_key(&(p.topic.to_string(), p.partition))
+                })
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// No commit is coming: a revoke stops waiting for one.
     fn refused(&self) {
         self.lock().refused = true;
@@ -521,6 +539,14 @@ impl Committer for KafkaCommitter {
             self.progress.committed(checkpoint);
             return Ok(Commit::Done);
         }
+        // Only partitions still this source's: a checkpoint (or a deferred
+        // one) may predate a rebalance, and committing a partition that
+        // moved would rewind its new owner.
+        let owned = self.progress.owned(checkpoint);
+        if owned.positions.is_empty() {
+            return Ok(Commit::Done);
+        }
+        let checkpoint = &owned;
         let offsets = next_offsets(checkpoint).map_err(|e| io(&self.what, e))?;
         let mut backoff = Duration::from_millis(100);
         for attempt in 1.. {
