@@ -373,8 +373,10 @@ impl ReplyReader<'_> {
 
     /// The limit these outputs break, as a dead-letter reason.
     fn breaks_limits(&self, limits: &Limits, count: usize, bytes: u64) -> Option<String> {
-        let plugin = format!("plugin `{}` {}", self.slot.name(), self.slot.version());
+        // Named only when a limit breaks: this runs for every record.
+        let plugin = || format!("plugin `{}` {}", self.slot.name(), self.slot.version());
         if count > limits.outputs_per_record as usize {
+            let plugin = plugin();
             return Some(format!(
                 "{plugin}: broke `limits.outputs_per_record` ({}): it emitted {count} outputs for this record",
                 limits.outputs_per_record
@@ -382,6 +384,7 @@ impl ReplyReader<'_> {
         }
         let total = self.batch_bytes + bytes;
         (total > limits.output_bytes_per_batch).then(|| {
+            let plugin = plugin();
             format!(
                 "{plugin}: broke `limits.output_mb_per_batch` ({} MiB): this record's {count} outputs ({bytes} bytes) would take its batch to {total} bytes",
                 limits.output_bytes_per_batch >> 20
