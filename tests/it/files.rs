@@ -6,7 +6,7 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{Scratch, run_measured, stderr, weir_command};
+use crate::support::{Scratch, run_measured, stderr, summary_figure, weir_command};
 
 /// Long enough for any honest run here; a run past it has hung.
 const HANG: Duration = Duration::from_secs(120);
@@ -19,21 +19,15 @@ fn lines_of(scratch: &Scratch, name: &str) -> Vec<String> {
         .collect()
 }
 
-/// The `N out` figure of the summary line of pipeline `name`.
-fn records_out(log: &str, name: &str) -> usize {
-    let prefix = format!("pipeline `{name}`: ");
-    let line = log
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no summary line for `{name}` in:\n{log}"));
-    let after_in = line.split(" records in, ").nth(1).unwrap();
-    after_in
-        .split(" out")
-        .next()
-        .unwrap()
-        .replace(',', "")
-        .parse()
-        .unwrap()
+/// `weir run PATH` to its end, which must succeed; its stderr.
+fn run_to_success(scratch: &Scratch, path: &std::path::Path) -> String {
+    let run = run_measured(
+        &mut weir_command(scratch, &["run", path.to_str().unwrap()]),
+        HANG,
+    );
+    let err = stderr(&run.output);
+    assert!(run.output.status.success(), "{err}");
+    err
 }
 
 #[test]
@@ -146,12 +140,7 @@ type = "file"
 path = "dead.jsonl"
 "#,
     );
-    let run = run_measured(
-        &mut weir_command(&scratch, &["run", path.to_str().unwrap()]),
-        HANG,
-    );
-    let err = stderr(&run.output);
-    assert!(run.output.status.success(), "{err}");
+    run_to_success(&scratch, &path);
     assert_eq!(lines_of(&scratch, "out.txt"), ["a", "b"]);
     let dead = scratch.json_lines("dead.jsonl");
     assert_eq!(dead.len(), 1);
@@ -203,7 +192,10 @@ path = "out.txt"
     assert!(!out.is_empty(), "the file sink was flushed");
     // Counted out: what reached both sinks and was flushed. The file may
     // hold more (what stdout no longer took), never less.
-    assert!(out.len() >= records_out(&err, "head"), "{err}");
+    assert!(
+        out.len() >= summary_figure(&err, "head", "out") as usize,
+        "{err}"
+    );
     assert!(
         out.iter()
             .enumerate()
@@ -261,7 +253,7 @@ type = "stdout"
         err.contains("sink stdout") && err.contains("No space left"),
         "{err}"
     );
-    assert_eq!(records_out(&err, "loud"), 0, "{err}");
+    assert_eq!(summary_figure(&err, "loud", "out"), 0, "{err}");
     assert!(
         err.contains("pipeline `loud`: 3 records in, 0 out"),
         "the failed batch was read: {err}"
@@ -368,12 +360,7 @@ type = "file"
 path = "dead.jsonl"
 "#,
     );
-    let run = run_measured(
-        &mut weir_command(&scratch, &["run", path.to_str().unwrap()]),
-        HANG,
-    );
-    let err = stderr(&run.output);
-    assert!(run.output.status.success(), "{err}");
+    run_to_success(&scratch, &path);
     assert_eq!(lines_of(&scratch, "out.jsonl"), [r#"{"a":"ok"}"#]);
     let dead = scratch.json_lines("dead.jsonl");
     assert_eq!(dead.len(), 1);

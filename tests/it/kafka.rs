@@ -12,7 +12,7 @@ use weir::metrics::MetricsSnapshot;
 use weir::pipeline::Pipeline;
 
 use crate::broker::Broker;
-use crate::support::{Scratch, weir_bin};
+use crate::support::{Scratch, summary_figure, weir_bin};
 
 /// Runs the pipelines of `path` in process until `done` says so (checked
 /// every 100 ms, for at most two minutes), then stops them cleanly.
@@ -491,18 +491,37 @@ async fn broker_with_input(records: usize) -> Broker {
     broker
 }
 
-/// The `records in` figure of a worker's `pipeline `survivor`` summary line,
-/// which must be there.
-fn records_in(log: &str) -> u64 {
-    let line = log
-        .lines()
-        .find(|l| l.starts_with("pipeline `survivor`: "))
-        .unwrap_or_else(|| panic!("no summary line for pipeline `survivor` in:\n{log}"));
-    let figure = line["pipeline `survivor`: ".len()..]
-        .split(" records in")
-        .next()
+/// Every message of partition 0 of `topic`, from its start to its end as it
+/// is now: each one's value, `None` for a tombstone.
+fn partition_payloads(brokers: &str, topic: &str) -> Vec<Option<Vec<u8>>> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "weir-test-partition-reader")
+        .create()
         .unwrap();
-    figure.replace(',', "").parse().unwrap()
+    let (_, end) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let (mut payloads, mut next) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next < end {
+        assert!(
+            Instant::now() < deadline,
+            "{topic} not read to offset {end} in 60 s"
+        );
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            next = message.offset() + 1;
+            payloads.push(message.payload().map(<[u8]>::to_vec));
+        }
+    }
+    payloads
 }
 
 fn ids(records: &[crate::broker::Consumed]) -> Vec<usize> {
@@ -553,7 +572,7 @@ async fn two_workers_split_the_partitions_and_together_write_each_record_once() 
     assert_eq!(output.len(), RECORDS, "no input twice");
     for summary in &summaries {
         // Each worker's summary: both took part.
-        let records_in = records_in(summary);
+        let records_in = summary_figure(summary, "survivor", "records in");
         assert!(records_in > 0, "a worker took no partition: {summary}");
     }
 }
@@ -639,7 +658,7 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
             eprintln!("{line}");
         }
     }
-    let second_in = records_in(&summaries[1]);
+    let second_in = summary_figure(&summaries[1], "survivor", "records in");
     assert!(
         second_in > 0,
         "the joining worker took no partition: {}",
@@ -832,7 +851,6 @@ path = "out.jsonl"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_that_fails_for_good_is_replaced_and_what_it_held_is_resent_in_order() {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     use weir::record::{Record, SourcePosition};
@@ -874,29 +892,15 @@ async fn a_producer_that_fails_for_good_is_replaced_and_what_it_held_is_resent_i
     sink.flush().await.unwrap();
     assert!(sink.producers_replaced() >= 1, "the fault was not injected");
 
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("group.id", "order-check")
-        .create()
-        .unwrap();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    assignment
-        .add_partition_offset("out", 0, rdkafka::Offset::Beginning)
-        .unwrap();
-    consumer.assign(&assignment).unwrap();
     let mut first_seen = Vec::new();
     let mut seen = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.len() < 10_000 && Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            use rdkafka::Message as _;
-            let id: usize = std::str::from_utf8(message.payload().unwrap())
-                .unwrap()
-                .parse()
-                .unwrap();
-            if seen.insert(id) {
-                first_seen.push(id);
-            }
+    for payload in partition_payloads(&cluster.bootstrap_servers(), "out") {
+        let id: usize = String::from_utf8(payload.unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        if seen.insert(id) {
+            first_seen.push(id);
         }
     }
     assert_eq!(seen.len(), 10_000, "every record written");
@@ -949,24 +953,7 @@ topic = "out"
         b = broker.brokers()
     ));
     run_until(&path, |now| now[0].records_out >= 3).await;
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .set("group.id", "tombstone-check")
-        .create()
-        .unwrap();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    assignment
-        .add_partition_offset("out", 0, rdkafka::Offset::Beginning)
-        .unwrap();
-    rdkafka::consumer::Consumer::assign(&consumer, &assignment).unwrap();
-    let mut payloads = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while payloads.len() < 3 && Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            use rdkafka::Message as _;
-            payloads.push(message.payload().map(<[u8]>::to_vec));
-        }
-    }
+    let payloads = partition_payloads(&broker.brokers(), "out");
     assert_eq!(
         payloads,
         [Some(b"{}".to_vec()), None, Some(Vec::new())],

@@ -198,6 +198,23 @@ pub fn weir(args: &[&str], cache: &Path) -> Output {
         .expect("weir runs")
 }
 
+/// A figure of pipeline `name`'s summary line in a `weir run` log, which
+/// must be there: `summary_figure(log, "p", "records in")` reads
+/// "pipeline `p`: 1,024 records in, ...".
+pub fn summary_figure(log: &str, name: &str, figure: &str) -> u64 {
+    let prefix = format!("pipeline `{name}`: ");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no summary line for pipeline `{name}` in:\n{log}"));
+    let before = line[prefix.len()..]
+        .split(&format!(" {figure}"))
+        .next()
+        .unwrap();
+    let number = before.rsplit(", ").next().unwrap();
+    number.replace(',', "").parse().unwrap()
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
