@@ -413,8 +413,9 @@ pub struct OutcomeWriter {
     current: usize,
     outputs: u32,
     /// Why an output of the current record cannot be written as asked (a
-    /// field past its length limit): the record fails with it instead of
-    /// sending something else than the plugin wrote.
+    /// field past its length limit): [`OutcomeWriter::commit`] fails the
+    /// record with it instead of sending something else than the plugin
+    /// wrote.
     overflow: Option<String>,
 }
 
@@ -437,15 +438,8 @@ impl OutcomeWriter {
     pub fn begin(&mut self) {
         self.current = self.buf.len();
         self.outputs = 0;
-        self.overflow = None;
         self.buf.push(TAG_EMIT);
         self.buf.extend_from_slice(&[0; 8]);
-    }
-
-    /// Why the current record's outputs could not be written as asked, if
-    /// they could not: end it with [`OutcomeWriter::fail`] then.
-    pub fn take_overflow(&mut self) -> Option<String> {
-        self.overflow.take()
     }
 
     fn overflow(&mut self, what: &str, len: usize, max: usize) {
@@ -463,9 +457,15 @@ impl OutcomeWriter {
         self.buf.truncate(start - 1);
     }
 
-    /// Ends the current outcome as "emitted what was written".
+    /// Ends the current outcome as "emitted what was written", or, if an
+    /// output could not be written as asked (a field past its length
+    /// limit), as failed with why.
     #[inline]
     pub fn commit(&mut self) {
+        if let Some(overflow) = self.overflow.take() {
+            self.fail(&overflow);
+            return;
+        }
         let at = self.current + 1;
         let bytes = len_u32(self.buf.len() - at - 8);
         self.buf[at..at + 4].copy_from_slice(&self.outputs.to_le_bytes());
@@ -475,6 +475,7 @@ impl OutcomeWriter {
 
     /// Ends the current outcome as failed, discarding its outputs.
     pub fn fail(&mut self, reason: &str) {
+        self.overflow = None;
         self.buf.truncate(self.current);
         self.buf.push(TAG_FAIL);
         self.buf
@@ -616,6 +617,28 @@ impl<'a> OutputsView<'a> {
         self.count == 0
     }
 
+    /// The one output, when there is exactly one (the usual case: parsed
+    /// without an iterator); an error if it does not parse or bytes follow
+    /// it. `None` when there are none or several: use
+    /// [`OutputsView::iter`].
+    #[inline]
+    pub fn only(&self) -> Option<Result<OutputView<'a>, AbiError>> {
+        if self.count != 1 {
+            return None;
+        }
+        let mut cursor = Cursor {
+            buf: self.raw,
+            pos: 0,
+        };
+        Some(read_output(&mut cursor).and_then(|out| {
+            if cursor.pos == cursor.buf.len() {
+                Ok(out)
+            } else {
+                Err(past_the_outputs(cursor.pos))
+            }
+        }))
+    }
+
     /// The outputs in order; an output that does not parse is an error.
     pub fn iter(&self) -> impl Iterator<Item = Result<OutputView<'a>, AbiError>> + use<'a> {
         let mut cursor = Cursor {
@@ -626,16 +649,11 @@ impl<'a> OutputsView<'a> {
         let mut checked_end = false;
         core::iter::from_fn(move || {
             if left == 0 {
-                // Bytes past the declared outputs: a reply that says less
-                // than it holds is as malformed as one that says more.
                 if checked_end || cursor.pos == cursor.buf.len() {
                     return None;
                 }
                 checked_end = true;
-                return Some(Err(AbiError {
-                    what: "bytes past the outputs the outcome declares",
-                    at: cursor.pos,
-                }));
+                return Some(Err(past_the_outputs(cursor.pos)));
             }
             left -= 1;
             let item = read_output(&mut cursor);
@@ -645,6 +663,15 @@ impl<'a> OutputsView<'a> {
             }
             Some(item)
         })
+    }
+}
+
+/// Bytes past the outputs an outcome declares: a reply that says less
+/// than it holds is as malformed as one that says more.
+fn past_the_outputs(at: usize) -> AbiError {
+    AbiError {
+        what: "bytes past the outputs the outcome declares",
+        at,
     }
 }
 
@@ -822,6 +849,40 @@ mod tests {
                 .as_ref()
                 .is_err_and(|e| e.what.contains("past the outputs"))
         );
+        assert!(
+            outputs
+                .only()
+                .unwrap()
+                .is_err_and(|e| e.what.contains("past the outputs"))
+        );
+    }
+
+    #[test]
+    fn only_reads_a_single_output_and_leaves_several_to_iter() {
+        let mut out = OutcomeWriter::with_capacity(64);
+        out.begin();
+        out.forward(Some("audit"));
+        out.commit();
+        out.begin();
+        out.forward(None);
+        out.forward(None);
+        out.commit();
+        let reply = out.finish();
+        let mut reader = OutcomeReader::new(&reply, 2).unwrap();
+        let Some(Ok(OutcomeView::Emit(one))) = reader.next() else {
+            panic!("an emit outcome");
+        };
+        assert!(matches!(
+            one.only(),
+            Some(Ok(OutputView::Forward {
+                route: Some("audit")
+            }))
+        ));
+        let Some(Ok(OutcomeView::Emit(two))) = reader.next() else {
+            panic!("an emit outcome");
+        };
+        assert!(two.only().is_none());
+        assert_eq!(two.iter().filter(Result::is_ok).count(), 2);
     }
 
     #[test]

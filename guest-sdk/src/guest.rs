@@ -163,10 +163,7 @@ pub fn process_batch<T: Transform>(plugin: &mut T, batch: &[u8]) -> Vec<u8> {
         };
         out.0.begin();
         match plugin.process(record, &mut out) {
-            Ok(()) => match out.0.take_overflow() {
-                None => out.0.commit(),
-                Some(overflow) => out.0.fail(&overflow),
-            },
+            Ok(()) => out.0.commit(),
             Err(err) => out.0.fail(err.message()),
         }
     }

@@ -10,6 +10,12 @@
 //!
 //! Run: `cargo bench -p weir-tests --bench plugin_boundary`. Prints a table,
 //! then one JSON summary line.
+//!
+//! Wall time on a shared 2-core machine cannot resolve a few percent. For
+//! that, `WEIR_BENCH_FIXED=identity-1|identity-1024|json-1024` runs one case
+//! over a fixed input with no clock, to count instructions under callgrind:
+//! `valgrind --tool=callgrind --toggle-collect='weir::pipeline::chain::Chain::process*' <bench binary>`
+//! (the same count for the same binary whatever else the machine does).
 
 #![allow(
     clippy::unwrap_used,
@@ -32,6 +38,8 @@ use weir::record::{Record, SourcePosition};
 const RECORD_BYTES: usize = 100;
 const SAMPLES: usize = 9;
 const SAMPLE_TIME: Duration = Duration::from_millis(150);
+const JSON_FILTER_CONFIG: &str =
+    "field = \"amount\"\nmin = 100.0\nproject = [\"id\", \"user\", \"amount\"]";
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -212,6 +220,10 @@ fn main() {
     .expect("engine");
 
     let total = records(64 * 1024);
+    if let Ok(case) = std::env::var("WEIR_BENCH_FIXED") {
+        fixed(&engine, &dir, &case, &total);
+        return;
+    }
     let mut identity = chain(&engine, dir.join("identity.wasm"), "");
     let mut summary = serde_json::Map::new();
     println!("plugin boundary, {RECORD_BYTES}-byte JSON records, one core, median of {SAMPLES}");
@@ -255,8 +267,7 @@ fn main() {
     }
     summary.insert("identity".into(), identity_json.clone().into());
 
-    let config = "field = \"amount\"\nmin = 100.0\nproject = [\"id\", \"user\", \"amount\"]";
-    let mut filter = chain(&engine, dir.join("json_filter.wasm"), config);
+    let mut filter = chain(&engine, dir.join("json_filter.wasm"), JSON_FILTER_CONFIG);
     let native_filter: json_filter::JsonFilter = weir_guest::configure(
         r#"{"field": "amount", "min": 100.0, "project": ["id", "user", "amount"]}"#,
     )
@@ -321,6 +332,33 @@ fn main() {
     summary.insert("bench".into(), "plugin_boundary".into());
     summary.insert("record_bytes".into(), RECORD_BYTES.into());
     println!("{}", serde_json::Value::Object(summary));
+}
+
+/// The `WEIR_BENCH_FIXED` mode: one case through the chain, no clock.
+fn fixed(engine: &PluginEngine, dir: &std::path::Path, case: &str, total: &[Record]) {
+    let (wasm, config, batch) = match case {
+        "identity-1" => ("identity.wasm", "", 1),
+        "identity-1024" => ("identity.wasm", "", 1024),
+        "json-1024" => ("json_filter.wasm", JSON_FILTER_CONFIG, 1024),
+        other => {
+            panic!("WEIR_BENCH_FIXED={other}: expected identity-1, identity-1024 or json-1024")
+        }
+    };
+    let mut chain = chain(engine, dir.join(wasm), config);
+    let input = if batch == 1 {
+        &total[..8 * 1024]
+    } else {
+        total
+    };
+    let mut out = 0;
+    for records in input.chunks(batch) {
+        out += chain
+            .process(records.to_vec())
+            .expect("plugin runs")
+            .records
+            .len();
+    }
+    println!("{case}: {} records in, {out} out", input.len());
 }
 
 fn round(x: f64) -> f64 {

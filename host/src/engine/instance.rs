@@ -160,7 +160,14 @@ impl StoreState {
 
     /// Logs what the plugin wrote to stdout (info) and stderr (warn) during
     /// a call, and what the log budget dropped.
+    #[inline]
     fn log_output(&mut self, drained: &Drained) {
+        if !drained.is_empty() || self.log_budget.suppressed > 0 {
+            self.log_drained(drained);
+        }
+    }
+
+    fn log_drained(&mut self, drained: &Drained) {
         for (bytes, level) in [
             (&drained.stdout, Level::Info),
             (&drained.stderr, Level::Warn),
@@ -276,10 +283,10 @@ impl Instance {
             version: String::from("(unknown version)"),
             deadline_ticks,
         };
-        instance.arm();
+        arm(&mut instance.store, instance.deadline_ticks);
         let bindings = pre.instantiate(&mut instance.store);
         let bindings = instance.finish_call("instantiate", bindings)?;
-        instance.arm();
+        arm(&mut instance.store, instance.deadline_ticks);
         let info = bindings
             .weir_plugin_transform()
             .call_describe(&mut instance.store);
@@ -293,14 +300,14 @@ impl Instance {
 
     /// Calls `init` with the plugin's settings.
     pub(super) fn init(&mut self, config: &str) -> Result<(), PluginError> {
-        let bindings = self.take_bindings("init")?;
-        self.arm();
+        let Some(bindings) = &self.bindings else {
+            return Err(self.stopped("init"));
+        };
+        arm(&mut self.store, self.deadline_ticks);
         let result = bindings
             .weir_plugin_transform()
             .call_init(&mut self.store, config);
-        let result = self.finish_call("init", result)?;
-        self.bindings = Some(bindings);
-        match result {
+        match self.finish_call("init", result)? {
             Ok(()) => Ok(()),
             Err(message) => Err(self.fail("init", PluginErrorKind::ConfigRejected(message))),
         }
@@ -331,38 +338,30 @@ impl Instance {
     /// Runs one packed batch and returns the packed reply. After an error the
     /// instance is unusable: make a new one.
     pub fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, PluginError> {
-        let bindings = self.take_bindings("process")?;
-        self.arm();
+        let Some(bindings) = &self.bindings else {
+            return Err(self.stopped("process"));
+        };
+        arm(&mut self.store, self.deadline_ticks);
         let result = bindings
             .weir_plugin_transform()
             .call_process(&mut self.store, batch);
         let reply = self.finish_call("process", result)?;
-        self.bindings = Some(bindings);
         let state = self.store.data_mut();
-        let pending = std::mem::take(&mut state.pending);
-        state.counters.merge(pending);
+        state.counters.absorb(&mut state.pending);
         Ok(reply)
     }
 
-    /// The bindings for a call; put back after it unless it failed.
-    fn take_bindings(&mut self, export: &'static str) -> Result<Transformer, PluginError> {
-        self.bindings.take().ok_or_else(|| {
-            self.fail(
-                export,
-                PluginErrorKind::Instantiate("the instance was stopped by an earlier error".into()),
-            )
-        })
-    }
-
-    /// Starts the clock of a call: epoch deadline and sleep deadline.
-    fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        let ticks = u32::try_from(self.deadline_ticks).unwrap_or(u32::MAX);
-        self.store.data_mut().deadline = Some(Instant::now() + EPOCH_TICK * ticks);
+    /// The error of a call on an instance an earlier error stopped.
+    fn stopped(&self, export: &'static str) -> PluginError {
+        self.fail(
+            export,
+            PluginErrorKind::Instantiate("the instance was stopped by an earlier error".into()),
+        )
     }
 
     /// Ends a call: logs its output, and turns a wasmtime error into the
-    /// limit or fault it was (the instance is then unusable).
+    /// limit or fault it was (the instance is then stopped: its bindings
+    /// are dropped).
     fn finish_call<T>(
         &mut self,
         export: &'static str,
@@ -374,6 +373,7 @@ impl Instance {
         if state.deadline_hit.swap(false, Ordering::Relaxed) {
             state.pending = PluginCounters::default();
             let deadline = state.limits.batch_deadline;
+            self.bindings = None;
             return Err(self.fail(export, PluginErrorKind::Deadline(deadline)));
         }
         match result {
@@ -383,6 +383,7 @@ impl Instance {
             }
             Err(err) => {
                 state.pending = PluginCounters::default();
+                self.bindings = None;
                 Err(self.error(export, &err, &drained))
             }
         }
@@ -432,6 +433,15 @@ impl Instance {
         };
         self.fail(export, kind)
     }
+}
+
+/// Starts the clock of a call: the epoch deadline, and the deadline that
+/// bounds the plugin's sleeps and waits in host calls. A free function so
+/// that a call can hold the bindings while the store is armed.
+fn arm(store: &mut Store<StoreState>, ticks: u64) {
+    store.set_epoch_deadline(ticks);
+    let ticks = u32::try_from(ticks).unwrap_or(u32::MAX);
+    store.data_mut().deadline = Some(Instant::now() + EPOCH_TICK * ticks);
 }
 
 /// The trap and where it happened in the plugin's own code: innermost frame

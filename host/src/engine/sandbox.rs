@@ -169,7 +169,15 @@ enum Stream {
 
 /// What an instance wrote to stdout and stderr during the current call.
 #[derive(Clone, Default)]
-pub(super) struct Captured(Arc<Mutex<CapturedState>>);
+pub(super) struct Captured(Arc<Capture>);
+
+#[derive(Default)]
+struct Capture {
+    /// Set by a write, cleared by a drain: a call that wrote nothing (the
+    /// usual) drains without taking the lock.
+    written: AtomicBool,
+    state: Mutex<CapturedState>,
+}
 
 #[derive(Default)]
 struct CapturedState {
@@ -189,7 +197,7 @@ pub(super) struct Drained {
 
 impl Captured {
     fn lock(&self) -> std::sync::MutexGuard<'_, CapturedState> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self, stream: Stream, bytes: &[u8]) {
@@ -202,10 +210,19 @@ impl Captured {
         let kept = bytes.len().min(room);
         buffer.extend_from_slice(&bytes[..kept]);
         state.dropped += (bytes.len() - kept) as u64;
+        self.0.written.store(true, Ordering::Release);
     }
 
     /// Takes what was written since the last drain.
+    #[inline]
     pub(super) fn drain(&self) -> Drained {
+        if !self.0.written.swap(false, Ordering::Acquire) {
+            return Drained::default();
+        }
+        self.take()
+    }
+
+    fn take(&self) -> Drained {
         let mut state = self.lock();
         Drained {
             stdout: std::mem::take(&mut state.stdout),
@@ -216,6 +233,11 @@ impl Captured {
 }
 
 impl Drained {
+    /// Whether the plugin wrote nothing (and nothing was dropped).
+    pub(super) fn is_empty(&self) -> bool {
+        self.stdout.is_empty() && self.stderr.is_empty() && self.dropped == 0
+    }
+
     /// The end of stderr, as text fit for an error message: what a panic
     /// prints is last.
     pub(super) fn stderr_tail(&self) -> String {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use weir_guest::abi::{
-    BatchWriter, OutcomeReader, OutcomeView, OutputView, OutputsView, RecordParts,
+    AbiError, BatchWriter, NewRecordView, OutcomeReader, OutcomeView, OutputView, RecordParts,
 };
 
 use super::dead_letter::DeadLetter;
@@ -323,11 +323,32 @@ impl ReplyReader<'_> {
                 output.dropped += 1;
                 continue;
             }
-            let bytes = match self.output_bytes(&input, outputs) {
-                Ok(bytes) => bytes,
-                Err(err) => {
+            // Every output is parsed and costed before any is used: a
+            // malformed one leaves the input untouched, and outputs that
+            // break a limit are never held. A single output (the usual
+            // case) is parsed once; several are parsed again as they are
+            // taken, so that a flood of them is never held at once.
+            let single = match outputs.only() {
+                Some(Ok(out)) => Some(out),
+                Some(Err(err)) => {
                     return Err(self.bad_reply(err, std::iter::once(input).chain(inputs).collect()));
                 }
+                None => None,
+            };
+            let bytes = match &single {
+                Some(out) => output_bytes(&input, out),
+                None => match outputs
+                    .iter()
+                    .map(|out| out.map(|out| output_bytes(&input, &out)))
+                    .sum()
+                {
+                    Ok(bytes) => bytes,
+                    Err(err) => {
+                        return Err(
+                            self.bad_reply(err, std::iter::once(input).chain(inputs).collect())
+                        );
+                    }
+                },
             };
             if let Some(reason) = self.breaks_limits(&limits, outputs.len(), bytes) {
                 output.faults += 1;
@@ -342,7 +363,19 @@ impl ReplyReader<'_> {
                 continue;
             }
             self.batch_bytes += bytes;
-            self.materialise(input, outputs, next);
+            // Every output but the last starts from a copy of the input; the
+            // last takes the input itself.
+            if let Some(out) = single {
+                push_output(next, input, &out, self.reply, self.routes);
+                continue;
+            }
+            let mut outs = outputs.iter().flatten();
+            for out in outs.by_ref().take(outputs.len() - 1) {
+                push_output(next, input.clone(), &out, self.reply, self.routes);
+            }
+            if let Some(out) = outs.next() {
+                push_output(next, input, &out, self.reply, self.routes);
+            }
         }
         if let Err(err) = outcomes.finish() {
             return Err(self.bad_reply(err, Vec::new()));
@@ -350,68 +383,36 @@ impl ReplyReader<'_> {
         Ok(())
     }
 
-    /// What the outputs of `input` would cost the host; parsing them all
-    /// first, so that a malformed one leaves `input` untouched.
-    fn output_bytes(
-        &self,
-        input: &Record,
-        outputs: OutputsView<'_>,
-    ) -> Result<u64, weir_guest::abi::AbiError> {
-        let mut bytes = 0;
-        for out in outputs.iter() {
-            bytes += match out? {
-                OutputView::Forward { .. } => record_bytes(input),
-                OutputView::New(new) => {
-                    let headers: usize = new.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
-                    (new.value.len() + new.key.map_or(0, <[u8]>::len) + headers) as u64
-                        + RECORD_OVERHEAD
-                }
-            };
+    /// The limit these outputs break, as a dead-letter reason. This runs
+    /// for every record: the check is inline, the reason is built apart.
+    #[inline]
+    fn breaks_limits(&self, limits: &Limits, count: usize, bytes: u64) -> Option<String> {
+        if count <= limits.outputs_per_record as usize
+            && self.batch_bytes + bytes <= limits.output_bytes_per_batch
+        {
+            return None;
         }
-        Ok(bytes)
+        Some(self.broken_limit(limits, count, bytes))
     }
 
-    /// The limit these outputs break, as a dead-letter reason.
-    fn breaks_limits(&self, limits: &Limits, count: usize, bytes: u64) -> Option<String> {
-        // Named only when a limit breaks: this runs for every record.
-        let plugin = || format!("plugin `{}` {}", self.slot.name(), self.slot.version());
+    #[cold]
+    #[inline(never)]
+    fn broken_limit(&self, limits: &Limits, count: usize, bytes: u64) -> String {
+        let plugin = format!("plugin `{}` {}", self.slot.name(), self.slot.version());
         if count > limits.outputs_per_record as usize {
-            let plugin = plugin();
-            return Some(format!(
+            return format!(
                 "{plugin}: broke `limits.outputs_per_record` ({}): it emitted {count} outputs for this record",
                 limits.outputs_per_record
-            ));
+            );
         }
-        let total = self.batch_bytes + bytes;
-        (total > limits.output_bytes_per_batch).then(|| {
-            let plugin = plugin();
-            format!(
-                "{plugin}: broke `limits.output_mb_per_batch` ({} MiB): this record's {count} outputs ({bytes} bytes) would take its batch to {total} bytes",
-                limits.output_bytes_per_batch >> 20
-            )
-        })
+        format!(
+            "{plugin}: broke `limits.output_mb_per_batch` ({} MiB): this record's {count} outputs ({bytes} bytes) would take its batch to {} bytes",
+            limits.output_bytes_per_batch >> 20,
+            self.batch_bytes + bytes
+        )
     }
 
-    /// Pushes the outputs of `input` onto `next`: every output but the last
-    /// starts from a copy of the input; the last takes the input itself.
-    fn materialise(&mut self, input: Record, outputs: OutputsView<'_>, next: &mut Vec<Record>) {
-        let mut outputs_left = outputs.iter().flatten();
-        for _ in 1..outputs.len() {
-            let Some(out) = outputs_left.next() else {
-                break;
-            };
-            let mut record = input.clone();
-            apply_output(&mut record, out, self.reply, self.routes);
-            next.push(record);
-        }
-        if let Some(out) = outputs_left.next() {
-            let mut record = input;
-            apply_output(&mut record, out, self.reply, self.routes);
-            next.push(record);
-        }
-    }
-
-    fn bad_reply(&self, err: weir_guest::abi::AbiError, unprocessed: Vec<Record>) -> Fault {
+    fn bad_reply(&self, err: AbiError, unprocessed: Vec<Record>) -> Fault {
         Fault {
             error: Box::new(PluginError {
                 plugin: self.slot.name().to_owned(),
@@ -424,7 +425,20 @@ impl ReplyReader<'_> {
     }
 }
 
+/// What output `out` of `input` costs the host to hold.
+#[inline]
+fn output_bytes(input: &Record, out: &OutputView<'_>) -> u64 {
+    match out {
+        OutputView::Forward { .. } => record_bytes(input),
+        OutputView::New(new) => {
+            let headers: usize = new.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+            (new.value.len() + new.key.map_or(0, <[u8]>::len) + headers) as u64 + RECORD_OVERHEAD
+        }
+    }
+}
+
 /// What a record costs the host to hold.
+#[inline]
 fn record_bytes(record: &Record) -> u64 {
     let headers: usize = record
         .headers
@@ -435,32 +449,45 @@ fn record_bytes(record: &Record) -> u64 {
         + RECORD_OVERHEAD
 }
 
-/// Turns `record` (a copy of the input) into the output `out` describes.
-fn apply_output(
-    record: &mut Record,
-    out: OutputView<'_>,
+/// Pushes `record` (the input or a copy of it) onto `next` as the output
+/// `out` describes. It is changed where it lies in `next`: a record is
+/// big, and moving it costs more than the change does.
+#[inline(always)]
+fn push_output(
+    next: &mut Vec<Record>,
+    record: Record,
+    out: &OutputView<'_>,
     reply: &Bytes,
     routes: &mut Vec<Arc<str>>,
 ) {
+    next.push(record);
+    let Some(record) = next.last_mut() else {
+        return;
+    };
     match out {
-        OutputView::Forward { route } => {
-            if let Some(route) = route {
-                record.route = Some(intern(routes, route));
-            }
-        }
-        OutputView::New(new) => {
-            record.key = new.key.map(|key| reply.slice_ref(key));
-            record.value = reply.slice_ref(new.value);
-            record.headers = new
-                .headers
-                .iter()
-                .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
-                .collect();
-            record.timestamp = new.timestamp.or(record.timestamp);
-            if let Some(route) = new.route {
-                record.route = Some(intern(routes, route));
-            }
-        }
+        OutputView::Forward { route: None } => {}
+        OutputView::Forward { route: Some(route) } => record.route = Some(intern(routes, route)),
+        OutputView::New(new) => apply_new(record, new, reply, routes),
+    }
+}
+
+/// Turns `record` into the record `new` describes.
+fn apply_new(
+    record: &mut Record,
+    new: &NewRecordView<'_>,
+    reply: &Bytes,
+    routes: &mut Vec<Arc<str>>,
+) {
+    record.key = new.key.map(|key| reply.slice_ref(key));
+    record.value = reply.slice_ref(new.value);
+    record.headers = new
+        .headers
+        .iter()
+        .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
+        .collect();
+    record.timestamp = new.timestamp.or(record.timestamp);
+    if let Some(route) = new.route {
+        record.route = Some(intern(routes, route));
     }
 }
 
