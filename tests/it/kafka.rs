@@ -238,9 +238,68 @@ fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -
     spawn(path, cache, worker, Stdio::inherit())
 }
 
-/// A `weir run` child process whose log (and summary) the test reads.
-fn spawn_logged(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
-    spawn(path, cache, worker, Stdio::piped())
+/// A `weir run` child process whose log (and summary) the test reads. The
+/// log goes to a file, not a pipe: a pipe nobody reads until the end would
+/// stall a worker that logs more than the pipe holds.
+struct LoggedWorker {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl LoggedWorker {
+    fn spawn(scratch: &Scratch, path: &std::path::Path, worker: &str) -> Self {
+        let log = scratch.path(&format!("worker-{worker}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = spawn(path, &scratch.path("cache"), worker, Stdio::from(file));
+        LoggedWorker { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it with SIGTERM and returns its log, which ends with its
+    /// summary; fails if it did not exit cleanly.
+    fn stop(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        let log = self.log();
+        assert!(status.success(), "the worker exited with {status}: {log}");
+        log
+    }
+}
+
+/// Waits for `check` while every worker runs. If one exits, or the time is
+/// up, kills them all and fails with each one's log.
+fn wait_for_workers(
+    what: &str,
+    limit: Duration,
+    workers: &mut [LoggedWorker],
+    mut check: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        let exited = workers
+            .iter_mut()
+            .any(|worker| matches!(worker.child.try_wait(), Ok(Some(_))));
+        if exited || Instant::now() >= deadline {
+            let mut logs = String::new();
+            for (n, worker) in workers.iter_mut().enumerate() {
+                let _ = worker.child.kill();
+                let status = worker.child.wait().unwrap();
+                logs += &format!("\n--- worker {} ({status}):\n{}", n + 1, worker.log());
+            }
+            let why = if exited {
+                "a worker exited".to_owned()
+            } else {
+                format!("gave up after {limit:?}")
+            };
+            panic!("waiting for {what}: {why}{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn spawn(path: &std::path::Path, cache: &std::path::Path, worker: &str, stderr: Stdio) -> Child {
@@ -541,29 +600,21 @@ async fn two_workers_split_the_partitions_and_together_write_each_record_once() 
     let broker = broker_with_input(RECORDS).await;
     let scratch = Scratch::new();
     let path = survivor_pipeline(&scratch, &broker, "exactly_once");
-    let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
     let summaries = tokio::task::block_in_place(|| {
-        let workers: Vec<Child> = ["1", "2"]
+        let mut workers: Vec<LoggedWorker> = ["1", "2"]
             .into_iter()
-            .map(|id| spawn_logged(&path, &cache, id))
+            .map(|id| LoggedWorker::spawn(&scratch, &path, id))
             .collect();
-        wait_for(
+        wait_for_workers(
             "every input offset committed",
             Duration::from_secs(120),
+            &mut workers,
             || watch.committed("in") >= RECORDS as i64,
         );
         workers
             .into_iter()
-            .map(|worker| {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &worker.id().to_string()])
-                    .status();
-                let output = worker.wait_with_output().unwrap();
-                let err = String::from_utf8_lossy(&output.stderr).into_owned();
-                assert!(output.status.success(), "{err}");
-                err
-            })
+            .map(LoggedWorker::stop)
             .collect::<Vec<String>>()
     });
     let output = tokio::task::block_in_place(|| ids(&broker.read_all("out", true)));
@@ -630,28 +681,26 @@ async fn a_worker_joining_mid_stream_takes_over_partitions_and_together_they_los
     let broker = broker_with_input(RECORDS).await;
     let scratch = Scratch::new();
     let path = survivor_pipeline(&scratch, &broker, "at_least_once");
-    let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
     let summaries = tokio::task::block_in_place(|| {
-        let first = spawn_logged(&path, &cache, "1");
-        wait_for("the first worker's output", Duration::from_secs(60), || {
-            watch.size("out") > 5_000
-        });
-        let second = spawn_logged(&path, &cache, "2");
-        wait_for(
+        let mut workers = vec![LoggedWorker::spawn(&scratch, &path, "1")];
+        wait_for_workers(
+            "the first worker's output",
+            Duration::from_secs(60),
+            &mut workers,
+            || watch.size("out") > 5_000,
+        );
+        workers.push(LoggedWorker::spawn(&scratch, &path, "2"));
+        wait_for_workers(
             "every input offset committed",
             Duration::from_secs(120),
+            &mut workers,
             || watch.committed("in") >= RECORDS as i64,
         );
-        [first, second].map(|worker| {
-            let _ = Command::new("kill")
-                .args(["-TERM", &worker.id().to_string()])
-                .status();
-            let output = worker.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&output.stderr).into_owned();
-            assert!(output.status.success(), "{err}");
-            err
-        })
+        workers
+            .into_iter()
+            .map(LoggedWorker::stop)
+            .collect::<Vec<String>>()
     });
     for summary in &summaries {
         for line in summary.lines().filter(|l| !l.contains("librdkafka")) {
