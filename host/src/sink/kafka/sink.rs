@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 
 use super::KafkaSinkConfig;
@@ -166,19 +166,13 @@ impl KafkaSink {
 
     async fn resend(&mut self, message: &OwnedMessage) -> Result<(), SinkError> {
         loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(message.topic());
-            if let Some(payload) = message.payload() {
-                record = record.payload(payload);
-            }
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Some(timestamp) = message.timestamp().to_millis() {
-                record = record.timestamp(timestamp);
-            }
-            if let Some(headers) = message.headers() {
-                record = record.headers(headers.clone());
-            }
+            let record = future_record(
+                message.topic(),
+                message.payload(),
+                message.key(),
+                message.timestamp().to_millis(),
+                message.headers(),
+            );
             match self.producer.send_result(record) {
                 Ok(delivery) => {
                     self.in_flight.push_back(delivery);
@@ -241,20 +235,13 @@ impl Sink for KafkaSink {
         for record in records {
             let headers = to_headers(record);
             loop {
-                let mut message: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(self.topic_for(record));
-                if !(record.tombstone && record.value.is_empty()) {
-                    message = message.payload(&record.value[..]);
-                }
-                if let Some(key) = &record.key {
-                    message = message.key(&key[..]);
-                }
-                if let Some(timestamp) = record.timestamp {
-                    message = message.timestamp(timestamp);
-                }
-                if let Some(headers) = &headers {
-                    message = message.headers(headers.clone());
-                }
+                let message = future_record(
+                    self.topic_for(record),
+                    (!(record.tombstone && record.value.is_empty())).then_some(&record.value[..]),
+                    record.key.as_deref(),
+                    record.timestamp,
+                    headers.as_ref(),
+                );
                 match self.producer.send_result(message) {
                     Ok(delivery) => {
                         self.in_flight.push_back(delivery);
@@ -298,4 +285,28 @@ impl Drop for KafkaSink {
         // blocking thread like the teardown itself.
         retire(producer, self.owns_producer && !self.in_flight.is_empty());
     }
+}
+
+/// One message for the producer; `payload` `None` is a tombstone.
+fn future_record<'a>(
+    topic: &'a str,
+    payload: Option<&'a [u8]>,
+    key: Option<&'a [u8]>,
+    timestamp: Option<i64>,
+    headers: Option<&OwnedHeaders>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let mut message = FutureRecord::to(topic);
+    if let Some(payload) = payload {
+        message = message.payload(payload);
+    }
+    if let Some(key) = key {
+        message = message.key(key);
+    }
+    if let Some(timestamp) = timestamp {
+        message = message.timestamp(timestamp);
+    }
+    if let Some(headers) = headers {
+        message = message.headers(headers.clone());
+    }
+    message
 }
