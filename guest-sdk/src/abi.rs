@@ -172,7 +172,13 @@ impl<'a> Iterator for HeaderIter<'a> {
         let value = self.cursor.take(value_len, "header value").ok()?;
         Some((name, value))
     }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (usize::from(self.left), Some(usize::from(self.left)))
+    }
 }
+
+impl ExactSizeIterator for HeaderIter<'_> {}
 
 /// One input record, borrowed from the packed batch: nothing is copied.
 #[derive(Clone, Copy, Debug)]
@@ -249,32 +255,48 @@ impl<'a> BatchReader<'a> {
 
     #[inline]
     fn read_one(&mut self) -> Result<RecordView<'a>, AbiError> {
-        let c = &mut self.cursor;
-        let fixed = c.take(RECORD_FIXED, "record header")?;
-        let key_len = le_u32(fixed, 0);
-        let value_len = le_u32(fixed, 4) as usize;
-        let timestamp = le_i64(fixed, 8);
-        let offset = le_i64(fixed, 16);
-        let partition = le_u32(fixed, 24) as i32;
-        let topic_len = usize::from(le_u16(fixed, 28));
-        let header_count = le_u16(fixed, 30);
-        let value = c.take(value_len, "record value")?;
-        let key = match key_len {
-            NO_KEY => None,
-            len => Some(c.take(len as usize, "record key")?),
-        };
-        let topic = c.take(topic_len, "record topic")?;
-        let headers = Headers::read(c, header_count)?;
-        Ok(RecordView {
-            key,
-            value,
-            timestamp: (timestamp != NO_TIMESTAMP).then_some(timestamp),
-            topic,
-            partition,
-            offset,
-            headers,
-        })
+        read_record(&mut self.cursor)
     }
+}
+
+/// The record that starts at byte `at` of a packed batch, and the byte
+/// after it: for a reader that keeps its own index of a batch (the host).
+#[inline]
+pub fn record_at(batch: &[u8], at: usize) -> Result<(RecordView<'_>, usize), AbiError> {
+    let mut cursor = Cursor {
+        buf: batch,
+        pos: at,
+    };
+    let record = read_record(&mut cursor)?;
+    Ok((record, cursor.pos))
+}
+
+#[inline]
+fn read_record<'a>(c: &mut Cursor<'a>) -> Result<RecordView<'a>, AbiError> {
+    let fixed = c.take(RECORD_FIXED, "record header")?;
+    let key_len = le_u32(fixed, 0);
+    let value_len = le_u32(fixed, 4) as usize;
+    let timestamp = le_i64(fixed, 8);
+    let offset = le_i64(fixed, 16);
+    let partition = le_u32(fixed, 24) as i32;
+    let topic_len = usize::from(le_u16(fixed, 28));
+    let header_count = le_u16(fixed, 30);
+    let value = c.take(value_len, "record value")?;
+    let key = match key_len {
+        NO_KEY => None,
+        len => Some(c.take(len as usize, "record key")?),
+    };
+    let topic = c.take(topic_len, "record topic")?;
+    let headers = Headers::read(c, header_count)?;
+    Ok(RecordView {
+        key,
+        value,
+        timestamp: (timestamp != NO_TIMESTAMP).then_some(timestamp),
+        topic,
+        partition,
+        offset,
+        headers,
+    })
 }
 
 impl<'a> Iterator for BatchReader<'a> {
@@ -333,6 +355,37 @@ pub struct RecordParts<'a> {
     pub offset: i64,
 }
 
+/// Appends one record with its headers to `buf` in the batch layout,
+/// leaving the batch's record count to the caller. A field past its length
+/// limit (a topic over 64 KiB, a value over 4 GiB) is cut at the limit
+/// rather than corrupting the buffer.
+#[inline]
+pub fn pack_record<'h>(
+    buf: &mut Vec<u8>,
+    record: RecordParts<'_>,
+    headers: impl ExactSizeIterator<Item = (&'h str, &'h [u8])>,
+) {
+    let topic = &record.topic.as_bytes()[..usize::from(len_u16(record.topic.len()))];
+    let value = &record.value[..len_u32(record.value.len()) as usize];
+    let key = record.key.map(|k| &k[..len_u32(k.len()) as usize]);
+    let mut fixed = [0u8; RECORD_FIXED];
+    fixed[0..4].copy_from_slice(&key.map_or(NO_KEY, |k| len_u32(k.len())).to_le_bytes());
+    fixed[4..8].copy_from_slice(&len_u32(value.len()).to_le_bytes());
+    fixed[8..16].copy_from_slice(&record.timestamp.unwrap_or(NO_TIMESTAMP).to_le_bytes());
+    fixed[16..24].copy_from_slice(&record.offset.to_le_bytes());
+    fixed[24..28].copy_from_slice(&record.partition.to_le_bytes());
+    fixed[28..30].copy_from_slice(&len_u16(topic.len()).to_le_bytes());
+    fixed[30..32].copy_from_slice(&len_u16(headers.len()).to_le_bytes());
+    buf.reserve(RECORD_FIXED + value.len() + key.map_or(0, <[u8]>::len) + topic.len());
+    buf.extend_from_slice(&fixed);
+    buf.extend_from_slice(value);
+    buf.extend_from_slice(key.unwrap_or_default());
+    buf.extend_from_slice(topic);
+    for (name, value) in headers.take(usize::from(u16::MAX)) {
+        put_header(buf, name, value);
+    }
+}
+
 /// Packs records into a batch. The buffer is kept between batches.
 #[derive(Default)]
 pub struct BatchWriter {
@@ -372,28 +425,9 @@ impl BatchWriter {
         record: RecordParts<'_>,
         headers: impl ExactSizeIterator<Item = (&'h str, &'h [u8])>,
     ) {
-        let buf = &mut self.buf;
-        let topic = &record.topic.as_bytes()[..usize::from(len_u16(record.topic.len()))];
-        let value = &record.value[..len_u32(record.value.len()) as usize];
-        let key = record.key.map(|k| &k[..len_u32(k.len()) as usize]);
-        let mut fixed = [0u8; RECORD_FIXED];
-        fixed[0..4].copy_from_slice(&key.map_or(NO_KEY, |k| len_u32(k.len())).to_le_bytes());
-        fixed[4..8].copy_from_slice(&len_u32(value.len()).to_le_bytes());
-        fixed[8..16].copy_from_slice(&record.timestamp.unwrap_or(NO_TIMESTAMP).to_le_bytes());
-        fixed[16..24].copy_from_slice(&record.offset.to_le_bytes());
-        fixed[24..28].copy_from_slice(&record.partition.to_le_bytes());
-        fixed[28..30].copy_from_slice(&len_u16(topic.len()).to_le_bytes());
-        fixed[30..32].copy_from_slice(&len_u16(headers.len()).to_le_bytes());
-        buf.reserve(RECORD_FIXED + value.len() + key.map_or(0, <[u8]>::len) + topic.len());
-        buf.extend_from_slice(&fixed);
-        buf.extend_from_slice(value);
-        buf.extend_from_slice(key.unwrap_or_default());
-        buf.extend_from_slice(topic);
-        for (name, value) in headers.take(usize::from(u16::MAX)) {
-            put_header(buf, name, value);
-        }
+        pack_record(&mut self.buf, record, headers);
         self.count += 1;
-        buf[..4].copy_from_slice(&self.count.to_le_bytes());
+        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
     }
 
     /// The packed batch.

@@ -14,6 +14,7 @@
 //! - [`cli`]: the `weir` command.
 //! - [`testkit`]: run a built plugin in the real engine from a test.
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod engine;

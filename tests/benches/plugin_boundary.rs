@@ -1,12 +1,13 @@
 //! What the plugin boundary costs, measured against native Rust in the same
 //! process, on one core, with 100-byte JSON records.
 //!
-//! - identity: the host's real path (pack the batch, call the component,
-//!   unpack outputs into records) against a native identity that moves the
-//!   same records into a new batch. Their difference is the boundary cost.
+//! - identity: the host's real path (pack the records into a batch as a
+//!   source does, call the component, take its outputs into the next batch)
+//!   against a native identity that moves the same records into a new
+//!   batch. Their difference is the boundary cost.
 //! - json: parse, filter on a number, re-serialise three fields, in the
 //!   `json-filter` component against the same logic written natively over
-//!   the host's records.
+//!   the same records.
 //!
 //! Run: `cargo bench -p weir-tests --bench plugin_boundary`. Prints a table,
 //! then one JSON summary line.
@@ -25,15 +26,14 @@
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use weir::batch::Batch;
 use weir::config::PluginConfig;
 use weir::engine::{EngineOptions, Limits, PluginEngine};
 use weir::pipeline::Chain;
 use weir::plugin::PluginSlot;
-use weir::record::{Record, SourcePosition};
+use weir_guest::abi::RecordParts;
 
 const RECORD_BYTES: usize = 100;
 const SAMPLES: usize = 9;
@@ -68,10 +68,16 @@ fn build_plugins() -> PathBuf {
     target.join("wasm32-wasip2/release")
 }
 
+/// A record as a source reads it.
+#[derive(Clone)]
+struct Raw {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
 /// `count` JSON records of exactly `RECORD_BYTES` bytes, amounts spread so
 /// that about half pass the filter.
-fn records(count: usize) -> Vec<Record> {
-    let topic: Arc<str> = "bench".into();
+fn records(count: usize) -> Vec<Raw> {
     (0..count)
         .map(|i| {
             let head = format!(
@@ -84,29 +90,42 @@ fn records(count: usize) -> Vec<Record> {
             value.resize(RECORD_BYTES - 2, b'x');
             value.extend_from_slice(b"\"}");
             debug_assert!(serde_json::from_slice::<serde_json::Value>(&value).is_ok());
-            let mut record = Record::new(
+            Raw {
+                key: format!("user-{}", i % 997).into_bytes(),
                 value,
-                SourcePosition {
-                    topic: topic.clone(),
-                    partition: 0,
-                    offset: i as i64,
-                },
-            );
-            record.key = Some(Bytes::from(format!("user-{}", i % 997)));
-            record
+            }
         })
         .collect()
 }
 
+/// `records` packed into a batch, as a source packs what it reads.
+fn pack(records: &[Raw]) -> Batch {
+    let bytes: usize = records
+        .iter()
+        .map(|r| r.value.len() + r.key.len() + 40)
+        .sum();
+    let mut batch = Batch::with_capacity(bytes, records.len());
+    for (offset, record) in records.iter().enumerate() {
+        let parts = RecordParts {
+            key: Some(&record.key),
+            value: &record.value,
+            timestamp: None,
+            topic: "bench",
+            partition: 0,
+            offset: offset as i64,
+        };
+        batch.push(parts, std::iter::empty());
+    }
+    batch
+}
+
 /// Median nanoseconds per record of `run` over batches of `batch` records.
-/// The input batches are copied before the clock starts; dropping the
-/// outputs is inside the timing, as it is in a pipeline.
-fn measure(batch: usize, total: &[Record], mut run: impl FnMut(Vec<Record>) -> usize) -> f64 {
-    let batches: Vec<Vec<Record>> = total.chunks(batch).map(<[Record]>::to_vec).collect();
+fn measure(batch: usize, total: &[Raw], mut run: impl FnMut(&[Raw]) -> usize) -> f64 {
+    let batches: Vec<&[Raw]> = total.chunks(batch).collect();
     // Calibrate how many passes over the input fill a sample.
     let started = Instant::now();
     for batch in &batches {
-        black_box(run(batch.clone()));
+        black_box(run(batch));
     }
     let passes = (SAMPLE_TIME.as_secs_f64() / started.elapsed().as_secs_f64())
         .ceil()
@@ -114,13 +133,13 @@ fn measure(batch: usize, total: &[Record], mut run: impl FnMut(Vec<Record>) -> u
 
     let mut per_record = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
-        let inputs: Vec<Vec<Record>> = (0..passes).flat_map(|_| batches.iter().cloned()).collect();
-        let count: usize = inputs.iter().map(Vec::len).sum();
         let started = Instant::now();
-        for input in inputs {
-            black_box(run(input));
+        for _ in 0..passes {
+            for batch in &batches {
+                black_box(run(batch));
+            }
         }
-        per_record.push(started.elapsed().as_nanos() as f64 / count as f64);
+        per_record.push(started.elapsed().as_nanos() as f64 / (passes * total.len()) as f64);
     }
     per_record.sort_by(f64::total_cmp);
     per_record[per_record.len() / 2]
@@ -129,32 +148,15 @@ fn measure(batch: usize, total: &[Record], mut run: impl FnMut(Vec<Record>) -> u
 /// Median nanoseconds per record of the crossing alone: a packed batch in,
 /// the packed reply out, through the guest SDK's loop; no host records
 /// are built on either side.
-fn crossing(chain: &mut Chain, batch: usize, total: &[Record]) -> f64 {
-    let packed: Vec<Vec<u8>> = total
-        .chunks(batch)
-        .map(|chunk| {
-            let mut writer = weir_guest::abi::BatchWriter::new();
-            for r in chunk {
-                let parts = weir_guest::abi::RecordParts {
-                    key: r.key.as_deref(),
-                    value: &r.value,
-                    timestamp: r.timestamp,
-                    topic: &r.source.topic,
-                    partition: r.source.partition,
-                    offset: r.source.offset,
-                };
-                writer.push(parts, std::iter::empty());
-            }
-            writer.as_bytes().to_vec()
-        })
-        .collect();
+fn crossing(chain: &mut Chain, batch: usize, total: &[Raw]) -> f64 {
+    let packed: Vec<Batch> = total.chunks(batch).map(pack).collect();
     let instance = chain.slots_mut()[0].instance();
     let mut per_record = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
         let (started, mut done) = (Instant::now(), 0);
         while started.elapsed() < SAMPLE_TIME {
             for batch in &packed {
-                black_box(instance.process(batch).expect("identity runs"));
+                black_box(instance.process(batch.wire()).expect("identity runs"));
             }
             done += total.len();
         }
@@ -182,32 +184,33 @@ fn chain(engine: &PluginEngine, wasm: PathBuf, config: &str) -> Chain {
     ])
 }
 
-/// Native identity: every record moves into the next stage's batch, as the
-/// host does with forwarded plugin outputs.
-fn native_identity(records: Vec<Record>) -> usize {
-    let out: Vec<Record> = records.into_iter().map(black_box).collect();
+/// Native identity: every record moves into the next stage's batch.
+fn native_identity(records: &[Raw]) -> usize {
+    let out: Vec<(&[u8], &[u8])> = records
+        .iter()
+        .map(|r| black_box((&r.key[..], &r.value[..])))
+        .collect();
     out.len()
 }
 
 /// Native json filter: the `json-filter` plugin's own code, compiled
-/// natively, over the host's records.
-fn native_json(filter: &json_filter::JsonFilter, records: Vec<Record>) -> usize {
-    let mut out = Vec::with_capacity(records.len());
+/// natively, over the same records; kept and projected values go to a new
+/// batch.
+fn native_json(filter: &json_filter::JsonFilter, records: &[Raw]) -> usize {
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(records.len());
     let mut buf = Vec::with_capacity(records.len() * 64);
-    let mut projected = Vec::with_capacity(records.len());
     for record in records {
         let start = buf.len();
         match filter.apply(&record.value, &mut buf) {
-            Ok(json_filter::Verdict::Projected) => projected.push((start, buf.len(), record)),
-            Ok(json_filter::Verdict::Keep) => out.push(record),
+            Ok(json_filter::Verdict::Projected) => out.push((start, buf.len())),
+            Ok(json_filter::Verdict::Keep) => {
+                buf.extend_from_slice(&record.value);
+                out.push((start, buf.len()));
+            }
             Ok(json_filter::Verdict::Drop) | Err(_) => {}
         }
     }
-    let buf = Bytes::from(buf);
-    for (start, end, mut record) in projected {
-        record.value = buf.slice(start..end);
-        out.push(record);
-    }
+    black_box(&buf);
     out.len()
 }
 
@@ -240,7 +243,7 @@ fn main() {
             &total[..]
         };
         let wasm = measure(batch, slice, |records| {
-            let out = identity.process(records).expect("identity runs");
+            let out = identity.process(pack(records)).expect("identity runs");
             out.records.len()
         });
         let native = measure(batch, slice, native_identity);
@@ -273,9 +276,9 @@ fn main() {
     )
     .expect("native filter config");
     // Both sides must keep the same records before their speed means anything.
-    let sample = total[..1024].to_vec();
+    let sample = &total[..1024];
     let kept = filter
-        .process(sample.clone())
+        .process(pack(sample))
         .expect("json filter runs")
         .records;
     assert_eq!(
@@ -285,7 +288,7 @@ fn main() {
     );
     let wasm = measure(1024, &total, |records| {
         filter
-            .process(records)
+            .process(pack(records))
             .expect("json filter runs")
             .records
             .len()
@@ -335,7 +338,7 @@ fn main() {
 }
 
 /// The `WEIR_BENCH_FIXED` mode: one case through the chain, no clock.
-fn fixed(engine: &PluginEngine, dir: &std::path::Path, case: &str, total: &[Record]) {
+fn fixed(engine: &PluginEngine, dir: &std::path::Path, case: &str, total: &[Raw]) {
     let (wasm, config, batch) = match case {
         "identity-1" => ("identity.wasm", "", 1),
         "identity-1024" => ("identity.wasm", "", 1024),
@@ -353,7 +356,7 @@ fn fixed(engine: &PluginEngine, dir: &std::path::Path, case: &str, total: &[Reco
     let mut out = 0;
     for records in input.chunks(batch) {
         out += chain
-            .process(records.to_vec())
+            .process(pack(records))
             .expect("plugin runs")
             .records
             .len();

@@ -902,7 +902,7 @@ path = "out.jsonl"
 async fn a_producer_that_fails_for_good_is_replaced_and_what_it_held_is_resent_in_order() {
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    use weir::record::{Record, SourcePosition};
+    use weir::batch::{Batch, Records};
     use weir::sink::Sink as _;
     use weir::sink::kafka::{KafkaSink, KafkaSinkConfig};
 
@@ -918,25 +918,23 @@ async fn a_producer_that_fails_for_good_is_replaced_and_what_it_held_is_resent_i
         routes: vec!["default".into()],
     })
     .unwrap();
-    let records = |ids: std::ops::Range<usize>| -> Vec<Record> {
-        ids.map(|id| {
-            let position = SourcePosition {
-                topic: "in".into(),
-                partition: 0,
-                offset: id as i64,
-            };
-            Record::new(id.to_string(), position)
-        })
-        .collect()
+    let records = |ids: std::ops::Range<usize>| -> Batch {
+        let mut batch = Batch::new();
+        for id in ids {
+            batch.push_value(id.to_string().as_bytes(), "in", 0, id as i64);
+        }
+        batch
     };
-    sink.write(&records(0..2_000)).await.unwrap();
+    sink.write(Records::all(&records(0..2_000))).await.unwrap();
     sink.flush().await.unwrap();
     cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 3],
     );
     for chunk in (2_000..10_000).step_by(500) {
-        sink.write(&records(chunk..chunk + 500)).await.unwrap();
+        sink.write(Records::all(&records(chunk..chunk + 500)))
+            .await
+            .unwrap();
     }
     sink.flush().await.unwrap();
     assert!(sink.producers_replaced() >= 1, "the fault was not injected");

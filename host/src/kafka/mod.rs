@@ -3,16 +3,16 @@
 //! records and Kafka messages.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use bytes::Bytes;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders};
 
-use crate::record::{Record, SourcePosition};
+use weir_guest::abi::RecordParts;
+
+use crate::batch::{Batch, RecordRef};
 
 pub mod transaction;
 
@@ -87,48 +87,42 @@ impl KafkaConnection {
     }
 }
 
-/// A consumed message as a weir record; `topic` is the interned name.
-pub fn to_record(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> Record {
-    let mut record = Record::new(
-        Bytes::copy_from_slice(message.payload().unwrap_or_default()),
-        SourcePosition {
-            topic: topic.clone(),
+/// Packs a consumed message into `batch`: one copy of its bytes, out of
+/// librdkafka's buffer and into the batch's.
+pub fn pack_message(batch: &mut Batch, message: &BorrowedMessage<'_>) {
+    let headers = message.headers();
+    let count = headers.map_or(0, |h| h.count());
+    let headers = (0..count).map(|index| {
+        // `index` is under the count: `get` finds it.
+        let header = headers.map(|h| h.get(index));
+        header.map_or(("", &[][..]), |h| (h.key, h.value.unwrap_or_default()))
+    });
+    batch.push(
+        RecordParts {
+            key: message.key(),
+            value: message.payload().unwrap_or_default(),
+            timestamp: message.timestamp().to_millis(),
+            topic: message.topic(),
             partition: message.partition(),
             offset: message.offset(),
         },
+        headers,
     );
-    record.tombstone = message.payload().is_none();
-    record.key = message.key().map(Bytes::copy_from_slice);
-    record.timestamp = message.timestamp().to_millis();
-    if let Some(headers) = message.headers() {
-        record.headers = headers
-            .iter()
-            .map(|h| {
-                (
-                    h.key.to_owned(),
-                    Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                )
-            })
-            .collect();
+    if message.payload().is_none() {
+        batch.mark_last_tombstone();
     }
-    record
 }
 
 /// A record's headers as Kafka headers.
-pub fn to_headers(record: &Record) -> Option<OwnedHeaders> {
-    if record.headers.is_empty() {
+pub fn to_headers(record: &RecordRef<'_>) -> Option<OwnedHeaders> {
+    if record.header_count() == 0 {
         return None;
     }
-    let headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    Some(
-        record
-            .headers
-            .iter()
-            .fold(headers, |headers, (name, value)| {
-                headers.insert(Header {
-                    key: name,
-                    value: Some(&value[..]),
-                })
-            }),
-    )
+    let headers = OwnedHeaders::new_with_capacity(record.header_count());
+    Some(record.headers().fold(headers, |headers, (name, value)| {
+        headers.insert(Header {
+            key: name,
+            value: Some(value),
+        })
+    }))
 }

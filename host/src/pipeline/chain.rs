@@ -17,18 +17,14 @@
 //! and a batch with many bad records costs one call per record at most.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use weir_guest::abi::{
-    AbiError, BatchWriter, NewRecordView, OutcomeReader, OutcomeView, OutputView, RecordParts,
-};
+use weir_guest::abi::{AbiError, OutcomeReader, OutcomeView, OutputView, RecordParts};
 
-use super::dead_letter::DeadLetter;
+use super::dead_letter::{DeadLetter, Stage};
+use crate::batch::{Batch, TooManyRoutes};
 use crate::engine::{Limits, PluginError, PluginErrorKind};
 use crate::plugin::PluginSlot;
-use crate::record::Record;
 
 /// Bytes a record costs the host beyond its key, value and headers.
 const RECORD_OVERHEAD: u64 = 64;
@@ -37,7 +33,7 @@ const RECORD_OVERHEAD: u64 = 64;
 #[derive(Debug, Default)]
 pub struct ChainOutput {
     /// Records that came out of the last plugin.
-    pub records: Vec<Record>,
+    pub records: Batch,
     /// Records some plugin failed, faulted on, or whose outputs broke a limit.
     pub dead: Vec<DeadLetter>,
     /// Records some plugin emitted nothing for.
@@ -46,6 +42,19 @@ pub struct ChainOutput {
     pub faults: u64,
     /// Set when this batch's faults quarantined the pipeline: why.
     pub quarantined: Option<String>,
+}
+
+impl ChainOutput {
+    /// Dead-letters records `from..` of `batch` at `stage`.
+    fn dead_letter_rest(&mut self, batch: &Batch, from: usize, reason: &str, stage: &Stage) {
+        for index in from..batch.len() {
+            self.dead.push(DeadLetter {
+                record: batch.to_record(index),
+                reason: reason.to_owned(),
+                stage: stage.clone(),
+            });
+        }
+    }
 }
 
 /// Counts faults over a sliding window.
@@ -82,9 +91,15 @@ impl FaultLog {
 /// A pipeline's plugins, in order.
 pub struct Chain {
     slots: Vec<PluginSlot>,
-    batch: BatchWriter,
-    routes: Vec<Arc<str>>,
     faults: FaultLog,
+}
+
+/// What one plugin call made of its input.
+enum Passed {
+    /// Every record was forwarded as it was: the input is the output.
+    All,
+    /// The outputs were written to the next batch.
+    Built,
 }
 
 impl Chain {
@@ -94,8 +109,6 @@ impl Chain {
     pub fn new(slots: Vec<PluginSlot>) -> Self {
         Chain {
             slots,
-            batch: BatchWriter::new(),
-            routes: Vec::new(),
             faults: FaultLog {
                 threshold: 10,
                 window: Duration::from_secs(60),
@@ -119,7 +132,7 @@ impl Chain {
     /// Runs `records` through every plugin. Faults cost the records that
     /// cause them (dead-lettered); only a plugin that cannot be started
     /// again ends the chain with an error.
-    pub fn process(&mut self, mut records: Vec<Record>) -> Result<ChainOutput, PluginError> {
+    pub fn process(&mut self, mut records: Batch) -> Result<ChainOutput, PluginError> {
         let mut output = ChainOutput::default();
         for index in 0..self.slots.len() {
             if records.is_empty() {
@@ -128,29 +141,36 @@ impl Chain {
             if let Some(reason) = &output.quarantined {
                 let reason = format!("not processed: the pipeline was {reason}");
                 let stage = self.slots[index].stage();
-                for record in records.drain(..) {
-                    output.dead.push(DeadLetter {
-                        record,
-                        reason: reason.clone(),
-                        stage: stage.clone(),
-                    });
-                }
+                output.dead_letter_rest(&records, 0, &reason, &stage);
+                records = Batch::new();
                 break;
             }
             let slot = &self.slots[index];
-            if records.iter().all(|r| slot.takes_topic(&r.source.topic)) {
+            if slot.takes_every_topic() || records.iter().all(|r| slot.takes_topic(r.topic())) {
                 records = self.run_slot(index, records, &mut output)?;
                 continue;
             }
             // Records of other topics pass this plugin; a partition belongs
             // to one topic, so each partition keeps its order.
-            let (taken, mut passed): (Vec<Record>, Vec<Record>) = records
-                .into_iter()
-                .partition(|r| slot.takes_topic(&r.source.topic));
-            if !taken.is_empty() {
-                passed.extend(self.run_slot(index, taken, &mut output)?);
+            let (mut taken, mut passed) = (Batch::new(), Batch::new());
+            for at in 0..records.len() {
+                let side = match slot.takes_topic(records.get(at).topic()) {
+                    true => &mut taken,
+                    false => &mut passed,
+                };
+                keep_copy(side, &records, at, &mut output);
             }
-            records = passed;
+            records = if taken.is_empty() {
+                passed
+            } else {
+                let mut out = self.run_slot(index, taken, &mut output)?;
+                if out.append(&passed).is_err() {
+                    for at in 0..passed.len() {
+                        keep_copy(&mut out, &passed, at, &mut output);
+                    }
+                }
+                out
+            };
         }
         output.records = records;
         Ok(output)
@@ -161,45 +181,36 @@ impl Chain {
     fn run_slot(
         &mut self,
         index: usize,
-        records: Vec<Record>,
+        records: Batch,
         output: &mut ChainOutput,
-    ) -> Result<Vec<Record>, PluginError> {
-        let mut next = Vec::with_capacity(records.len());
-        let fault = match self.call(index, records, &mut next, output) {
-            Ok(()) => return Ok(next),
+    ) -> Result<Batch, PluginError> {
+        let mut next = Batch::new();
+        let (error, from) = match self.call(index, &records, &mut next, output) {
+            Ok(Passed::All) => return Ok(records),
+            Ok(Passed::Built) => return Ok(next),
             Err(Fault { error, unprocessed }) if error.kind.is_fault() => (error, unprocessed),
             Err(Fault { error, .. }) => return Err(*error),
         };
-        let (error, mut unprocessed) = fault;
         self.slots[index].restart()?;
         // The batch's fault counts only if no record reproduces it alone.
         let faults_before = output.faults;
-        let mut left = unprocessed.drain(..);
-        while let Some(record) = left.next() {
+        let mut single = Batch::new();
+        for at in from..records.len() {
             if let Some(reason) = &output.quarantined {
                 let stage = self.slots[index].stage();
                 let reason = format!("not processed: the pipeline was {reason}");
-                for record in std::iter::once(record).chain(left.by_ref()) {
-                    output.dead.push(DeadLetter {
-                        record,
-                        reason: reason.clone(),
-                        stage: stage.clone(),
-                    });
-                }
+                output.dead_letter_rest(&records, at, &reason, &stage);
                 break;
             }
-            match self.call(index, vec![record], &mut next, output) {
-                Ok(()) => {}
+            single.clear();
+            keep_copy(&mut single, &records, at, output);
+            match self.call(index, &single, &mut next, output) {
+                Ok(Passed::All) => keep_copy(&mut next, &single, 0, output),
+                Ok(Passed::Built) => {}
                 Err(Fault { error, unprocessed }) if error.kind.is_fault() => {
                     let reason = error.to_string();
                     let stage = self.slots[index].stage();
-                    for record in unprocessed {
-                        output.dead.push(DeadLetter {
-                            record,
-                            reason: reason.clone(),
-                            stage: stage.clone(),
-                        });
-                    }
+                    output.dead_letter_rest(&single, unprocessed, &reason, &stage);
                     self.note_fault(&reason, output);
                     self.slots[index].restart()?;
                 }
@@ -221,68 +232,58 @@ impl Chain {
         }
     }
 
-    /// One call: packs `records`, runs the plugin, and turns the reply into
-    /// `next` records and dead letters. On a fault, returns the records
-    /// whose outcomes were not taken.
+    /// One call: the plugin takes `input` as it is packed, and its reply
+    /// becomes records on `next` and dead letters. On a fault, says from
+    /// which record on the outcomes were not taken.
     fn call(
         &mut self,
         index: usize,
-        records: Vec<Record>,
-        next: &mut Vec<Record>,
+        input: &Batch,
+        next: &mut Batch,
         output: &mut ChainOutput,
-    ) -> Result<(), Fault> {
-        let batch = &mut self.batch;
-        batch.clear();
-        for record in &records {
-            batch.push(
-                RecordParts {
-                    key: record.key.as_deref(),
-                    value: &record.value,
-                    timestamp: record.timestamp,
-                    topic: &record.source.topic,
-                    partition: record.source.partition,
-                    offset: record.source.offset,
-                },
-                record
-                    .headers
-                    .iter()
-                    .map(|(name, value)| (name.as_str(), &value[..])),
-            );
-        }
+    ) -> Result<Passed, Fault> {
         let slot = &mut self.slots[index];
-        let reply = match slot.instance().process(batch.as_bytes()) {
-            Ok(reply) => Bytes::from(reply),
+        let reply = match slot.instance().process(input.wire()) {
+            Ok(reply) => reply,
             Err(error) => {
                 return Err(Fault {
                     error: Box::new(error),
-                    unprocessed: records,
+                    unprocessed: 0,
                 });
             }
         };
         let mut reading = ReplyReader {
             slot,
-            routes: &mut self.routes,
             faults: &mut self.faults,
-            reply: &reply,
             batch_bytes: 0,
         };
-        reading.apply(records, next, output)
+        reading.apply(&reply, input, next, output)
     }
 }
 
-/// A fault, and the inputs it left unprocessed. Boxed: faults are rare and
-/// the result of every call carries room for one.
+/// Copies record `at` of `from` onto `to`; one whose route does not fit
+/// `to`'s route table is dead-lettered instead.
+fn keep_copy(to: &mut Batch, from: &Batch, at: usize, output: &mut ChainOutput) {
+    if let Err(err) = to.push_copy(from, at) {
+        output.dead.push(DeadLetter {
+            record: from.to_record(at),
+            reason: err.to_string(),
+            stage: Stage::Route,
+        });
+    }
+}
+
+/// A fault, and the first input whose outcome was not taken. Boxed: faults
+/// are rare and the result of every call carries room for one.
 struct Fault {
     error: Box<PluginError>,
-    unprocessed: Vec<Record>,
+    unprocessed: usize,
 }
 
 /// Turns one plugin reply into records, holding outputs to the limits.
 struct ReplyReader<'a> {
     slot: &'a PluginSlot,
-    routes: &'a mut Vec<Arc<str>>,
     faults: &'a mut FaultLog,
-    reply: &'a Bytes,
     /// Bytes of outputs taken so far from this reply.
     batch_bytes: u64,
 }
@@ -290,29 +291,46 @@ struct ReplyReader<'a> {
 impl ReplyReader<'_> {
     fn apply(
         &mut self,
-        records: Vec<Record>,
-        next: &mut Vec<Record>,
+        reply: &[u8],
+        input: &Batch,
+        next: &mut Batch,
         output: &mut ChainOutput,
-    ) -> Result<(), Fault> {
+    ) -> Result<Passed, Fault> {
         let limits = self.slot.limits();
-        let mut inputs = records.into_iter();
-        let mut outcomes = match OutcomeReader::new(self.reply, inputs.len()) {
+        let mut outcomes = match OutcomeReader::new(reply, input.len()) {
             Ok(outcomes) => outcomes,
-            Err(err) => return Err(self.bad_reply(err, inputs.collect())),
+            Err(err) => return Err(self.bad_reply(err, 0)),
         };
-        while let Some(input) = inputs.next() {
+        // While every record so far was forwarded as it was, nothing is
+        // copied: the input is the output. The first that was not copies
+        // those before it to `next`.
+        let mut forwarding = true;
+        for at in 0..input.len() {
             let outcome = match outcomes.next() {
                 Some(Ok(outcome)) => outcome,
                 Some(Err(err)) => {
-                    return Err(self.bad_reply(err, std::iter::once(input).chain(inputs).collect()));
+                    self.stop_forwarding(&mut forwarding, input, at, next, output);
+                    return Err(self.bad_reply(err, at));
                 }
                 None => unreachable!("the reader checked the outcome count"),
             };
+            if forwarding {
+                if let OutcomeView::Emit(outputs) = &outcome
+                    && let Some(Ok(OutputView::Forward { route: None })) = outputs.only()
+                {
+                    let bytes = record_bytes(input, at);
+                    if self.breaks_limits(&limits, 1, bytes).is_none() {
+                        self.batch_bytes += bytes;
+                        continue;
+                    }
+                }
+                self.stop_forwarding(&mut forwarding, input, at, next, output);
+            }
             let outputs = match outcome {
                 OutcomeView::Emit(outputs) => outputs,
                 OutcomeView::Fail(reason) => {
                     output.dead.push(DeadLetter {
-                        record: input,
+                        record: input.to_record(at),
                         reason: reason.to_owned(),
                         stage: self.slot.stage(),
                     });
@@ -330,24 +348,18 @@ impl ReplyReader<'_> {
             // taken, so that a flood of them is never held at once.
             let single = match outputs.only() {
                 Some(Ok(out)) => Some(out),
-                Some(Err(err)) => {
-                    return Err(self.bad_reply(err, std::iter::once(input).chain(inputs).collect()));
-                }
+                Some(Err(err)) => return Err(self.bad_reply(err, at)),
                 None => None,
             };
             let bytes = match &single {
-                Some(out) => output_bytes(&input, out),
+                Some(out) => output_bytes(input, at, out),
                 None => match outputs
                     .iter()
-                    .map(|out| out.map(|out| output_bytes(&input, &out)))
+                    .map(|out| out.map(|out| output_bytes(input, at, &out)))
                     .sum()
                 {
                     Ok(bytes) => bytes,
-                    Err(err) => {
-                        return Err(
-                            self.bad_reply(err, std::iter::once(input).chain(inputs).collect())
-                        );
-                    }
+                    Err(err) => return Err(self.bad_reply(err, at)),
                 },
             };
             if let Some(reason) = self.breaks_limits(&limits, outputs.len(), bytes) {
@@ -356,31 +368,55 @@ impl ReplyReader<'_> {
                     output.quarantined = self.faults.record(&reason);
                 }
                 output.dead.push(DeadLetter {
-                    record: input,
+                    record: input.to_record(at),
                     reason,
                     stage: self.slot.stage(),
                 });
                 continue;
             }
             self.batch_bytes += bytes;
-            // Every output but the last starts from a copy of the input; the
-            // last takes the input itself.
-            if let Some(out) = single {
-                push_output(next, input, &out, self.reply, self.routes);
-                continue;
-            }
-            let mut outs = outputs.iter().flatten();
-            for out in outs.by_ref().take(outputs.len() - 1) {
-                push_output(next, input.clone(), &out, self.reply, self.routes);
-            }
-            if let Some(out) = outs.next() {
-                push_output(next, input, &out, self.reply, self.routes);
+            let pushed = match single {
+                Some(out) => push_output(next, input, at, &out),
+                None => outputs
+                    .iter()
+                    .flatten()
+                    .try_for_each(|out| push_output(next, input, at, &out)),
+            };
+            if let Err(err) = pushed {
+                output.dead.push(DeadLetter {
+                    record: input.to_record(at),
+                    reason: err.to_string(),
+                    stage: Stage::Route,
+                });
             }
         }
         if let Err(err) = outcomes.finish() {
-            return Err(self.bad_reply(err, Vec::new()));
+            self.stop_forwarding(&mut forwarding, input, input.len(), next, output);
+            return Err(self.bad_reply(err, input.len()));
         }
-        Ok(())
+        Ok(if forwarding {
+            Passed::All
+        } else {
+            Passed::Built
+        })
+    }
+
+    /// Ends the forwarding run: the records before `at`, forwarded as they
+    /// were, are copied to `next`.
+    #[cold]
+    fn stop_forwarding(
+        &self,
+        forwarding: &mut bool,
+        input: &Batch,
+        at: usize,
+        next: &mut Batch,
+        output: &mut ChainOutput,
+    ) {
+        if std::mem::take(forwarding) {
+            for before in 0..at {
+                keep_copy(next, input, before, output);
+            }
+        }
     }
 
     /// The limit these outputs break, as a dead-letter reason. This runs
@@ -412,7 +448,7 @@ impl ReplyReader<'_> {
         )
     }
 
-    fn bad_reply(&self, err: AbiError, unprocessed: Vec<Record>) -> Fault {
+    fn bad_reply(&self, err: AbiError, unprocessed: usize) -> Fault {
         Fault {
             error: Box::new(PluginError {
                 plugin: self.slot.name().to_owned(),
@@ -425,11 +461,17 @@ impl ReplyReader<'_> {
     }
 }
 
-/// What output `out` of `input` costs the host to hold.
+/// Routes the record just pushed onto `next`, or takes it back off when
+/// its batch has no room for one more route name.
+fn route_last(next: &mut Batch, route: Option<&str>) -> Result<(), TooManyRoutes> {
+    next.route_last(route).inspect_err(|_| next.pop())
+}
+
+/// What output `out` of record `at` costs the host to hold.
 #[inline]
-fn output_bytes(input: &Record, out: &OutputView<'_>) -> u64 {
+fn output_bytes(input: &Batch, at: usize, out: &OutputView<'_>) -> u64 {
     match out {
-        OutputView::Forward { .. } => record_bytes(input),
+        OutputView::Forward { .. } => record_bytes(input, at),
         OutputView::New(new) => {
             let headers: usize = new.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
             (new.value.len() + new.key.map_or(0, <[u8]>::len) + headers) as u64 + RECORD_OVERHEAD
@@ -437,70 +479,50 @@ fn output_bytes(input: &Record, out: &OutputView<'_>) -> u64 {
     }
 }
 
-/// What a record costs the host to hold.
+/// What record `at` costs the host to hold.
 #[inline]
-fn record_bytes(record: &Record) -> u64 {
-    let headers: usize = record
-        .headers
-        .iter()
-        .map(|(name, value)| name.len() + value.len())
-        .sum();
-    (record.value.len() + record.key.as_ref().map_or(0, Bytes::len) + headers) as u64
-        + RECORD_OVERHEAD
+fn record_bytes(batch: &Batch, at: usize) -> u64 {
+    batch.get(at).content_bytes() as u64 + RECORD_OVERHEAD
 }
 
-/// Pushes `record` (the input or a copy of it) onto `next` as the output
-/// `out` describes. It is changed where it lies in `next`: a record is
-/// big, and moving it costs more than the change does.
-#[inline(always)]
+/// Appends output `out` of record `at` of `input` to `next`: the input
+/// copied (a forward) or the record the plugin wrote, which keeps the
+/// input's source position and, unless it sets its own, its timestamp and
+/// route.
+#[inline]
 fn push_output(
-    next: &mut Vec<Record>,
-    record: Record,
+    next: &mut Batch,
+    input: &Batch,
+    at: usize,
     out: &OutputView<'_>,
-    reply: &Bytes,
-    routes: &mut Vec<Arc<str>>,
-) {
-    next.push(record);
-    let Some(record) = next.last_mut() else {
-        return;
-    };
+) -> Result<(), TooManyRoutes> {
     match out {
-        OutputView::Forward { route: None } => {}
-        OutputView::Forward { route: Some(route) } => record.route = Some(intern(routes, route)),
-        OutputView::New(new) => apply_new(record, new, reply, routes),
+        OutputView::Forward { route } => {
+            next.push_copy(input, at)?;
+            if route.is_some() {
+                route_last(next, *route)?;
+            }
+        }
+        OutputView::New(new) => {
+            let record = input.get(at);
+            next.push(
+                RecordParts {
+                    key: new.key,
+                    value: new.value,
+                    timestamp: new.timestamp.or(record.timestamp()),
+                    topic: record.topic(),
+                    partition: record.partition(),
+                    offset: record.offset(),
+                },
+                new.headers.iter(),
+            );
+            route_last(next, new.route.or(record.route()))?;
+            if record.tombstone_mark() {
+                next.mark_last_tombstone();
+            }
+        }
     }
-}
-
-/// Turns `record` into the record `new` describes.
-fn apply_new(
-    record: &mut Record,
-    new: &NewRecordView<'_>,
-    reply: &Bytes,
-    routes: &mut Vec<Arc<str>>,
-) {
-    record.key = new.key.map(|key| reply.slice_ref(key));
-    record.value = reply.slice_ref(new.value);
-    record.headers = new
-        .headers
-        .iter()
-        .map(|(name, value)| (name.to_owned(), reply.slice_ref(value)))
-        .collect();
-    record.timestamp = new.timestamp.or(record.timestamp);
-    if let Some(route) = new.route {
-        record.route = Some(intern(routes, route));
-    }
-}
-
-/// One shared `Arc<str>` per route name, so routing allocates nothing per record.
-fn intern(routes: &mut Vec<Arc<str>>, route: &str) -> Arc<str> {
-    if let Some(known) = routes.iter().find(|known| &***known == route) {
-        return known.clone();
-    }
-    let route: Arc<str> = route.into();
-    if routes.len() < 1024 {
-        routes.push(route.clone());
-    }
-    route
+    Ok(())
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::batch::{Batch, Records};
 use crate::config::{
     ConfigError, FileMode, PipelineConfig, PipelineFile, RecordFormat, SinkConfig,
 };
@@ -45,7 +46,7 @@ use crate::metrics::events::{
 };
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
-use crate::record::Record;
+use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
 
@@ -298,7 +299,7 @@ impl Pipeline {
             Ok(())
         });
 
-        let writer = SinkWriter {
+        let mut writer = SinkWriter {
             pipeline: name.clone(),
             sinks,
             routes,
@@ -309,7 +310,9 @@ impl Pipeline {
             transaction,
             unflushed_sent: 0,
             deferred: None,
+            picks: Vec::new(),
         };
+        writer.picks = vec![Vec::new(); writer.sinks.len()];
         let mut writer = tokio::spawn(writer.run(from_chain));
 
         let stop = async move {
@@ -419,7 +422,7 @@ enum ChainStop {
 
 /// A batch after the chain, on its way to the sinks.
 struct Processed {
-    records: Vec<Record>,
+    records: Batch,
     dead: Vec<DeadLetter>,
     dropped: u64,
     faults: u64,
@@ -444,6 +447,9 @@ struct SinkWriter {
     unflushed_sent: u64,
     /// Positions whose commit the cluster could not take yet.
     deferred: Option<Checkpoint>,
+    /// Per sink, the records of the batch being written that it takes;
+    /// kept from batch to batch.
+    picks: Vec<Vec<u32>>,
 }
 
 impl SinkWriter {
@@ -509,48 +515,52 @@ impl SinkWriter {
 
     async fn write(
         &mut self,
-        records: Vec<Record>,
+        records: Batch,
         mut dead: Vec<DeadLetter>,
         counts: BatchProcessed,
     ) -> Result<(), SinkError> {
-        let mut per_sink: Vec<Vec<Record>> = vec![Vec::new(); self.sinks.len()];
+        // Each route name of the batch resolves to its sinks once.
+        let targets: Vec<Option<&Vec<usize>>> = std::iter::once(DEFAULT_ROUTE)
+            .chain(records.routes().iter().map(|route| &**route))
+            .map(|route| self.routes.get(route))
+            .collect();
+        let picks = &mut self.picks;
+        picks.iter_mut().for_each(Vec::clear);
         let mut sent = 0;
-        for record in records {
-            match self.routes.get(record.route_name()) {
-                Some(targets) => {
-                    // Each sink that takes the route gets the record, moved
-                    // into the last one; a sink that cannot hold it as it is
-                    // has that copy dead-lettered.
-                    let mut last_taker = None;
-                    for &target in targets {
-                        match self.sinks[target].sink.refuses(&record) {
-                            Some(reason) => dead.push(DeadLetter {
-                                reason,
-                                record: record.clone(),
-                                stage: Stage::Sink,
-                            }),
-                            None => {
-                                if let Some(previous) = last_taker.replace(target) {
-                                    per_sink[previous].push(record.clone());
-                                }
-                            }
-                        }
-                    }
-                    if let Some(last) = last_taker {
-                        sent += 1;
-                        per_sink[last].push(record);
+        for at in 0..records.len() {
+            let Some(sinks) = targets[records.route_of(at)] else {
+                let record = records.get(at);
+                dead.push(DeadLetter {
+                    reason: format!("no sink takes route `{}`", record.route_name()),
+                    record: record.to_record(),
+                    stage: Stage::Route,
+                });
+                continue;
+            };
+            // Each sink that takes the route gets the record; a sink that
+            // cannot hold it as it is has that copy dead-lettered.
+            let record = records.get(at);
+            let mut taken = false;
+            for &sink in sinks {
+                match self.sinks[sink].sink.refuses(&record) {
+                    Some(reason) => dead.push(DeadLetter {
+                        reason,
+                        record: record.to_record(),
+                        stage: Stage::Sink,
+                    }),
+                    None => {
+                        picks[sink].push(at as u32);
+                        taken = true;
                     }
                 }
-                None => dead.push(DeadLetter {
-                    reason: format!("no sink takes route `{}`", record.route_name()),
-                    record,
-                    stage: Stage::Route,
-                }),
             }
+            sent += u64::from(taken);
         }
-        for (entry, records) in self.sinks.iter_mut().zip(&per_sink) {
-            if !records.is_empty() {
-                entry.sink.write(records).await?;
+        for (entry, picked) in self.sinks.iter_mut().zip(picks.iter()) {
+            if picked.len() == records.len() {
+                entry.sink.write(Records::all(&records)).await?;
+            } else if !picked.is_empty() {
+                entry.sink.write(Records::picked(&records, picked)).await?;
             }
         }
         if let Some(first) = dead.first() {
@@ -560,7 +570,8 @@ impl SinkWriter {
                 .into_iter()
                 .map(|d| d.into_record(&self.pipeline))
                 .collect();
-            self.dead_letter.write(&dead).await?;
+            let dead = Batch::from(&dead[..]);
+            self.dead_letter.write(Records::all(&dead)).await?;
             RecordsDeadLettered {
                 count,
                 first_reason: &first_reason,

@@ -79,6 +79,11 @@ impl PluginSlot {
         &self.label
     }
 
+    /// Whether records of every source topic go through this plugin.
+    pub fn takes_every_topic(&self) -> bool {
+        self.topics.is_empty()
+    }
+
     /// Whether records of source `topic` go through this plugin.
     pub fn takes_topic(&self, topic: &str) -> bool {
         self.topics.is_empty() || self.topics.iter().any(|t| t == topic)

@@ -7,18 +7,18 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::batch::RecordRef;
 use crate::config::RecordFormat;
-use crate::record::Record;
 
 /// Appends `record` to `out` in `format`, ending with a newline.
-pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
+pub fn encode(record: &RecordRef<'_>, format: RecordFormat, out: &mut Vec<u8>) {
     match format {
-        RecordFormat::Value => out.extend_from_slice(&record.value),
+        RecordFormat::Value => out.extend_from_slice(record.value()),
         RecordFormat::Envelope => {
             let mut headers: BTreeMap<&str, HeaderValues<'_>> = BTreeMap::new();
-            for (name, value) in &record.headers {
+            for (name, value) in record.headers() {
                 let value = Text::of(value);
-                match headers.get_mut(name.as_str()) {
+                match headers.get_mut(name) {
                     Some(HeaderValues::One(first)) => {
                         let first = std::mem::replace(first, Text::Utf8(""));
                         headers.insert(name, HeaderValues::Many(vec![first, value]));
@@ -29,11 +29,11 @@ pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
                     }
                 }
             }
-            let (value, value_base64) = match Payload::of(&record.value) {
+            let (value, value_base64) = match Payload::of(record.value()) {
                 Some(payload) => (Some(payload), None),
-                None => (None, Some(STANDARD.encode(&record.value))),
+                None => (None, Some(STANDARD.encode(record.value()))),
             };
-            let (key, key_base64) = match record.key.as_deref().map(Text::of) {
+            let (key, key_base64) = match record.key().map(Text::of) {
                 Some(Text::Base64(key)) => (None, Some(key)),
                 other => (other, None),
             };
@@ -42,12 +42,12 @@ pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
                 key_base64,
                 value,
                 value_base64,
-                tombstone: record.tombstone && record.value.is_empty(),
+                tombstone: record.is_tombstone(),
                 headers,
-                timestamp: record.timestamp,
-                topic: &record.source.topic,
-                partition: record.source.partition,
-                offset: record.source.offset,
+                timestamp: record.timestamp(),
+                topic: record.topic(),
+                partition: record.partition(),
+                offset: record.offset(),
                 route: record.route_name(),
             };
             // Serialising borrowed strings and numbers into a Vec cannot fail.
@@ -60,8 +60,12 @@ pub fn encode(record: &Record, format: RecordFormat, out: &mut Vec<u8>) {
 /// Why `format` cannot write `record` on one line of `sink`, if it cannot: a
 /// value holding a line break would read back as two records. Envelopes
 /// escape them.
-pub fn refuse_line_breaks(record: &Record, format: RecordFormat, sink: &str) -> Option<String> {
-    if format != RecordFormat::Value || memchr::memchr2(b'\n', b'\r', &record.value).is_none() {
+pub fn refuse_line_breaks(
+    record: &RecordRef<'_>,
+    format: RecordFormat,
+    sink: &str,
+) -> Option<String> {
+    if format != RecordFormat::Value || memchr::memchr2(b'\n', b'\r', record.value()).is_none() {
         return None;
     }
     Some(format!(
@@ -167,7 +171,16 @@ impl<'a> Payload<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::SourcePosition;
+    use crate::batch::Batch;
+    use crate::record::{Record, SourcePosition};
+
+    fn encode_all(records: &[Record], format: RecordFormat) -> Vec<u8> {
+        let mut out = Vec::new();
+        for record in Batch::from(records).iter() {
+            encode(&record, format, &mut out);
+        }
+        out
+    }
 
     fn record(value: &'static [u8]) -> Record {
         let mut record = Record::new(
@@ -186,9 +199,10 @@ mod tests {
 
     #[test]
     fn envelope_embeds_json_values_and_quotes_the_rest() {
-        let mut out = Vec::new();
-        encode(&record(br#"{"a":1}"#), RecordFormat::Envelope, &mut out);
-        encode(&record(b"{not json"), RecordFormat::Envelope, &mut out);
+        let out = encode_all(
+            &[record(br#"{"a":1}"#), record(b"{not json")],
+            RecordFormat::Envelope,
+        );
         let lines: Vec<serde_json::Value> = out
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
@@ -210,9 +224,7 @@ mod tests {
             .push(("trace".into(), bytes::Bytes::from_static(b"\xc3")));
         let mut tombstone = record(b"");
         tombstone.tombstone = true;
-        let mut out = Vec::new();
-        encode(&binary, RecordFormat::Envelope, &mut out);
-        encode(&tombstone, RecordFormat::Envelope, &mut out);
+        let out = encode_all(&[binary, tombstone], RecordFormat::Envelope);
         let lines: Vec<serde_json::Value> = out
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
@@ -230,8 +242,7 @@ mod tests {
 
     #[test]
     fn value_format_writes_the_value_alone() {
-        let mut out = Vec::new();
-        encode(&record(b"hello"), RecordFormat::Value, &mut out);
+        let out = encode_all(&[record(b"hello")], RecordFormat::Value);
         assert_eq!(out, b"hello\n");
     }
 }

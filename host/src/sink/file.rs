@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
 use super::{Sink, SinkError, encode, refuse_line_breaks};
+use crate::batch::{RecordRef, Records};
 use crate::config::{FileMode, RecordFormat};
-use crate::record::Record;
 
 /// Writes records to a file, one per line.
 pub struct FileSink {
@@ -83,9 +83,9 @@ impl Sink for FileSink {
         format!("file {:?}", self.path.display().to_string())
     }
 
-    async fn write(&mut self, records: &[Record]) -> Result<(), SinkError> {
-        for record in records {
-            encode(record, self.format, &mut self.buffer);
+    async fn write(&mut self, records: Records<'_>) -> Result<(), SinkError> {
+        for record in records.iter() {
+            encode(&record, self.format, &mut self.buffer);
         }
         if self.buffer.len() >= BUFFER {
             self.drain().await?;
@@ -93,7 +93,7 @@ impl Sink for FileSink {
         Ok(())
     }
 
-    fn refuses(&self, record: &Record) -> Option<String> {
+    fn refuses(&self, record: &RecordRef<'_>) -> Option<String> {
         refuse_line_breaks(record, self.format, &self.describe())
     }
 

@@ -15,8 +15,8 @@ mod stdout;
 
 use async_trait::async_trait;
 
+use crate::batch::{RecordRef, Records};
 use crate::config::{FileMode, RecordFormat, SinkConfig};
-use crate::record::Record;
 
 pub use encode::{encode, refuse_line_breaks};
 pub use file::FileSink;
@@ -68,14 +68,14 @@ pub trait Sink: Send {
     /// # Cancel safety
     ///
     /// Not cancel safe: a cancelled write may have written part of the batch.
-    async fn write(&mut self, records: &[Record]) -> Result<(), SinkError>;
+    async fn write(&mut self, records: Records<'_>) -> Result<(), SinkError>;
 
     /// Makes everything written so far durable.
     async fn flush(&mut self) -> Result<(), SinkError>;
 
     /// Why this sink cannot hold `record` as it is, if it cannot: the
     /// pipeline dead-letters its copy instead of writing it.
-    fn refuses(&self, _record: &Record) -> Option<String> {
+    fn refuses(&self, _record: &RecordRef<'_>) -> Option<String> {
         None
     }
 }

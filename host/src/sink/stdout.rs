@@ -5,8 +5,8 @@ use async_trait::async_trait;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{Sink, SinkError, encode, refuse_line_breaks};
+use crate::batch::{RecordRef, Records};
 use crate::config::RecordFormat;
-use crate::record::Record;
 
 /// Writes records to a standard stream, one per line.
 pub struct StreamSink<W> {
@@ -52,16 +52,16 @@ impl<W: AsyncWrite + Unpin + Send> Sink for StreamSink<W> {
         self.name.to_owned()
     }
 
-    async fn write(&mut self, records: &[Record]) -> Result<(), SinkError> {
+    async fn write(&mut self, records: Records<'_>) -> Result<(), SinkError> {
         self.buffer.clear();
-        for record in records {
-            encode(record, self.format, &mut self.buffer);
+        for record in records.iter() {
+            encode(&record, self.format, &mut self.buffer);
         }
         let written = self.stream.write_all(&self.buffer).await;
         written.map_err(|e| SinkError::io(self.name, e))
     }
 
-    fn refuses(&self, record: &Record) -> Option<String> {
+    fn refuses(&self, record: &RecordRef<'_>) -> Option<String> {
         refuse_line_breaks(record, self.format, self.name)
     }
 

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::{Source, SourceBatch, SourceError, position};
 use crate::config::BatchConfig;
-use crate::record::Record;
+use weir_guest::abi::RecordParts;
 
 /// Which events to generate.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -324,12 +323,22 @@ impl Source for Generator {
                 tokio::time::sleep_until(due).await;
             }
             let event = self.events.next_event();
-            let at = position(&self.topic, 0, self.events.produced() as i64 - 1);
-            batch.checkpoint.advance(&at);
-            let mut record = Record::new(Bytes::from(event.value), at);
-            record.key = Some(Bytes::from(event.key));
-            record.timestamp = Some(event.timestamp);
-            batch.records.push(record);
+            let offset = self.events.produced() as i64 - 1;
+            batch.records.push(
+                RecordParts {
+                    key: Some(event.key.as_bytes()),
+                    value: event.value.as_bytes(),
+                    timestamp: Some(event.timestamp),
+                    topic: &self.topic,
+                    partition: 0,
+                    offset,
+                },
+                std::iter::empty(),
+            );
+        }
+        if let Some(last) = batch.records.len().checked_sub(1) {
+            let offset = batch.records.get(last).offset();
+            batch.checkpoint.advance(&position(&self.topic, 0, offset));
         }
         Ok(Some(batch))
     }

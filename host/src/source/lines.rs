@@ -2,46 +2,39 @@
 //! is a record whose offset is its 1-based line number; with `format =
 //! "json"` a line that is not JSON is rejected with that line number.
 //!
+//! A reader thread reads large blocks, finds line ends with a vectorised
+//! search and packs lines straight into batches; the pipeline receives whole
+//! batches. A batch closes when it is full, or when the input has nothing
+//! more ready: a line never waits on a read that may block (so `linger_ms`
+//! does not apply here).
+//!
 //! Memory stays bounded whatever the input: a line longer than
 //! `limits.max_record_bytes` is never held whole (it is rejected with its
-//! first bytes and its line number), and the lines read ahead of the
-//! pipeline hold at most `READ_AHEAD_BYTES` between them.
+//! first bytes and its line number), and at most `READ_AHEAD` batches wait
+//! for the pipeline.
 
+use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use super::{Rejected, Source, SourceBatch, SourceError, position};
 use crate::config::{BatchConfig, LineFormat};
 use crate::record::Record;
 
-/// Bytes of lines read ahead of the pipeline, at least; more when
-/// `max_record_bytes` is larger, so that two whole records always fit.
-const READ_AHEAD_BYTES: usize = 16 << 20;
+/// Batches read ahead of the pipeline, besides the one being filled.
+const READ_AHEAD: usize = 2;
+
+/// Bytes asked of the input per read.
+const BLOCK: usize = 1 << 20;
 
 /// How much of an over-long line its dead letter keeps.
 const OVERLONG_KEPT: usize = 64 << 10;
 
-/// A line read, with the read-ahead budget it holds until taken.
-struct Line {
-    number: i64,
-    bytes: Vec<u8>,
-    /// Its whole length: more than `bytes` holds when it was over-long.
-    length: usize,
-    _budget: OwnedSemaphorePermit,
-}
-
 /// Reads lines from a file or stdin.
 pub struct LineSource {
-    lines: mpsc::Receiver<Result<Line, SourceError>>,
-    topic: Arc<str>,
-    format: LineFormat,
-    batch: BatchConfig,
-    max_record_bytes: usize,
+    batches: mpsc::Receiver<Result<SourceBatch, SourceError>>,
 }
 
 impl LineSource {
@@ -68,14 +61,13 @@ impl LineSource {
         if kind.is_some_and(|kind| kind.is_dir()) {
             return Err(fail("is a folder, not a file of records".into()));
         }
-        let reader = BufReader::with_capacity(256 * 1024, tokio::fs::File::from_std(file));
-        Ok(Self::spawn(reader, what, format, batch, max_record_bytes))
+        Ok(Self::spawn(file, what, format, batch, max_record_bytes))
     }
 
     /// Reads standard input until it closes.
     pub fn stdin(format: LineFormat, batch: &BatchConfig, max_record_bytes: usize) -> Self {
         Self::spawn(
-            BufReader::new(tokio::io::stdin()),
+            std::io::stdin(),
             "stdin".into(),
             format,
             batch,
@@ -84,94 +76,214 @@ impl LineSource {
     }
 
     fn spawn(
-        mut reader: impl AsyncBufRead + Unpin + Send + 'static,
+        input: impl Read + Send + 'static,
         what: String,
         format: LineFormat,
         batch: &BatchConfig,
         max_record_bytes: usize,
     ) -> Self {
-        let budget_bytes = READ_AHEAD_BYTES.max(2 * max_record_bytes);
-        let budget = Arc::new(Semaphore::new(budget_bytes));
-        // Enough slots for the byte budget to be what binds, even for short
-        // lines; each slot is a few words.
-        let (tx, lines) = mpsc::channel(budget_bytes / 64);
-        let topic: Arc<str> = what.clone().into();
-        // A reader task, so that a partial line is never lost to a linger
-        // timeout: the channel is what `next_batch` waits on.
-        tokio::spawn(async move {
-            let mut number = 0i64;
-            loop {
-                let mut bytes = Vec::new();
-                let item = match read_line(&mut reader, &mut bytes, max_record_bytes).await {
-                    Ok(None) => break,
-                    Ok(Some(mut length)) => {
-                        number += 1;
-                        if bytes.len() == length && bytes.last() == Some(&b'\r') {
-                            bytes.pop();
-                            length -= 1;
-                        }
-                        if length == 0 {
-                            continue;
-                        }
-                        if length > max_record_bytes {
-                            bytes.truncate(OVERLONG_KEPT);
-                        }
-                        let held = u32::try_from(bytes.len().max(1)).unwrap_or(u32::MAX);
-                        let Ok(permit) = budget.clone().acquire_many_owned(held).await else {
-                            break;
-                        };
-                        Ok(Line {
-                            number,
-                            bytes,
-                            length,
-                            _budget: permit,
-                        })
-                    }
-                    Err(source) => Err(SourceError::Io {
-                        what: what.clone(),
-                        source,
-                    }),
-                };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
-        LineSource {
-            lines,
-            topic,
+        let (tx, batches) = mpsc::channel(READ_AHEAD);
+        let reader = LineReader {
+            topic: what,
             format,
             batch: batch.clone(),
             max_record_bytes,
+            number: 0,
+            current: SourceBatch::default(),
+            tx,
+        };
+        // A thread of its own: reads block (stdin may never end), and the
+        // thread ends when the input does or the pipeline stops listening.
+        let spawned = std::thread::Builder::new()
+            .name("weir-lines".into())
+            .spawn(move || reader.run(input));
+        if let Err(err) = spawned {
+            let (tx, batches) = mpsc::channel(1);
+            let _ = tx.try_send(Err(SourceError::Io {
+                what: "the line reader thread".into(),
+                source: err,
+            }));
+            return LineSource { batches };
+        }
+        LineSource { batches }
+    }
+}
+
+/// The reader thread's state: the batch being filled and where it is.
+struct LineReader {
+    topic: String,
+    format: LineFormat,
+    batch: BatchConfig,
+    max_record_bytes: usize,
+    /// The last line's number.
+    number: i64,
+    current: SourceBatch,
+    tx: mpsc::Sender<Result<SourceBatch, SourceError>>,
+}
+
+/// A line longer than `max_record_bytes`, being passed over.
+struct Overlong {
+    kept: Vec<u8>,
+    length: usize,
+}
+
+impl LineReader {
+    fn run(mut self, mut input: impl Read) {
+        if let Err(source) = self.read_all(&mut input) {
+            let what = self.topic.clone();
+            let _ = self.send();
+            let _ = self.tx.blocking_send(Err(SourceError::Io { what, source }));
         }
     }
 
-    fn push(&self, batch: &mut SourceBatch, line: Line) {
-        let number = line.number;
-        let at = position(&self.topic, 0, number);
-        batch.checkpoint.advance(&at);
-        let record = Record::new(Bytes::from(line.bytes), at);
-        if line.length > self.max_record_bytes {
-            let reason = format!(
-                "line {}:{number} is {} bytes, over `limits.max_record_bytes` ({}); the dead \
-                 letter keeps its first {} bytes",
-                self.topic,
-                line.length,
-                self.max_record_bytes,
-                record.value.len()
-            );
-            batch.rejected.push(Rejected { record, reason });
+    /// Reads `input` to its end, sending batches as they fill. Stops early,
+    /// with `Ok`, once the pipeline no longer listens.
+    fn read_all(&mut self, input: &mut impl Read) -> std::io::Result<()> {
+        // A line up to `max_record_bytes` (and its `\r`) is held whole.
+        let keep = self.max_record_bytes.saturating_add(1);
+        let mut buf = vec![0u8; BLOCK];
+        // Unread bytes lie in `buf[start..end]`.
+        let (mut start, mut end) = (0, 0);
+        let mut overlong: Option<Overlong> = None;
+        loop {
+            if end == buf.len() {
+                if start > 0 {
+                    buf.copy_within(start..end, 0);
+                    (start, end) = (0, end - start);
+                } else {
+                    // One partial line fills the buffer; it is under `keep`.
+                    let grown = (buf.len() * 2).min(keep.saturating_add(BLOCK));
+                    buf.resize(grown, 0);
+                }
+            }
+            let asked = buf.len() - end;
+            let read = match input.read(&mut buf[end..]) {
+                Ok(read) => read,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err),
+            };
+            if read == 0 {
+                // The end: a last line without its `\n` is a line too.
+                if let Some(line) = overlong.take() {
+                    self.overlong(line);
+                } else if start < end {
+                    let line = buf[start..end].to_vec();
+                    self.line(&line);
+                }
+                self.send()?;
+                return Ok(());
+            }
+            end += read;
+            let mut from = start;
+            while let Some(at) = memchr::memchr(b'\n', &buf[from..end]) {
+                let line_end = from + at;
+                match overlong.take() {
+                    Some(mut line) => {
+                        line.length += line_end - from;
+                        self.overlong(line);
+                    }
+                    None => {
+                        // Split the borrow: the line is read, the batch written.
+                        let (line, _) = buf.split_at(line_end);
+                        self.line(&line[from..]);
+                    }
+                }
+                from = line_end + 1;
+                if self.is_full() {
+                    self.send()?;
+                }
+            }
+            start = from;
+            // What is left is a partial line.
+            let partial = end - start;
+            if let Some(line) = &mut overlong {
+                line.length += partial;
+                (start, end) = (0, 0);
+            } else if partial > keep {
+                let kept = buf[start..start + OVERLONG_KEPT.min(partial)].to_vec();
+                overlong = Some(Overlong {
+                    kept,
+                    length: partial,
+                });
+                (start, end) = (0, 0);
+            }
+            // Nothing more was ready: what was read goes now, rather than
+            // wait on a read that may block.
+            if read < asked && !self.current.is_empty() {
+                self.send()?;
+            }
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.batch
+            .is_full(self.current.len(), self.current.records.payload_bytes())
+    }
+
+    /// Sends the batch being filled, if it holds anything; an error once
+    /// the pipeline no longer listens.
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let mut batch = std::mem::take(&mut self.current);
+        let topic = self.topic.as_str().into();
+        batch.checkpoint.advance(&position(&topic, 0, self.number));
+        self.tx
+            .blocking_send(Ok(batch))
+            .map_err(|_| std::io::Error::other("the pipeline stopped reading"))
+    }
+
+    /// One whole line, without its `\n`.
+    fn line(&mut self, mut line: &[u8]) {
+        self.number += 1;
+        if let [rest @ .., b'\r'] = line {
+            line = rest;
+        }
+        if line.is_empty() {
+            return;
+        }
+        if line.len() > self.max_record_bytes {
+            let kept = line[..OVERLONG_KEPT.min(line.len())].to_vec();
+            self.reject_overlong(&kept, line.len());
             return;
         }
         if self.format == LineFormat::Json
-            && let Err(err) = check_json(&record.value)
+            && let Err(err) = check_json(line)
         {
-            let reason = format!("malformed JSON at {}:{number}: {err}", self.topic);
-            batch.rejected.push(Rejected { record, reason });
+            let reason = format!("malformed JSON at {}:{}: {err}", self.topic, self.number);
+            self.reject(line, reason);
             return;
         }
-        batch.records.push(record);
+        self.current
+            .records
+            .push_value(line, &self.topic, 0, self.number);
+    }
+
+    /// A line past `max_record_bytes`: rejected with its first bytes.
+    fn overlong(&mut self, line: Overlong) {
+        self.number += 1;
+        self.reject_overlong(&line.kept, line.length);
+    }
+
+    fn reject_overlong(&mut self, kept: &[u8], length: usize) {
+        let reason = format!(
+            "line {}:{} is {length} bytes, over `limits.max_record_bytes` ({}); the dead \
+             letter keeps its first {} bytes",
+            self.topic,
+            self.number,
+            self.max_record_bytes,
+            kept.len()
+        );
+        self.reject(kept, reason);
+    }
+
+    fn reject(&mut self, bytes: &[u8], reason: String) {
+        let at = position(&self.topic.as_str().into(), 0, self.number);
+        self.current.rejected.push(Rejected {
+            record: Record::new(bytes.to_vec(), at),
+            reason,
+        });
     }
 }
 
@@ -184,65 +296,85 @@ fn check_json(line: &[u8]) -> Result<(), String> {
         .map_err(|err| err.to_string())
 }
 
-/// Reads one line into `line`, without its `\n`, keeping at most `max` + 1
-/// bytes of it (room for a `\r`) and passing over the rest. Returns the
-/// line's whole length without the `\n`, or `None` at the end of the input.
-async fn read_line(
-    reader: &mut (impl AsyncBufRead + Unpin),
-    line: &mut Vec<u8>,
-    max: usize,
-) -> std::io::Result<Option<usize>> {
-    let keep = max.saturating_add(1);
-    let mut length = 0;
-    let mut read_any = false;
-    loop {
-        let buffer = reader.fill_buf().await?;
-        if buffer.is_empty() {
-            return Ok(read_any.then_some(length));
-        }
-        read_any = true;
-        let (content, ends) = match memchr::memchr(b'\n', buffer) {
-            Some(at) => (&buffer[..at], true),
-            None => (buffer, false),
-        };
-        let room = keep.saturating_sub(line.len()).min(content.len());
-        line.extend_from_slice(&content[..room]);
-        length += content.len();
-        let taken = content.len() + usize::from(ends);
-        reader.consume(taken);
-        if ends {
-            return Ok(Some(length));
-        }
-    }
-}
-
 #[async_trait]
 impl Source for LineSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
-        let mut batch = SourceBatch::default();
-        // Wait as long as it takes for the first line, then at most the linger.
-        match self.lines.recv().await {
-            None => return Ok(None),
-            Some(line) => self.push(&mut batch, line?),
+        self.batches.recv().await.transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `input` in reads of at most `step` bytes, as a pipe would.
+    struct Trickle<'a> {
+        input: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.input.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input = &self.input[n..];
+            Ok(n)
         }
-        let deadline = tokio::time::Instant::now() + self.batch.linger();
-        let mut bytes = 0;
-        while !self.batch.is_full(batch.len(), bytes) {
-            let next = match self.lines.try_recv() {
-                Ok(line) => Some(line),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                        Ok(line) => line,
-                        Err(_elapsed) => break,
-                    }
-                }
-            };
-            let Some(line) = next else { break };
-            let line = line?;
-            bytes += line.bytes.len();
-            self.push(&mut batch, line);
+    }
+
+    /// Lines read (number, bytes) and lines rejected (number, reason).
+    type ReadOut = (Vec<(i64, Vec<u8>)>, Vec<(i64, String)>);
+
+    fn read(input: &[u8], step: usize, max_record_bytes: usize) -> ReadOut {
+        let (tx, mut rx) = mpsc::channel(1 << 16);
+        let reader = LineReader {
+            topic: "t".into(),
+            format: LineFormat::Lines,
+            batch: BatchConfig::default(),
+            max_record_bytes,
+            number: 0,
+            current: SourceBatch::default(),
+            tx,
+        };
+        reader.run(Trickle { input, step });
+        let (mut lines, mut rejected) = (Vec::new(), Vec::new());
+        while let Ok(batch) = rx.try_recv() {
+            let batch = batch.unwrap();
+            for record in batch.records.iter() {
+                lines.push((record.offset(), record.value().to_vec()));
+            }
+            for reject in batch.rejected {
+                rejected.push((reject.record.source.offset, reject.reason));
+            }
         }
-        Ok(Some(batch))
+        (lines, rejected)
+    }
+
+    #[test]
+    fn lines_split_across_reads_keep_their_numbers_and_bytes() {
+        let input = b"one\r\ntwo\n\nthree-is-longer\nlast";
+        for step in [1, 2, 3, 7, 64] {
+            let (lines, rejected) = read(input, step, 1024);
+            let expected: Vec<(i64, Vec<u8>)> =
+                [(1, "one"), (2, "two"), (4, "three-is-longer"), (5, "last")]
+                    .map(|(n, l)| (n, l.as_bytes().to_vec()))
+                    .into();
+            assert_eq!(lines, expected, "reads of {step} bytes");
+            assert!(rejected.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_is_rejected_with_its_number_and_length_across_reads() {
+        let mut input = b"ok\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend_from_slice(b"\nafter\n");
+        for step in [1, 10, 1000] {
+            let (lines, rejected) = read(&input, step, 20);
+            assert_eq!(lines, [(1, b"ok".to_vec()), (3, b"after".to_vec())]);
+            assert_eq!(rejected.len(), 1);
+            assert_eq!(rejected[0].0, 2);
+            assert!(rejected[0].1.contains("is 100 bytes"), "{}", rejected[0].1);
+        }
     }
 }

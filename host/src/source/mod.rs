@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::batch::Batch;
 use crate::config::{PipelineConfig, SourceConfig};
 use crate::kafka::KafkaTransaction;
 use crate::record::{Record, SourcePosition};
@@ -66,13 +67,28 @@ impl Checkpoint {
             None => self.positions.push(position.clone()),
         }
     }
+
+    /// Records that `offset` of `topic`'s `partition` has been read; as
+    /// [`Checkpoint::advance`], allocating only for a partition new to it.
+    #[inline]
+    pub fn advance_to(&mut self, topic: &str, partition: i32, offset: i64) {
+        let same = |p: &&mut SourcePosition| p.partition == partition && &*p.topic == topic;
+        match self.positions.iter_mut().find(same) {
+            Some(p) => p.offset = p.offset.max(offset),
+            None => self.positions.push(SourcePosition {
+                topic: topic.into(),
+                partition,
+                offset,
+            }),
+        }
+    }
 }
 
 /// One batch from a source.
 #[derive(Debug, Default)]
 pub struct SourceBatch {
     /// Records to process.
-    pub records: Vec<Record>,
+    pub records: Batch,
     /// Input that could not become a record.
     pub rejected: Vec<Rejected>,
     /// Where this batch ends.

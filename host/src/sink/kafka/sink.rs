@@ -11,8 +11,8 @@ use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 
 use super::KafkaSinkConfig;
+use crate::batch::{RecordRef, Records};
 use crate::kafka::{KafkaConnection, to_headers};
-use crate::record::Record;
 use crate::sink::{Sink, SinkError};
 
 /// Deliveries in flight before `write` waits for the oldest.
@@ -75,7 +75,7 @@ impl KafkaSink {
             .map_err(|e| kafka_error(&describe(config), e))
     }
 
-    fn topic_for(&self, record: &Record) -> &str {
+    fn topic_for(&self, record: &RecordRef<'_>) -> &str {
         self.config
             .route_topics
             .get(record.route_name())
@@ -231,15 +231,15 @@ impl Sink for KafkaSink {
         describe(&self.config)
     }
 
-    async fn write(&mut self, records: &[Record]) -> Result<(), SinkError> {
-        for record in records {
-            let headers = to_headers(record);
+    async fn write(&mut self, records: Records<'_>) -> Result<(), SinkError> {
+        for record in records.iter() {
+            let headers = to_headers(&record);
             loop {
                 let message = future_record(
-                    self.topic_for(record),
-                    (!(record.tombstone && record.value.is_empty())).then_some(&record.value[..]),
-                    record.key.as_deref(),
-                    record.timestamp,
+                    self.topic_for(&record),
+                    (!record.is_tombstone()).then_some(record.value()),
+                    record.key(),
+                    record.timestamp(),
                     headers.as_ref(),
                 );
                 match self.producer.send_result(message) {

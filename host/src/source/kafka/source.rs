@@ -8,12 +8,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{KafkaSourceConfig, StartFrom};
+use crate::batch::Batch;
 use crate::config::BatchConfig;
-use crate::kafka::to_record;
+use crate::kafka::pack_message;
 use crate::source::{Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError};
 
 /// Per partition: the last offset handed to the pipeline and the last one
@@ -264,7 +266,6 @@ pub type GroupConsumer = StreamConsumer<RebalanceLog>;
 /// Reads batches from Kafka.
 pub struct KafkaSource {
     consumer: Arc<GroupConsumer>,
-    topics: HashMap<String, Arc<str>>,
     commits: bool,
     what: String,
     batch: BatchConfig,
@@ -338,11 +339,6 @@ impl KafkaSource {
         consumer.subscribe(&names).map_err(|e| io(&what, e))?;
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
-            topics: config
-                .topics
-                .iter()
-                .map(|t| (t.clone(), Arc::from(t.as_str())))
-                .collect(),
             batch: batch.clone(),
             max_record_bytes,
             commits: !read_committed,
@@ -351,6 +347,36 @@ impl KafkaSource {
             last_warning: None,
             progress,
         })
+    }
+
+    /// Adds `message` to `batch`, or, past `max_record_bytes`, its first
+    /// bytes to the batch's rejects.
+    fn take(&self, batch: &mut SourceBatch, message: &BorrowedMessage<'_>) {
+        let (partition, offset) = (message.partition(), message.offset());
+        batch
+            .checkpoint
+            .advance_to(message.topic(), partition, offset);
+        let value = message.payload().unwrap_or_default();
+        let length = value.len() + message.key().map_or(0, <[u8]>::len);
+        if length <= self.max_record_bytes {
+            pack_message(&mut batch.records, message);
+            return;
+        }
+        let mut rejected = Batch::new();
+        pack_message(&mut rejected, message);
+        let mut record = rejected.to_record(0);
+        record.value.truncate(64 << 10);
+        batch.rejected.push(Rejected {
+            reason: format!(
+                "the message at {}/{partition}@{offset} is {length} bytes, over \
+                 `limits.max_record_bytes` ({}); the dead letter keeps the first {} bytes of its \
+                 value",
+                message.topic(),
+                self.max_record_bytes,
+                record.value.len()
+            ),
+            record,
+        });
     }
 
     /// The consumer, for a transaction that commits this group's offsets.
@@ -362,20 +388,17 @@ impl KafkaSource {
     /// itself and reports each failed attempt here; those are logged (at most
     /// every few seconds) and passed over, not slept on, so that a backlog of
     /// them does not delay reading once the cluster is back.
-    async fn recv(&mut self) -> Result<(Arc<str>, crate::record::Record), SourceError> {
+    async fn recv<'c>(
+        &mut self,
+        consumer: &'c GroupConsumer,
+    ) -> Result<BorrowedMessage<'c>, SourceError> {
         loop {
-            match self.consumer.recv().await {
+            match consumer.recv().await {
                 Ok(message) => {
                     if self.unavailable_since.take().is_some() {
                         tracing::info!(source = %self.what, "Kafka reachable again.");
                     }
-                    let name = rdkafka::Message::topic(&message);
-                    let topic = match self.topics.get(name) {
-                        Some(topic) => topic.clone(),
-                        None => Arc::from(name),
-                    };
-                    let record = to_record(&message, &topic);
-                    return Ok((topic, record));
+                    return Ok(message);
                 }
                 Err(err) if is_transient(&err) => {
                     let now = std::time::Instant::now();
@@ -426,16 +449,19 @@ fn is_transient(err: &KafkaError) -> bool {
 #[async_trait]
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
-        let size =
-            |r: &crate::record::Record| r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
-        let first = self.recv().await?.1;
+        let consumer = self.consumer.clone();
+        let mut batch = SourceBatch::default();
+        let first = self.recv(&consumer).await?;
+        self.take(&mut batch, &first);
+        drop(first);
         let mut revokes = self.progress.revokes();
-        let mut bytes = size(&first);
-        let mut records = vec![first];
         let deadline = tokio::time::Instant::now() + self.batch.linger();
-        while !self.batch.is_full(records.len(), bytes) {
-            let record = match tokio::time::timeout_at(deadline, self.recv()).await {
-                Ok(next) => next?.1,
+        while !self
+            .batch
+            .is_full(batch.len(), batch.records.payload_bytes())
+        {
+            let message = match tokio::time::timeout_at(deadline, self.recv(&consumer)).await {
+                Ok(next) => next?,
                 Err(_linger_over) => break,
             };
             // A rebalance ran inside that read: every partition was revoked
@@ -444,40 +470,10 @@ impl Source for KafkaSource {
             let now = self.progress.revokes();
             if now != revokes {
                 revokes = now;
-                records.clear();
-                bytes = 0;
+                batch = SourceBatch::default();
             }
-            bytes += size(&record);
-            records.push(record);
+            self.take(&mut batch, &message);
         }
-        let mut batch = SourceBatch::default();
-        for record in &records {
-            batch.checkpoint.advance(&record.source);
-        }
-        let (fit, overlong): (Vec<_>, Vec<_>) = records
-            .into_iter()
-            .partition(|record| size(record) <= self.max_record_bytes);
-        batch.records = fit;
-        batch.rejected = overlong
-            .into_iter()
-            .map(|mut record| {
-                let length = size(&record);
-                record.value.truncate(64 << 10);
-                Rejected {
-                    reason: format!(
-                        "the message at {}/{}@{} is {length} bytes, over \
-                         `limits.max_record_bytes` ({}); the dead letter keeps the first {} \
-                         bytes of its value",
-                        record.source.topic,
-                        record.source.partition,
-                        record.source.offset,
-                        self.max_record_bytes,
-                        record.value.len()
-                    ),
-                    record,
-                }
-            })
-            .collect();
         self.progress.handed_over(&batch.checkpoint);
         Ok(Some(batch))
     }
