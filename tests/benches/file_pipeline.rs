@@ -68,7 +68,7 @@ fn main() {
     let filter = best_of(runs, || native(&scratch, "filter", &input));
     let same = |weir: &Run, native: &Run| {
         assert!(
-            std::fs::read(&weir.output).unwrap() == std::fs::read(&native.output).unwrap(),
+            same_bytes(&weir.output, &native.output),
             "weir's output {} differs from the baseline's {}",
             weir.output.display(),
             native.output.display()
@@ -168,6 +168,27 @@ fn main() {
     );
 }
 
+/// Whether two files hold the same bytes, read a block at a time: this
+/// process stays small, since a child's peak RSS counts what it shared
+/// with this process before it started.
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read as _;
+    let (mut a, mut b) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = a.read(&mut x).unwrap();
+        if n == 0 {
+            return b.read(&mut y).unwrap() == 0;
+        }
+        if b.read_exact(&mut y[..n]).is_err() || x[..n] != y[..n] {
+            return false;
+        }
+    }
+}
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -196,11 +217,12 @@ fn best_of(runs: usize, mut once: impl FnMut() -> Run) -> Run {
     reason = "reaped by wait4, which gives its rusage too"
 )]
 fn timed(command: &mut Command, output: PathBuf) -> Run {
+    let log = output.with_extension("log");
     let started = Instant::now();
     let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("starts");
     let mut status = 0;

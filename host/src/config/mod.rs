@@ -71,6 +71,12 @@ pub struct PipelineConfig {
     /// How records are grouped into batches for the plugins.
     #[serde(default)]
     pub batch: BatchConfig,
+    /// Lanes: how many batches are processed at once, each lane with its
+    /// own plugin instances. Records of one Kafka partition stay in one
+    /// lane, in order; a file's batches are spread over the lanes and
+    /// written in input order. Default: `WEIR_PARALLELISM` if set, else
+    /// the cores available.
+    pub parallelism: Option<Spanned<usize>>,
     /// What each plugin instance of this pipeline may use.
     pub limits: Option<Spanned<LimitsConfig>>,
     /// The plugin chain, applied in order; may be empty.
@@ -93,7 +99,26 @@ pub struct PipelineConfig {
     pub commit_interval_ms: u64,
 }
 
+/// The environment variable that sets how many lanes a pipeline without
+/// `parallelism` runs.
+pub const PARALLELISM_VAR: &str = "WEIR_PARALLELISM";
+
+/// Most lanes a pipeline may run.
+pub const MAX_PARALLELISM: usize = 256;
+
 impl PipelineConfig {
+    /// How many lanes it runs: `parallelism`, else `WEIR_PARALLELISM`,
+    /// else the cores available.
+    pub fn lanes(&self) -> usize {
+        let from_env = || std::env::var(PARALLELISM_VAR).ok()?.parse().ok();
+        match &self.parallelism {
+            Some(lanes) => *lanes.get_ref(),
+            None => from_env()
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        }
+        .clamp(1, MAX_PARALLELISM)
+    }
+
     /// Its limits, the defaults where the file sets none.
     pub fn limits(&self) -> LimitsConfig {
         self.limits
@@ -526,6 +551,18 @@ impl PipelineFile {
                 return Err(self.error_at(
                     name.span().start,
                     "`batch.max_records` and `batch.max_bytes` must be at least 1",
+                ));
+            }
+            if let Some(lanes) = &pipeline.parallelism
+                && !(1..=MAX_PARALLELISM).contains(lanes.get_ref())
+            {
+                return Err(self.error_at(
+                    lanes.span().start,
+                    format!(
+                        "pipeline `{}`: `parallelism` is {}; it takes 1 to {MAX_PARALLELISM} lanes",
+                        name.get_ref(),
+                        lanes.get_ref()
+                    ),
                 ));
             }
             if pipeline.commit_interval_ms == 0 {

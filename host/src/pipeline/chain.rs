@@ -17,6 +17,7 @@
 //! and a batch with many bad records costs one call per record at most.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use weir_guest::abi::{AbiError, OutcomeReader, OutcomeView, OutputView, RecordParts};
@@ -57,18 +58,29 @@ impl ChainOutput {
     }
 }
 
-/// Counts faults over a sliding window.
+/// Counts faults over a sliding window; one per pipeline, shared by its
+/// lanes.
 #[derive(Debug)]
 struct FaultLog {
     threshold: u32,
     window: Duration,
     recent: VecDeque<Instant>,
+    /// Why the pipeline was quarantined, once it is.
+    quarantined: Option<String>,
 }
 
 impl FaultLog {
     /// Counts one fault; returns the quarantine reason if this one reaches
     /// the threshold.
     fn record(&mut self, fault: &str) -> Option<String> {
+        let reason = self.count(fault);
+        if self.quarantined.is_none() {
+            self.quarantined.clone_from(&reason);
+        }
+        reason
+    }
+
+    fn count(&mut self, fault: &str) -> Option<String> {
         let now = Instant::now();
         while self
             .recent
@@ -88,10 +100,10 @@ impl FaultLog {
     }
 }
 
-/// A pipeline's plugins, in order.
+/// A pipeline's plugins, in order: one chain per lane.
 pub struct Chain {
     slots: Vec<PluginSlot>,
-    faults: FaultLog,
+    faults: Arc<Mutex<FaultLog>>,
 }
 
 /// What one plugin call made of its input.
@@ -109,19 +121,43 @@ impl Chain {
     pub fn new(slots: Vec<PluginSlot>) -> Self {
         Chain {
             slots,
-            faults: FaultLog {
+            faults: Arc::new(Mutex::new(FaultLog {
                 threshold: 10,
                 window: Duration::from_secs(60),
                 recent: VecDeque::new(),
-            },
+                quarantined: None,
+            })),
+        }
+    }
+
+    /// Another lane of the same pipeline, with these plugin instances: its
+    /// faults count towards the same quarantine.
+    pub fn lane(&self, slots: Vec<PluginSlot>) -> Self {
+        Chain {
+            slots,
+            faults: self.faults.clone(),
         }
     }
 
     /// Quarantines the pipeline after `faults` faults within `window`.
     pub fn quarantine_after(&mut self, faults: u32, window: Duration) -> &mut Self {
-        self.faults.threshold = faults.max(1);
-        self.faults.window = window;
+        let mut log = self.fault_log();
+        log.threshold = faults.max(1);
+        log.window = window;
+        drop(log);
         self
+    }
+
+    /// Why the pipeline was quarantined (by any of its lanes), once it is.
+    pub fn quarantined(&self) -> Option<String> {
+        self.fault_log().quarantined.clone()
+    }
+
+    fn fault_log(&self) -> std::sync::MutexGuard<'_, FaultLog> {
+        // A lane that panicked holding the log left counts, not broken state.
+        self.faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The plugins, in order.
@@ -228,7 +264,7 @@ impl Chain {
     fn note_fault(&mut self, fault: &str, output: &mut ChainOutput) {
         output.faults += 1;
         if output.quarantined.is_none() {
-            output.quarantined = self.faults.record(fault);
+            output.quarantined = self.fault_log().record(fault);
         }
     }
 
@@ -254,7 +290,7 @@ impl Chain {
         };
         let mut reading = ReplyReader {
             slot,
-            faults: &mut self.faults,
+            faults: &self.faults,
             batch_bytes: 0,
         };
         reading.apply(&reply, input, next, output)
@@ -283,7 +319,7 @@ struct Fault {
 /// Turns one plugin reply into records, holding outputs to the limits.
 struct ReplyReader<'a> {
     slot: &'a PluginSlot,
-    faults: &'a mut FaultLog,
+    faults: &'a Mutex<FaultLog>,
     /// Bytes of outputs taken so far from this reply.
     batch_bytes: u64,
 }
@@ -365,7 +401,11 @@ impl ReplyReader<'_> {
             if let Some(reason) = self.breaks_limits(&limits, outputs.len(), bytes) {
                 output.faults += 1;
                 if output.quarantined.is_none() {
-                    output.quarantined = self.faults.record(&reason);
+                    let mut log = self
+                        .faults
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    output.quarantined = log.record(&reason);
                 }
                 output.dead.push(DeadLetter {
                     record: input.to_record(at),
@@ -537,6 +577,7 @@ mod tests {
             threshold: 3,
             window: Duration::from_secs(3600),
             recent: VecDeque::new(),
+            quarantined: None,
         };
         assert_eq!(log.record("a"), None);
         assert_eq!(log.record("b"), None);

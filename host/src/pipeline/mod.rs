@@ -27,6 +27,7 @@
 
 mod chain;
 pub mod dead_letter;
+mod lanes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,13 +49,11 @@ use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
-use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
+use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceError};
+use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
 
 pub use chain::{Chain, ChainOutput};
 pub use dead_letter::{DeadLetter, Stage};
-
-/// Batches in flight between two stages.
-const IN_FLIGHT: usize = 2;
 
 /// Why a pipeline could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +105,39 @@ pub fn prepare_chain(
     engine: &PluginEngine,
 ) -> Result<Chain, ConfigError> {
     let limits_config = pipeline.limits();
-    let limits = limits_config.to_limits();
+    let mut chain = Chain::new(start_plugins(file, pipeline, engine, true)?);
+    chain.quarantine_after(
+        limits_config.faults_before_quarantine,
+        limits_config.fault_window(),
+    );
+    Ok(chain)
+}
+
+/// The chains of `pipeline`'s lanes: the first as [`prepare_chain`] makes
+/// it, the others with their own plugin instances (compiled once).
+pub fn prepare_lanes(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+    engine: &PluginEngine,
+) -> Result<Vec<Chain>, ConfigError> {
+    let first = prepare_chain(file, pipeline, engine)?;
+    let mut lanes = Vec::with_capacity(pipeline.lanes());
+    for _ in 1..pipeline.lanes() {
+        lanes.push(first.lane(start_plugins(file, pipeline, engine, false)?));
+    }
+    lanes.insert(0, first);
+    Ok(lanes)
+}
+
+/// Starts one instance of each plugin of `pipeline`, logging each when
+/// `log` is set.
+fn start_plugins(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+    engine: &PluginEngine,
+    log: bool,
+) -> Result<Vec<PluginSlot>, ConfigError> {
+    let limits = pipeline.limits().to_limits();
     let mut slots = Vec::with_capacity(pipeline.plugins.len());
     for (index, plugin) in pipeline.plugins.iter().enumerate() {
         let (source, at) = plugin.source();
@@ -122,21 +153,19 @@ pub fn prepare_chain(
         };
         let wasm = locate(&source).map_err(|e| blame(&e))?;
         let slot = PluginSlot::start(engine, &wasm, plugin, &limits).map_err(|e| blame(&e))?;
-        tracing::info!(
-            pipeline = %pipeline.name.get_ref(),
-            plugin = %slot.label(),
-            version = %slot.version(),
-            wasm = %wasm.display(),
-            "Plugin loaded."
-        );
+        if log {
+            tracing::info!(
+                pipeline = %pipeline.name.get_ref(),
+                plugin = %slot.label(),
+                version = %slot.version(),
+                wasm = %wasm.display(),
+                lanes = pipeline.lanes(),
+                "Plugin loaded."
+            );
+        }
         slots.push(slot);
     }
-    let mut chain = Chain::new(slots);
-    chain.quarantine_after(
-        limits_config.faults_before_quarantine,
-        limits_config.fault_window(),
-    );
-    Ok(chain)
+    Ok(slots)
 }
 
 struct SinkEntry {
@@ -147,7 +176,7 @@ struct SinkEntry {
 pub struct Pipeline {
     name: String,
     source: Box<dyn Source>,
-    chain: Chain,
+    lanes: Vec<Chain>,
     sinks: Vec<SinkEntry>,
     routes: HashMap<String, Vec<usize>>,
     dead_letter: Box<dyn Sink>,
@@ -165,12 +194,12 @@ impl Pipeline {
         engine: &PluginEngine,
     ) -> Result<Self, PipelineError> {
         let name = pipeline.name.get_ref().clone();
-        let chain = {
+        let lanes = {
             // On a blocking worker: building may run cargo and compile.
             let (file, config, engine) = (file.clone(), pipeline.clone(), engine.clone());
-            match tokio::task::spawn_blocking(move || prepare_chain(&file, &config, &engine)).await
+            match tokio::task::spawn_blocking(move || prepare_lanes(&file, &config, &engine)).await
             {
-                Ok(chain) => chain?,
+                Ok(lanes) => lanes?,
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
         };
@@ -228,7 +257,7 @@ impl Pipeline {
             metrics: Arc::new(PipelineMetrics::new(&name)),
             name,
             source,
-            chain,
+            lanes,
             sinks,
             routes,
             dead_letter,
@@ -256,7 +285,7 @@ impl Pipeline {
         let Pipeline {
             name,
             mut source,
-            mut chain,
+            lanes,
             sinks,
             routes,
             dead_letter,
@@ -264,36 +293,24 @@ impl Pipeline {
             transaction,
             commit_interval,
         } = self;
-        let (to_chain, mut from_source) = mpsc::channel::<SourceBatch>(IN_FLIGHT);
-        let (to_sinks, from_chain) = mpsc::channel::<Processed>(IN_FLIGHT);
-
-        let mut processor = tokio::task::spawn_blocking(move || -> Result<(), ChainStop> {
-            while let Some(batch) = from_source.blocking_recv() {
-                let mut dead: Vec<DeadLetter> = batch
-                    .rejected
-                    .into_iter()
-                    .map(|rejected| DeadLetter {
-                        record: rejected.record,
-                        reason: rejected.reason,
-                        stage: Stage::Source,
-                    })
-                    .collect();
-                let output = chain.process(batch.records).map_err(ChainStop::Plugin)?;
-                dead.extend(output.dead);
-                let processed = Processed {
-                    records: output.records,
-                    dead,
-                    dropped: output.dropped,
-                    faults: output.faults,
-                    checkpoint: batch.checkpoint,
-                };
-                if to_sinks.blocking_send(processed).is_err() {
-                    break;
-                }
-                if let Some(reason) = output.quarantined {
-                    // What was processed is written and committed; nothing
-                    // more is read.
-                    return Err(ChainStop::Quarantined(reason));
+        let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
+        let mut senders = Vec::with_capacity(lanes.len());
+        let mut running = tokio::task::JoinSet::new();
+        for chain in lanes {
+            let (to_lane, jobs) = mpsc::channel(IN_FLIGHT);
+            senders.push(to_lane);
+            let processed = to_sinks.clone();
+            running.spawn_blocking(move || run_lane(chain, jobs, processed));
+        }
+        drop(to_sinks);
+        let mut fan_out = FanOut::new(senders, source.spread());
+        // Ends at the first lane that stops with an error, or once all end.
+        let mut processor = tokio::spawn(async move {
+            while let Some(done) = running.join_next().await {
+                match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(stop)) => return Err(stop),
+                    Err(panic) => std::panic::resume_unwind(panic.into_panic()),
                 }
             }
             Ok(())
@@ -313,7 +330,7 @@ impl Pipeline {
             picks: Vec::new(),
         };
         writer.picks = vec![Vec::new(); writer.sinks.len()];
-        let mut writer = tokio::spawn(writer.run(from_chain));
+        let mut writer = tokio::spawn(writer.run(from_lanes));
 
         let stop = async move {
             if shutdown.wait_for(|stop| *stop).await.is_err() {
@@ -349,7 +366,7 @@ impl Pipeline {
                         records: batch.len() as u64,
                     }
                     .emit(&metrics);
-                    if to_chain.send(batch).await.is_err() {
+                    if fan_out.send(batch).await.is_err() {
                         break;
                     }
                 }
@@ -360,7 +377,7 @@ impl Pipeline {
                 }
             }
         }
-        drop(to_chain);
+        drop(fan_out);
 
         let processed = match processed {
             Some(done) => done,
@@ -410,23 +427,6 @@ impl Pipeline {
         })?;
         Ok(metrics.snapshot())
     }
-}
-
-/// Why the chain stopped taking batches.
-enum ChainStop {
-    /// A plugin could not be started again after a fault.
-    Plugin(PluginError),
-    /// Too many faults: the pipeline is quarantined.
-    Quarantined(String),
-}
-
-/// A batch after the chain, on its way to the sinks.
-struct Processed {
-    records: Batch,
-    dead: Vec<DeadLetter>,
-    dropped: u64,
-    faults: u64,
-    checkpoint: Checkpoint,
 }
 
 /// Writes processed batches to sinks and hands checkpoints back once all
@@ -480,6 +480,7 @@ impl SinkWriter {
 
     async fn write_all(&mut self, mut batches: mpsc::Receiver<Processed>) -> Result<(), SinkError> {
         let mut pending: Option<Checkpoint> = None;
+        let mut fan_in = FanIn::new();
         // Commits at least every interval while records flow, and once more
         // when they stop, so an idle pipeline does not sit on uncommitted
         // positions.
@@ -487,16 +488,22 @@ impl SinkWriter {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                batch = batches.recv() => {
-                    let Some(batch) = batch else { break };
-                    let counts = BatchProcessed {
-                        dropped: batch.dropped,
-                        faults: batch.faults,
-                    };
-                    self.write(batch.records, batch.dead, counts).await?;
-                    let checkpoint = pending.get_or_insert_with(Checkpoint::default);
-                    for position in &batch.checkpoint.positions {
-                        checkpoint.advance(position);
+                part = batches.recv() => {
+                    let Some(part) = part else { break };
+                    fan_in.push(part);
+                    while let Some(parts) = fan_in.pop_ready() {
+                        for part in parts {
+                            let counts = BatchProcessed {
+                                dropped: part.dropped,
+                                faults: part.faults,
+                            };
+                            self.write(part.records, part.dead, counts).await?;
+                            let Some(done) = part.checkpoint else { continue };
+                            let checkpoint = pending.get_or_insert_with(Checkpoint::default);
+                            for position in &done.positions {
+                                checkpoint.advance(position);
+                            }
+                        }
                     }
                 }
                 _ = tick.tick() => {

@@ -4,11 +4,12 @@
 //! it wrote and committed before. A line torn by a crash is cut off at open:
 //! its record was never committed, so it is written again.
 
-use std::io::{Read as _, Seek as _, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
 
 use super::{Sink, SinkError, encode, refuse_line_breaks};
 use crate::batch::{RecordRef, Records};
@@ -16,10 +17,15 @@ use crate::config::{FileMode, RecordFormat};
 
 /// Writes records to a file, one per line.
 pub struct FileSink {
-    path: PathBuf,
-    file: tokio::fs::File,
+    /// `file "PATH"`, for errors and dead-letter reasons.
+    described: String,
+    file: Arc<std::fs::File>,
     format: RecordFormat,
+    /// Records encoded since the last write.
     buffer: Vec<u8>,
+    /// The write under way, on a blocking thread, while the next records
+    /// are encoded; it gives its buffer back.
+    writing: Option<JoinHandle<(Vec<u8>, std::io::Result<()>)>>,
 }
 
 /// Bytes buffered before a write reaches the file.
@@ -60,19 +66,42 @@ impl FileSink {
             Err(panic) => std::panic::resume_unwind(panic.into_panic()),
         };
         Ok(FileSink {
-            path: path.to_owned(),
-            file: tokio::fs::File::from_std(file),
+            described: describe,
+            file: Arc::new(file),
             format,
             buffer: Vec::with_capacity(BUFFER),
+            writing: None,
         })
     }
 
-    async fn drain(&mut self) -> Result<(), SinkError> {
-        if !self.buffer.is_empty() {
-            let written = self.file.write_all(&self.buffer).await;
-            written.map_err(|e| SinkError::io(&self.describe(), e))?;
-            self.buffer.clear();
+    /// Waits for the write under way, if any; its buffer becomes the spare.
+    async fn written(&mut self) -> Result<Vec<u8>, SinkError> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(Vec::with_capacity(BUFFER));
+        };
+        match writing.await {
+            Ok((mut spare, result)) => {
+                result.map_err(|e| SinkError::io(&self.described, e))?;
+                spare.clear();
+                Ok(spare)
+            }
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
         }
+    }
+
+    /// Starts writing what is buffered (after the write under way): the
+    /// buffer moves to a blocking thread, not copied.
+    async fn drain(&mut self) -> Result<(), SinkError> {
+        let spare = self.written().await?;
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buffer, spare);
+        let file = self.file.clone();
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            let result = (&*file).write_all(&full);
+            (full, result)
+        }));
         Ok(())
     }
 }
@@ -80,7 +109,7 @@ impl FileSink {
 #[async_trait]
 impl Sink for FileSink {
     fn describe(&self) -> String {
-        format!("file {:?}", self.path.display().to_string())
+        self.described.clone()
     }
 
     async fn write(&mut self, records: Records<'_>) -> Result<(), SinkError> {
@@ -94,13 +123,17 @@ impl Sink for FileSink {
     }
 
     fn refuses(&self, record: &RecordRef<'_>) -> Option<String> {
-        refuse_line_breaks(record, self.format, &self.describe())
+        refuse_line_breaks(record, self.format, &self.described)
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
         self.drain().await?;
-        let synced = self.file.sync_data().await;
-        synced.map_err(|e| SinkError::io(&self.describe(), e))
+        self.buffer = self.written().await?;
+        let file = self.file.clone();
+        match tokio::task::spawn_blocking(move || file.sync_data()).await {
+            Ok(synced) => synced.map_err(|e| SinkError::io(&self.described, e)),
+            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+        }
     }
 }
 

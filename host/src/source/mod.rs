@@ -119,11 +119,27 @@ pub trait Source: Send {
     /// again; the pipeline cancels only on shutdown.
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError>;
 
+    /// How the pipeline may spread this source's batches over its lanes.
+    fn spread(&self) -> Spread {
+        Spread::Batches
+    }
+
     /// What the pipeline calls, concurrently with `next_batch`, once every
     /// sink has durably written everything up to a checkpoint.
     fn committer(&self) -> Arc<dyn Committer> {
         Arc::new(NothingToCommit)
     }
+}
+
+/// How a source's records may be spread over a pipeline's lanes. Either way
+/// outputs are written in the order the source read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// Any batch in any lane (a file: its lines have no key or partition).
+    Batches,
+    /// Every record of one partition in the same lane (Kafka): a plugin
+    /// instance, and the state kept for a partition, see all of its records.
+    Partitions,
 }
 
 /// Commits a source's positions.

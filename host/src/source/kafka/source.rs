@@ -16,7 +16,9 @@ use super::{KafkaSourceConfig, StartFrom};
 use crate::batch::Batch;
 use crate::config::BatchConfig;
 use crate::kafka::pack_message;
-use crate::source::{Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError};
+use crate::source::{
+    Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError, Spread,
+};
 
 /// Per partition: the last offset handed to the pipeline and the last one
 /// committed. A revoke waits on it until what was handed over from the
@@ -476,6 +478,10 @@ impl Source for KafkaSource {
         }
         self.progress.handed_over(&batch.checkpoint);
         Ok(Some(batch))
+    }
+
+    fn spread(&self) -> Spread {
+        Spread::Partitions
     }
 
     fn committer(&self) -> Arc<dyn Committer> {

@@ -1,0 +1,234 @@
+//! Lanes: a pipeline processes several batches at once, each lane with its
+//! own plugin chain on its own blocking thread. The fan-out numbers every
+//! source batch and hands it to a lane, or, for a source whose partitions
+//! must each stay in one lane (Kafka), hands each lane its part of it. The
+//! fan-in puts processed parts back in source order before the sinks see
+//! them, so outputs, dead letters and commits are what one lane would give.
+//!
+//! Memory stays bounded: each lane takes at most `IN_FLIGHT` batches ahead,
+//! and the fan-out waits for a lane with no room.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc;
+
+use super::chain::Chain;
+use super::dead_letter::{DeadLetter, Stage};
+use crate::batch::Batch;
+use crate::engine::PluginError;
+use crate::source::{Checkpoint, Rejected, SourceBatch, Spread};
+
+/// Batches a lane takes ahead of the one it processes.
+pub(super) const IN_FLIGHT: usize = 2;
+
+/// A source batch, or one lane's part of it.
+pub(super) struct Job {
+    seq: u64,
+    lane: usize,
+    /// How many parts the source batch was split into.
+    parts: usize,
+    records: Batch,
+    /// Input the source could not make a record of (with the first part).
+    rejected: Vec<Rejected>,
+    /// Where the source batch ends (with the first part).
+    checkpoint: Option<Checkpoint>,
+}
+
+/// A part after its lane's chain, on its way to the sinks.
+pub(super) struct Processed {
+    seq: u64,
+    lane: usize,
+    parts: usize,
+    pub records: Batch,
+    pub dead: Vec<DeadLetter>,
+    pub dropped: u64,
+    pub faults: u64,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Why a lane stopped taking batches.
+pub(super) enum ChainStop {
+    /// A plugin could not be started again after a fault.
+    Plugin(PluginError),
+    /// Too many faults: the pipeline is quarantined.
+    Quarantined(String),
+}
+
+/// Hands source batches to the lanes.
+pub(super) struct FanOut {
+    lanes: Vec<mpsc::Sender<Job>>,
+    spread: Spread,
+    seq: u64,
+    next_lane: usize,
+}
+
+/// Every lane has stopped listening.
+pub(super) struct LanesGone;
+
+impl FanOut {
+    /// A fan-out to these lanes.
+    pub(super) fn new(lanes: Vec<mpsc::Sender<Job>>, spread: Spread) -> Self {
+        FanOut {
+            lanes,
+            spread,
+            seq: 0,
+            next_lane: 0,
+        }
+    }
+
+    /// Hands `batch` to the lanes, waiting while a lane it goes to is full.
+    pub(super) async fn send(&mut self, batch: SourceBatch) -> Result<(), LanesGone> {
+        for job in self.split(batch) {
+            let lane = job.lane;
+            self.lanes[lane].send(job).await.map_err(|_| LanesGone)?;
+        }
+        Ok(())
+    }
+
+    fn split(&mut self, batch: SourceBatch) -> Vec<Job> {
+        self.seq += 1;
+        let lanes = self.lanes.len();
+        let SourceBatch {
+            records,
+            mut rejected,
+            checkpoint,
+        } = batch;
+        let lane_of = |at: usize| records.get(at).partition().rem_euclid(lanes as i32) as usize;
+        let whole_to = match self.spread {
+            _ if lanes == 1 => Some(0),
+            Spread::Batches => {
+                let lane = self.next_lane;
+                self.next_lane = (lane + 1) % lanes;
+                Some(lane)
+            }
+            Spread::Partitions if records.is_empty() => Some(0),
+            Spread::Partitions => {
+                let first = lane_of(0);
+                (1..records.len())
+                    .all(|at| lane_of(at) == first)
+                    .then_some(first)
+            }
+        };
+        if let Some(lane) = whole_to {
+            return vec![Job {
+                seq: self.seq,
+                lane,
+                parts: 1,
+                records,
+                rejected,
+                checkpoint: Some(checkpoint),
+            }];
+        }
+        let mut parts: Vec<Batch> = (0..lanes).map(|_| Batch::new()).collect();
+        for at in 0..records.len() {
+            if let Err(err) = parts[lane_of(at)].push_copy(&records, at) {
+                rejected.push(Rejected {
+                    record: records.to_record(at),
+                    reason: err.to_string(),
+                });
+            }
+        }
+        let used = parts.iter().filter(|part| !part.is_empty()).count();
+        let mut extras = Some((rejected, checkpoint));
+        parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(lane, records)| {
+                let (rejected, checkpoint) = match extras.take() {
+                    Some((rejected, checkpoint)) => (rejected, Some(checkpoint)),
+                    None => (Vec::new(), None),
+                };
+                Job {
+                    seq: self.seq,
+                    lane,
+                    parts: used,
+                    records,
+                    rejected,
+                    checkpoint,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One lane: runs each job through `chain` and sends what it became on.
+/// Stops when the jobs end, the sinks stop listening, or the pipeline is
+/// quarantined (by this lane or another).
+pub(super) fn run_lane(
+    mut chain: Chain,
+    mut jobs: mpsc::Receiver<Job>,
+    processed: mpsc::Sender<Processed>,
+) -> Result<(), ChainStop> {
+    while let Some(job) = jobs.blocking_recv() {
+        if chain.quarantined().is_some() {
+            // Another lane quarantined the pipeline: this batch is neither
+            // processed nor committed.
+            break;
+        }
+        let mut dead: Vec<DeadLetter> = job
+            .rejected
+            .into_iter()
+            .map(|rejected| DeadLetter {
+                record: rejected.record,
+                reason: rejected.reason,
+                stage: Stage::Source,
+            })
+            .collect();
+        let output = chain.process(job.records).map_err(ChainStop::Plugin)?;
+        dead.extend(output.dead);
+        let part = Processed {
+            seq: job.seq,
+            lane: job.lane,
+            parts: job.parts,
+            records: output.records,
+            dead,
+            dropped: output.dropped,
+            faults: output.faults,
+            checkpoint: job.checkpoint,
+        };
+        if processed.blocking_send(part).is_err() {
+            break;
+        }
+        if let Some(reason) = output.quarantined {
+            // What was processed is written and committed; nothing more is.
+            return Err(ChainStop::Quarantined(reason));
+        }
+    }
+    Ok(())
+}
+
+/// Puts processed parts back in source order.
+pub(super) struct FanIn {
+    /// The next source batch to write.
+    next: u64,
+    waiting: BTreeMap<u64, Vec<Processed>>,
+}
+
+impl FanIn {
+    /// Waiting for the first source batch.
+    pub(super) fn new() -> Self {
+        FanIn {
+            next: 1,
+            waiting: BTreeMap::new(),
+        }
+    }
+
+    /// Takes a processed part.
+    pub(super) fn push(&mut self, part: Processed) {
+        self.waiting.entry(part.seq).or_default().push(part);
+    }
+
+    /// The parts of the next source batch, in lane order, once all have
+    /// arrived.
+    pub(super) fn pop_ready(&mut self) -> Option<Vec<Processed>> {
+        let (&seq, parts) = self.waiting.first_key_value()?;
+        if seq != self.next || parts.len() < parts[0].parts {
+            return None;
+        }
+        let (seq, mut parts) = self.waiting.pop_first()?;
+        self.next = seq + 1;
+        parts.sort_by_key(|part| part.lane);
+        Some(parts)
+    }
+}
