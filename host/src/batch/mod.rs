@@ -96,6 +96,13 @@ impl Batch {
         self.wire.len() + self.index.len() * std::mem::size_of::<Slot>()
     }
 
+    /// Bytes record `index` holds: its packed bytes and its index entry.
+    #[inline]
+    pub fn held_bytes_of(&self, index: usize) -> usize {
+        let slot = &self.index[index];
+        slot.end - slot.at + std::mem::size_of::<Slot>()
+    }
+
     /// The packed records, as a plugin's `process` takes them.
     #[inline]
     pub fn wire(&self) -> &[u8] {
@@ -387,13 +394,6 @@ impl<'a> RecordRef<'a> {
     #[inline]
     pub fn view(&self) -> &RecordView<'a> {
         &self.view
-    }
-
-    /// Bytes of its key, value and headers.
-    #[inline]
-    pub fn content_bytes(&self) -> usize {
-        let headers: usize = self.headers().map(|(n, v)| n.len() + v.len()).sum();
-        self.value().len() + self.key().map_or(0, <[u8]>::len) + headers
     }
 
     /// An owned copy.

@@ -522,7 +522,7 @@ fn output_bytes(input: &Batch, at: usize, out: &OutputView<'_>) -> u64 {
 /// What record `at` costs the host to hold.
 #[inline]
 fn record_bytes(batch: &Batch, at: usize) -> u64 {
-    batch.get(at).content_bytes() as u64 + RECORD_OVERHEAD
+    batch.held_bytes_of(at) as u64
 }
 
 /// Appends output `out` of record `at` of `input` to `next`: the input

@@ -16,7 +16,7 @@ use super::chain::Chain;
 use super::dead_letter::{DeadLetter, Stage};
 use crate::batch::Batch;
 use crate::engine::PluginError;
-use crate::source::{Checkpoint, Rejected, SourceBatch, Spread};
+use crate::source::{Checkpoint, Rejected, SourceBatch, Spread, Validate};
 
 /// Batches a lane takes ahead of the one it processes.
 pub(super) const IN_FLIGHT: usize = 2;
@@ -32,6 +32,8 @@ pub(super) struct Job {
     rejected: Vec<Rejected>,
     /// Where the source batch ends (with the first part).
     checkpoint: Option<Checkpoint>,
+    /// What its records must still be checked for.
+    validate: Validate,
 }
 
 /// A part after its lane's chain, on its way to the sinks.
@@ -92,6 +94,7 @@ impl FanOut {
             records,
             mut rejected,
             checkpoint,
+            validate,
         } = batch;
         let lane_of = |at: usize| records.get(at).partition().rem_euclid(lanes as i32) as usize;
         let whole_to = match self.spread {
@@ -117,6 +120,7 @@ impl FanOut {
                 records,
                 rejected,
                 checkpoint: Some(checkpoint),
+                validate,
             }];
         }
         let mut parts: Vec<Batch> = (0..lanes).map(|_| Batch::new()).collect();
@@ -146,6 +150,7 @@ impl FanOut {
                     records,
                     rejected,
                     checkpoint,
+                    validate,
                 }
             })
             .collect()
@@ -166,8 +171,9 @@ pub(super) fn run_lane(
             // processed nor committed.
             break;
         }
-        let mut dead: Vec<DeadLetter> = job
-            .rejected
+        let mut rejected = job.rejected;
+        let records = job.validate.apply(job.records, &mut rejected);
+        let mut dead: Vec<DeadLetter> = rejected
             .into_iter()
             .map(|rejected| DeadLetter {
                 record: rejected.record,
@@ -175,7 +181,7 @@ pub(super) fn run_lane(
                 stage: Stage::Source,
             })
             .collect();
-        let output = chain.process(job.records).map_err(ChainStop::Plugin)?;
+        let output = chain.process(records).map_err(ChainStop::Plugin)?;
         dead.extend(output.dead);
         let part = Processed {
             seq: job.seq,

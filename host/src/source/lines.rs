@@ -19,7 +19,7 @@ use std::path::Path;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::{Rejected, Source, SourceBatch, SourceError, position};
+use super::{Rejected, Source, SourceBatch, SourceError, Validate, position};
 use crate::config::{BatchConfig, LineFormat};
 use crate::record::Record;
 
@@ -227,6 +227,10 @@ impl LineReader {
             return Ok(());
         }
         let mut batch = std::mem::take(&mut self.current);
+        if self.format == LineFormat::Json {
+            // Checked in the lanes, in parallel.
+            batch.validate = Validate::Json;
+        }
         let topic = self.topic.as_str().into();
         batch.checkpoint.advance(&position(&topic, 0, self.number));
         self.tx
@@ -246,13 +250,6 @@ impl LineReader {
         if line.len() > self.max_record_bytes {
             let kept = line[..OVERLONG_KEPT.min(line.len())].to_vec();
             self.reject_overlong(&kept, line.len());
-            return;
-        }
-        if self.format == LineFormat::Json
-            && let Err(err) = check_json(line)
-        {
-            let reason = format!("malformed JSON at {}:{}: {err}", self.topic, self.number);
-            self.reject(line, reason);
             return;
         }
         self.current
@@ -289,7 +286,7 @@ impl LineReader {
 
 /// Whether `line` is one JSON document in UTF-8 (strings included, which
 /// skipping them unread would not check).
-fn check_json(line: &[u8]) -> Result<(), String> {
+pub(super) fn check_json(line: &[u8]) -> Result<(), String> {
     let text = std::str::from_utf8(line).map_err(|err| format!("not UTF-8: {err}"))?;
     serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(drop)

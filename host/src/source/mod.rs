@@ -93,6 +93,55 @@ pub struct SourceBatch {
     pub rejected: Vec<Rejected>,
     /// Where this batch ends.
     pub checkpoint: Checkpoint,
+    /// What its records must still be checked for, in the pipeline's lanes
+    /// (in parallel) rather than by the source.
+    pub validate: Validate,
+}
+
+/// A check a source leaves to the pipeline's lanes: records that fail it
+/// are rejected as if the source had, with the reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Validate {
+    /// Nothing to check.
+    #[default]
+    Nothing,
+    /// Each value must be one JSON document in UTF-8 (`format = "json"`).
+    Json,
+}
+
+impl Validate {
+    /// Checks `records`; those that fail come out of the batch and into
+    /// `rejected`, in order.
+    pub fn apply(self, records: Batch, rejected: &mut Vec<Rejected>) -> Batch {
+        let check = match self {
+            Validate::Nothing => return records,
+            Validate::Json => lines::check_json,
+        };
+        let Some(first_bad) = (0..records.len()).find(|&at| check(records.get(at).value()).is_err())
+        else {
+            return records;
+        };
+        let mut kept = Batch::with_capacity(records.wire().len(), records.len());
+        for at in 0..records.len() {
+            let record = records.get(at);
+            let failed = if at < first_bad { None } else { check(record.value()).err() };
+            match failed {
+                Some(err) => rejected.push(Rejected {
+                    reason: format!(
+                        "malformed JSON at {}:{}: {err}",
+                        record.topic(),
+                        record.offset()
+                    ),
+                    record: record.to_record(),
+                }),
+                None => {
+                    // A source batch has no routes: the copy always fits.
+                    let _ = kept.push_copy(&records, at);
+                }
+            }
+        }
+        kept
+    }
 }
 
 impl SourceBatch {
