@@ -97,6 +97,18 @@ fn semantic_mistakes_point_at_their_line() {
         "{err}"
     );
 
+    let no_lanes = MINIMAL.replace(
+        "source = { type = \"file\", path = \"in.jsonl\" }",
+        "source = { type = \"file\", path = \"in.jsonl\" }\nparallelism = 0",
+    );
+    let err = parse(&no_lanes).unwrap_err();
+    assert!(
+        err.message
+            .contains("`parallelism` is 0; it takes 1 to 256 lanes"),
+        "{err}"
+    );
+    assert_eq!(err.line, 5, "{err}");
+
     let err = parse("").unwrap_err();
     assert!(err.message.contains("no `[[pipeline]]`"), "{err}");
 }

@@ -117,14 +117,19 @@ impl Validate {
             Validate::Nothing => return records,
             Validate::Json => lines::check_json,
         };
-        let Some(first_bad) = (0..records.len()).find(|&at| check(records.get(at).value()).is_err())
+        let Some(first_bad) =
+            (0..records.len()).find(|&at| check(records.get(at).value()).is_err())
         else {
             return records;
         };
         let mut kept = Batch::with_capacity(records.wire().len(), records.len());
         for at in 0..records.len() {
             let record = records.get(at);
-            let failed = if at < first_bad { None } else { check(record.value()).err() };
+            let failed = if at < first_bad {
+                None
+            } else {
+                check(record.value()).err()
+            };
             match failed {
                 Some(err) => rejected.push(Rejected {
                     reason: format!(
