@@ -91,11 +91,6 @@ impl Batch {
         self.payload
     }
 
-    /// Bytes it holds in all.
-    pub fn held_bytes(&self) -> usize {
-        self.wire.len() + self.index.len() * std::mem::size_of::<Slot>()
-    }
-
     /// Bytes record `index` holds: its packed bytes and its index entry.
     #[inline]
     pub fn held_bytes_of(&self, index: usize) -> usize {
@@ -112,10 +107,10 @@ impl Batch {
     /// Empties it, keeping its allocations.
     pub fn clear(&mut self) {
         self.wire.truncate(4);
-        self.wire[..4].copy_from_slice(&0u32.to_le_bytes());
         self.index.clear();
         self.routes.clear();
         self.payload = 0;
+        self.write_count();
     }
 
     #[inline]
@@ -127,6 +122,12 @@ impl Batch {
             tombstone,
         });
         self.payload += payload;
+        self.write_count();
+    }
+
+    /// Writes the record count at the head of the packed bytes.
+    #[inline]
+    fn write_count(&mut self) {
         let count = u32::try_from(self.index.len()).unwrap_or(u32::MAX);
         self.wire[..4].copy_from_slice(&count.to_le_bytes());
     }
@@ -208,8 +209,7 @@ impl Batch {
             self.wire.extend_from_slice(&other.wire[4..]);
             self.index.extend_from_slice(&other.index);
             self.payload = other.payload;
-            let count = u32::try_from(self.index.len()).unwrap_or(u32::MAX);
-            self.wire[..4].copy_from_slice(&count.to_le_bytes());
+            self.write_count();
             return Ok(());
         }
         for index in 0..other.len() {
@@ -225,8 +225,7 @@ impl Batch {
             let payload = record.map_or(0, |r| r.value().len() + r.key().map_or(0, <[u8]>::len));
             self.payload -= payload;
             self.wire.truncate(slot.at);
-            let count = u32::try_from(self.index.len()).unwrap_or(u32::MAX);
-            self.wire[..4].copy_from_slice(&count.to_le_bytes());
+            self.write_count();
         }
     }
 
@@ -359,11 +358,6 @@ impl<'a> RecordRef<'a> {
         self.view.headers().len()
     }
 
-    /// The value of the first header called `name`.
-    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
-        self.view.header(name)
-    }
-
     /// The named output a plugin routed it to; `None` for the default.
     #[inline]
     pub fn route(&self) -> Option<&'a str> {
@@ -388,12 +382,6 @@ impl<'a> RecordRef<'a> {
     #[inline]
     pub fn tombstone_mark(&self) -> bool {
         self.tombstone
-    }
-
-    /// The plugin layout's view of it.
-    #[inline]
-    pub fn view(&self) -> &RecordView<'a> {
-        &self.view
     }
 
     /// An owned copy.
@@ -449,11 +437,6 @@ impl<'a> Records<'a> {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The batch they are in.
-    pub fn batch(&self) -> &'a Batch {
-        self.batch
     }
 
     /// The records, in order.

@@ -345,7 +345,7 @@ impl ReplyReader<'_> {
             let outcome = match outcomes.next() {
                 Some(Ok(outcome)) => outcome,
                 Some(Err(err)) => {
-                    self.stop_forwarding(&mut forwarding, input, at, next, output);
+                    stop_forwarding(&mut forwarding, input, at, next, output);
                     return Err(self.bad_reply(err, at));
                 }
                 None => unreachable!("the reader checked the outcome count"),
@@ -360,7 +360,7 @@ impl ReplyReader<'_> {
                         continue;
                     }
                 }
-                self.stop_forwarding(&mut forwarding, input, at, next, output);
+                stop_forwarding(&mut forwarding, input, at, next, output);
             }
             let outputs = match outcome {
                 OutcomeView::Emit(outputs) => outputs,
@@ -431,7 +431,7 @@ impl ReplyReader<'_> {
             }
         }
         if let Err(err) = outcomes.finish() {
-            self.stop_forwarding(&mut forwarding, input, input.len(), next, output);
+            stop_forwarding(&mut forwarding, input, input.len(), next, output);
             return Err(self.bad_reply(err, input.len()));
         }
         Ok(if forwarding {
@@ -439,24 +439,6 @@ impl ReplyReader<'_> {
         } else {
             Passed::Built
         })
-    }
-
-    /// Ends the forwarding run: the records before `at`, forwarded as they
-    /// were, are copied to `next`.
-    #[cold]
-    fn stop_forwarding(
-        &self,
-        forwarding: &mut bool,
-        input: &Batch,
-        at: usize,
-        next: &mut Batch,
-        output: &mut ChainOutput,
-    ) {
-        if std::mem::take(forwarding) {
-            for before in 0..at {
-                keep_copy(next, input, before, output);
-            }
-        }
     }
 
     /// The limit these outputs break, as a dead-letter reason. This runs
@@ -497,6 +479,23 @@ impl ReplyReader<'_> {
                 kind: PluginErrorKind::BadReply(err.to_string()),
             }),
             unprocessed,
+        }
+    }
+}
+
+/// Ends a forwarding run: the records before `at`, forwarded as they were,
+/// are copied to `next`.
+#[cold]
+fn stop_forwarding(
+    forwarding: &mut bool,
+    input: &Batch,
+    at: usize,
+    next: &mut Batch,
+    output: &mut ChainOutput,
+) {
+    if std::mem::take(forwarding) {
+        for before in 0..at {
+            keep_copy(next, input, before, output);
         }
     }
 }

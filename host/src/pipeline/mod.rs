@@ -120,12 +120,13 @@ pub fn prepare_lanes(
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
 ) -> Result<Vec<Chain>, ConfigError> {
-    let first = prepare_chain(file, pipeline, engine)?;
-    let mut lanes = Vec::with_capacity(pipeline.lanes());
-    for _ in 1..pipeline.lanes() {
-        lanes.push(first.lane(start_plugins(file, pipeline, engine, false)?));
+    let count = pipeline.lanes();
+    let mut lanes = Vec::with_capacity(count);
+    lanes.push(prepare_chain(file, pipeline, engine)?);
+    for _ in 1..count {
+        let slots = start_plugins(file, pipeline, engine, false)?;
+        lanes.push(lanes[0].lane(slots));
     }
-    lanes.insert(0, first);
     Ok(lanes)
 }
 
@@ -316,7 +317,8 @@ impl Pipeline {
             Ok(())
         });
 
-        let mut writer = SinkWriter {
+        let writer = SinkWriter {
+            picks: vec![Vec::new(); sinks.len()],
             pipeline: name.clone(),
             sinks,
             routes,
@@ -327,9 +329,7 @@ impl Pipeline {
             transaction,
             unflushed_sent: 0,
             deferred: None,
-            picks: Vec::new(),
         };
-        writer.picks = vec![Vec::new(); writer.sinks.len()];
         let mut writer = tokio::spawn(writer.run(from_lanes));
 
         let stop = async move {
@@ -535,8 +535,8 @@ impl SinkWriter {
         picks.iter_mut().for_each(Vec::clear);
         let mut sent = 0;
         for at in 0..records.len() {
+            let record = records.get(at);
             let Some(sinks) = targets[records.route_of(at)] else {
-                let record = records.get(at);
                 dead.push(DeadLetter {
                     reason: format!("no sink takes route `{}`", record.route_name()),
                     record: record.to_record(),
@@ -546,7 +546,6 @@ impl SinkWriter {
             };
             // Each sink that takes the route gets the record; a sink that
             // cannot hold it as it is has that copy dead-lettered.
-            let record = records.get(at);
             let mut taken = false;
             for &sink in sinks {
                 match self.sinks[sink].sink.refuses(&record) {

@@ -314,6 +314,7 @@ impl Source for Generator {
             return Ok(None);
         }
         let mut batch = SourceBatch::default();
+        let mut last = None;
         let cut_at = Instant::now() + self.linger;
         while batch.records.len() < self.max_records && !self.events.is_done() {
             if let Some(due) = self.due() {
@@ -324,6 +325,7 @@ impl Source for Generator {
             }
             let event = self.events.next_event();
             let offset = self.events.produced() as i64 - 1;
+            last = Some(offset);
             batch.records.push(
                 RecordParts {
                     key: Some(event.key.as_bytes()),
@@ -336,8 +338,7 @@ impl Source for Generator {
                 std::iter::empty(),
             );
         }
-        if let Some(last) = batch.records.len().checked_sub(1) {
-            let offset = batch.records.get(last).offset();
+        if let Some(offset) = last {
             batch.checkpoint.advance(&position(&self.topic, 0, offset));
         }
         Ok(Some(batch))

@@ -167,8 +167,7 @@ impl LineReader {
                 if let Some(line) = overlong.take() {
                     self.overlong(line);
                 } else if start < end {
-                    let line = buf[start..end].to_vec();
-                    self.line(&line);
+                    self.line(&buf[start..end]);
                 }
                 self.send()?;
                 return Ok(());
@@ -182,11 +181,7 @@ impl LineReader {
                         line.length += line_end - from;
                         self.overlong(line);
                     }
-                    None => {
-                        // Split the borrow: the line is read, the batch written.
-                        let (line, _) = buf.split_at(line_end);
-                        self.line(&line[from..]);
-                    }
+                    None => self.line(&buf[from..line_end]),
                 }
                 from = line_end + 1;
                 if self.is_full() {
@@ -248,8 +243,7 @@ impl LineReader {
             return;
         }
         if line.len() > self.max_record_bytes {
-            let kept = line[..OVERLONG_KEPT.min(line.len())].to_vec();
-            self.reject_overlong(&kept, line.len());
+            self.reject_overlong(&line[..OVERLONG_KEPT.min(line.len())], line.len());
             return;
         }
         self.current

@@ -59,10 +59,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Records that `position` has been read.
     pub fn advance(&mut self, position: &SourcePosition) {
-        let same = |p: &&mut SourcePosition| {
-            p.partition == position.partition && p.topic == position.topic
-        };
-        match self.positions.iter_mut().find(same) {
+        match self.position_of(&position.topic, position.partition) {
             Some(p) => p.offset = p.offset.max(position.offset),
             None => self.positions.push(position.clone()),
         }
@@ -72,8 +69,7 @@ impl Checkpoint {
     /// [`Checkpoint::advance`], allocating only for a partition new to it.
     #[inline]
     pub fn advance_to(&mut self, topic: &str, partition: i32, offset: i64) {
-        let same = |p: &&mut SourcePosition| p.partition == partition && &*p.topic == topic;
-        match self.positions.iter_mut().find(same) {
+        match self.position_of(topic, partition) {
             Some(p) => p.offset = p.offset.max(offset),
             None => self.positions.push(SourcePosition {
                 topic: topic.into(),
@@ -81,6 +77,12 @@ impl Checkpoint {
                 offset,
             }),
         }
+    }
+
+    fn position_of(&mut self, topic: &str, partition: i32) -> Option<&mut SourcePosition> {
+        self.positions
+            .iter_mut()
+            .find(|p| p.partition == partition && &*p.topic == topic)
     }
 }
 
@@ -117,33 +119,29 @@ impl Validate {
             Validate::Nothing => return records,
             Validate::Json => lines::check_json,
         };
-        let Some(first_bad) =
-            (0..records.len()).find(|&at| check(records.get(at).value()).is_err())
-        else {
+        let failed: Vec<(usize, String)> = (0..records.len())
+            .filter_map(|at| check(records.get(at).value()).err().map(|err| (at, err)))
+            .collect();
+        if failed.is_empty() {
             return records;
-        };
+        }
         let mut kept = Batch::with_capacity(records.wire().len(), records.len());
+        let mut failed = failed.into_iter().peekable();
         for at in 0..records.len() {
-            let record = records.get(at);
-            let failed = if at < first_bad {
-                None
-            } else {
-                check(record.value()).err()
+            let Some((_, err)) = failed.next_if(|(bad, _)| *bad == at) else {
+                // A source batch has no routes: the copy always fits.
+                let _ = kept.push_copy(&records, at);
+                continue;
             };
-            match failed {
-                Some(err) => rejected.push(Rejected {
-                    reason: format!(
-                        "malformed JSON at {}:{}: {err}",
-                        record.topic(),
-                        record.offset()
-                    ),
-                    record: record.to_record(),
-                }),
-                None => {
-                    // A source batch has no routes: the copy always fits.
-                    let _ = kept.push_copy(&records, at);
-                }
-            }
+            let record = records.get(at);
+            rejected.push(Rejected {
+                reason: format!(
+                    "malformed JSON at {}:{}: {err}",
+                    record.topic(),
+                    record.offset()
+                ),
+                record: record.to_record(),
+            });
         }
         kept
     }
