@@ -7,6 +7,7 @@ extern crate self as weir_guest;
 
 pub mod abi;
 mod error;
+pub mod json;
 pub mod testing;
 
 pub use abi::{Headers, RecordView};

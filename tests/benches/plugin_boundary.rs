@@ -4,7 +4,9 @@
 //! - identity: the host's real path (pack the records into a batch as a
 //!   source does, call the component, take its outputs into the next batch)
 //!   against a native identity that moves the same records into a new
-//!   batch. Their difference is the boundary cost.
+//!   batch. Their difference is the boundary cost. Printed under it: the
+//!   crossing alone (a packed batch in, the reply out) and the packing alone
+//!   (what a source pays whether or not a plugin runs).
 //! - json: parse, filter on a number, re-serialise three fields, in the
 //!   `json-filter` component against the same logic written natively over
 //!   the same records.
@@ -258,6 +260,11 @@ fn main() {
             "{:<28} {crossing:>10.1}",
             format!("  crossing only, batch {batch}")
         );
+        let packing = measure(batch, slice, |records| pack(records).len());
+        println!(
+            "{:<28} {packing:>10.1}",
+            format!("  packing only, batch {batch}")
+        );
         identity_json.insert(
             batch.to_string(),
             serde_json::json!({
@@ -265,6 +272,7 @@ fn main() {
                 "native_ns": round(native),
                 "boundary_ns": round(boundary),
                 "crossing_ns": round(crossing),
+                "packing_ns": round(packing),
             }),
         );
     }

@@ -9,17 +9,12 @@
 //!
 //! A record that is not a JSON object, or whose field is missing or not a
 //! number, fails (and goes to the dead-letter sink) unless `missing =
-//! "drop"`. The record is scanned once without building a tree: only the
-//! filtered and projected fields are kept (borrowed), and only the filtered
-//! one is read as a number.
-
-use std::borrow::Cow;
-use std::fmt;
+//! "drop"`. The record is scanned once with `weir_guest::json`, checked but
+//! never built into a tree: the filtered and projected fields are kept as
+//! borrowed raw text, and only the filtered one is read as a number.
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde_json::value::RawValue;
-use weir_guest::{Error, Output, RecordView, Result, Transform, export_transform};
+use weir_guest::{Error, Output, RecordView, Result, Transform, export_transform, json};
 
 /// Most fields `project` may name: the picked values live on the stack.
 const MAX_PROJECT: usize = 16;
@@ -54,6 +49,9 @@ pub struct JsonFilter {
     /// The projection being written, reused from record to record.
     #[serde(skip)]
     scratch: Vec<u8>,
+    /// `project`'s names as JSON strings, quoted and escaped once.
+    #[serde(skip)]
+    quoted: Vec<Vec<u8>>,
 }
 
 /// What [`JsonFilter::apply`] decided for one value.
@@ -71,17 +69,21 @@ impl JsonFilter {
     /// Decides on one JSON value; with `project`, appends the projection
     /// to `out`. The same code runs inside the component and natively.
     pub fn apply(&self, value: &[u8], out: &mut Vec<u8>) -> Result<Verdict> {
-        let mut picked: [Option<&RawValue>; MAX_PROJECT + 1] = [None; MAX_PROJECT + 1];
-        let mut de = serde_json::Deserializer::from_slice(value);
-        Picker {
-            filter: self,
-            picked: &mut picked,
+        let mut picked: [Option<&[u8]>; MAX_PROJECT + 1] = [None; MAX_PROJECT + 1];
+        for field in json::fields(value) {
+            let (key, raw) =
+                field.map_err(|err| Error::new(format!("not a JSON object: {err}")))?;
+            if key.is(&self.field) {
+                picked[0] = Some(raw);
+            }
+            for (name, slot) in self.project.iter().zip(&mut picked[1..]) {
+                if key.is(name) {
+                    *slot = Some(raw);
+                }
+            }
         }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|err| Error::new(format!("not a JSON object: {err}")))?;
 
-        let number = picked[0].and_then(|raw| raw.get().parse::<f64>().ok());
+        let number = picked[0].and_then(json::number);
         let Some(number) = number else {
             return match self.missing {
                 Missing::Drop => Ok(Verdict::Drop),
@@ -101,87 +103,18 @@ impl JsonFilter {
         }
         out.push(b'{');
         let mut first = true;
-        for (name, raw) in self.project.iter().zip(&picked[1..]) {
+        for (name, raw) in self.quoted.iter().zip(&picked[1..]) {
             let Some(raw) = raw else { continue };
             if !first {
                 out.push(b',');
             }
             first = false;
-            serde_json::to_writer(&mut *out, name)?;
+            out.extend_from_slice(name);
             out.push(b':');
-            out.extend_from_slice(raw.get().as_bytes());
+            out.extend_from_slice(raw);
         }
         out.push(b'}');
         Ok(Verdict::Projected)
-    }
-
-    /// Slot 0 is the filtered field; slots 1.. follow `project`.
-    fn slots<'s>(&'s self, key: &'s str) -> impl Iterator<Item = usize> + 's {
-        std::iter::once(&self.field)
-            .chain(&self.project)
-            .enumerate()
-            .filter(move |(_, name)| name.as_str() == key)
-            .map(|(slot, _)| slot)
-    }
-}
-
-/// Reads one JSON object, keeping (borrowed) only the fields the filter
-/// needs and skipping the rest without building a map.
-struct Picker<'f, 'p, 'de> {
-    filter: &'f JsonFilter,
-    picked: &'p mut [Option<&'de RawValue>; MAX_PROJECT + 1],
-}
-
-impl<'de> DeserializeSeed<'de> for Picker<'_, '_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Picker<'_, '_, 'de> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            let mut slots = self.filter.slots(&key).peekable();
-            if slots.peek().is_none() {
-                map.next_value::<IgnoredAny>()?;
-                continue;
-            }
-            let raw: &'de RawValue = map.next_value()?;
-            for slot in slots {
-                self.picked[slot] = Some(raw);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// An object key, borrowed unless it had escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -206,6 +139,11 @@ impl Transform for JsonFilter {
                 self.project.len()
             )));
         }
+        self.quoted = self
+            .project
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<std::result::Result<_, _>>()?;
         Ok(())
     }
 
