@@ -92,8 +92,7 @@ impl<'a> Key<'a> {
             // Keys are short: compared in line, not by a call to `memcmp`
             // (which a plugin's own code, not the host's, would run).
             let name = name.as_bytes();
-            return self.raw.len() == name.len()
-                && self.raw.iter().zip(name).all(|(a, b)| a == b);
+            return self.raw.len() == name.len() && self.raw.iter().zip(name).all(|(a, b)| a == b);
         }
         unescape(self.raw).is_some_and(|key| key == name)
     }

@@ -2,7 +2,7 @@
 //! reaches the output and dead-letter topics, what is committed, and what
 //! survives a worker killed with SIGKILL.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -397,18 +397,33 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// Kills a worker with SIGKILL three times as soon as it has written more
-/// output, restarts it each time, and finally lets it finish. Returns the
-/// input ids and the output topic as read (committed only, if asked).
+/// Kills a worker running `lanes` lanes with SIGKILL three times as soon as
+/// it has written more output, restarts it each time, and finally lets it
+/// finish. Returns the input ids and the output topic as read (committed
+/// only, if asked).
 ///
 /// The plugin takes 50 us a record, so the 100,000 records take at least
 /// 5 s of plugin time: each kill, which comes once 2,000 more outputs are
 /// out, lands mid-stream, and the test checks that it did.
-async fn kill_and_restart(delivery: &str, read_committed: bool) -> (Vec<usize>, Vec<usize>) {
+async fn kill_and_restart(
+    delivery: &str,
+    read_committed: bool,
+    lanes: usize,
+) -> (Vec<usize>, Vec<crate::broker::Consumed>) {
     const RECORDS: usize = 100_000;
     let broker = broker_with_input(RECORDS).await;
     let scratch = Scratch::new();
     let path = paced_survivor_pipeline(&scratch, &broker, delivery, 50);
+    let pipeline = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        pipeline.replacen(
+            "commit_interval_ms",
+            &format!("parallelism = {lanes}\ncommit_interval_ms"),
+            1,
+        ),
+    )
+    .unwrap();
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
     tokio::task::block_in_place(|| {
@@ -441,13 +456,23 @@ async fn kill_and_restart(delivery: &str, read_committed: bool) -> (Vec<usize>, 
 
     (
         (0..RECORDS).collect(),
-        tokio::task::block_in_place(|| ids(&broker.read_all("out", read_committed))),
+        tokio::task::block_in_place(|| broker.read_all("out", read_committed)),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_least_once_a_worker_killed_mid_stream_loses_nothing() {
-    let (input, output) = kill_and_restart("at_least_once", false).await;
+async fn at_least_once_a_worker_killed_mid_stream_loses_nothing_with_one_lane() {
+    at_least_once_after_kills(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_a_worker_killed_mid_stream_loses_nothing_with_two_lanes() {
+    at_least_once_after_kills(2).await;
+}
+
+async fn at_least_once_after_kills(lanes: usize) {
+    let (input, output) = kill_and_restart("at_least_once", false, lanes).await;
+    let output = ids(&output);
     let seen: BTreeSet<usize> = output.iter().copied().collect();
     let missing: Vec<usize> = input
         .iter()
@@ -466,8 +491,27 @@ async fn at_least_once_a_worker_killed_mid_stream_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_a_worker_killed_mid_stream_neither_loses_nor_doubles() {
-    let (input, output) = kill_and_restart("exactly_once", true).await;
+async fn exactly_once_a_worker_killed_mid_stream_neither_loses_nor_doubles_with_one_lane() {
+    exactly_once_after_kills(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_a_worker_killed_mid_stream_neither_loses_nor_doubles_with_two_lanes() {
+    exactly_once_after_kills(2).await;
+}
+
+/// Exactly once, and in order: a key's records are in one input partition,
+/// so they reach its output partition in the order they were produced.
+async fn exactly_once_after_kills(lanes: usize) {
+    let (input, records) = kill_and_restart("exactly_once", true, lanes).await;
+    let output = ids(&records);
+    let mut last_of_key: HashMap<String, usize> = HashMap::new();
+    for (record, id) in records.iter().zip(&output) {
+        let key = record.key.clone().expect("payments are keyed");
+        if let Some(last) = last_of_key.insert(key.clone(), *id) {
+            assert!(last < *id, "key {key}: id {id} came after {last}");
+        }
+    }
     let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
     for id in &output {
         *counts.entry(*id).or_default() += 1;
