@@ -94,13 +94,14 @@ impl<'a> Key<'a> {
             let name = name.as_bytes();
             return self.raw.len() == name.len() && self.raw.iter().zip(name).all(|(a, b)| a == b);
         }
-        unescape(self.raw).is_some_and(|key| key == name)
+        unescape(self.raw) == name
     }
 
-    /// The key with its escapes decoded.
+    /// The key with its escapes decoded; a `\u` escape of a lone surrogate
+    /// becomes U+FFFD.
     pub fn decoded(&self) -> std::borrow::Cow<'a, str> {
         if self.escaped {
-            std::borrow::Cow::Owned(unescape(self.raw).unwrap_or_default())
+            std::borrow::Cow::Owned(unescape(self.raw))
         } else {
             // The scanner checked that the key is UTF-8.
             String::from_utf8_lossy(self.raw)
@@ -306,6 +307,10 @@ impl<'a> Scanner<'a> {
                     return Ok(());
                 }
                 let in_object = objects & (1 << (depth - 1)) != 0;
+                let (close, expected) = match in_object {
+                    true => (b'}', "expected `,` or `}`"),
+                    false => (b']', "expected `,` or `]`"),
+                };
                 self.whitespace();
                 match self.peek() {
                     Some(b',') => {
@@ -316,16 +321,11 @@ impl<'a> Scanner<'a> {
                         }
                         break;
                     }
-                    Some(b'}') if in_object => {
+                    Some(byte) if byte == close => {
                         self.at += 1;
                         depth -= 1;
                     }
-                    Some(b']') if !in_object => {
-                        self.at += 1;
-                        depth -= 1;
-                    }
-                    _ if in_object => return Err(self.fault("expected `,` or `}`")),
-                    _ => return Err(self.fault("expected `,` or `]`")),
+                    _ => return Err(self.fault(expected)),
                 }
             }
         }
@@ -458,19 +458,18 @@ fn special_bytes(word: u64) -> u64 {
     quote | backslash | control
 }
 
-/// Decodes the escapes of a checked JSON string's text; `None` if a `\u`
-/// escape is a lone surrogate.
-fn unescape(raw: &[u8]) -> Option<String> {
+/// Decodes the escapes of a checked JSON string's text. What cannot be a
+/// character (a `\u` escape of a lone surrogate) becomes U+FFFD.
+fn unescape(raw: &[u8]) -> String {
     let mut out = Vec::with_capacity(raw.len());
     let mut at = 0;
-    while at < raw.len() {
-        let byte = raw[at];
+    while let Some(&byte) = raw.get(at) {
         at += 1;
         if byte != b'\\' {
             out.push(byte);
             continue;
         }
-        let escape = *raw.get(at)?;
+        let escape = raw.get(at).copied().unwrap_or(b'\\');
         at += 1;
         let simple = match escape {
             b'b' => 0x08,
@@ -483,24 +482,26 @@ fn unescape(raw: &[u8]) -> Option<String> {
                     let digits = std::str::from_utf8(raw.get(at..at + 4)?).ok()?;
                     u32::from_str_radix(digits, 16).ok()
                 };
-                let mut code = hex(at)?;
+                let mut code = hex(at);
                 at += 4;
-                if (0xD800..0xDC00).contains(&code) && raw.get(at..at + 2) == Some(b"\\u") {
-                    let low = hex(at + 2)?;
-                    if (0xDC00..0xE000).contains(&low) {
-                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                        at += 6;
-                    }
+                if let Some(high @ 0xD800..0xDC00) = code
+                    && raw.get(at..at + 2) == Some(b"\\u")
+                    && let Some(low @ 0xDC00..0xE000) = hex(at + 2)
+                {
+                    code = Some(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00));
+                    at += 6;
                 }
-                let mut utf8 = [0; 4];
-                out.extend_from_slice(char::from_u32(code)?.encode_utf8(&mut utf8).as_bytes());
+                let char = code
+                    .and_then(char::from_u32)
+                    .unwrap_or(char::REPLACEMENT_CHARACTER);
+                out.extend_from_slice(char.encode_utf8(&mut [0; 4]).as_bytes());
                 continue;
             }
             other => other,
         };
         out.push(simple);
     }
-    String::from_utf8(out).ok()
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -545,6 +546,9 @@ mod tests {
         assert!(keys[0].is("amou\nt"));
         assert!(!keys[0].is("amount"));
         assert!(keys[1].is("😀"));
+        let lone = br#"{"a\ud800b": 1}"#;
+        let key = fields(lone).next().unwrap().unwrap().0;
+        assert_eq!(key.decoded(), "a\u{FFFD}b");
     }
 
     #[test]

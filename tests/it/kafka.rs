@@ -413,17 +413,7 @@ async fn kill_and_restart(
     const RECORDS: usize = 100_000;
     let broker = broker_with_input(RECORDS).await;
     let scratch = Scratch::new();
-    let path = paced_survivor_pipeline(&scratch, &broker, delivery, 50);
-    let pipeline = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        pipeline.replacen(
-            "commit_interval_ms",
-            &format!("parallelism = {lanes}\ncommit_interval_ms"),
-            1,
-        ),
-    )
-    .unwrap();
+    let path = paced_survivor_pipeline(&scratch, &broker, delivery, 50, Some(lanes));
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
     tokio::task::block_in_place(|| {
@@ -542,17 +532,20 @@ async fn exactly_once_after_kills(lanes: usize) {
 }
 
 fn survivor_pipeline(scratch: &Scratch, broker: &Broker, delivery: &str) -> std::path::PathBuf {
-    paced_survivor_pipeline(scratch, broker, delivery, 0)
+    paced_survivor_pipeline(scratch, broker, delivery, 0, None)
 }
 
 /// The survivor pipeline through a plugin that spends `pace_us` on each
-/// record (identity when 0): slow enough that a kill lands mid-stream.
+/// record (identity when 0): slow enough that a kill lands mid-stream. It
+/// runs `lanes` lanes, or the default when `None`.
 fn paced_survivor_pipeline(
     scratch: &Scratch,
     broker: &Broker,
     delivery: &str,
     pace_us: u64,
+    lanes: Option<usize>,
 ) -> std::path::PathBuf {
+    let parallelism = lanes.map_or(String::new(), |n| format!("parallelism = {n}\n"));
     let plugin = if pace_us == 0 {
         "wasm = \"{plugin:identity}\"".to_owned()
     } else {
@@ -563,7 +556,7 @@ fn paced_survivor_pipeline(
 [[pipeline]]
 name = "survivor"
 delivery = "{delivery}"
-commit_interval_ms = 100
+{parallelism}commit_interval_ms = 100
 source = {{ type = "kafka", brokers = "{b}", topics = ["in"], group = "survivors" }}
 batch = {{ max_records = 200, linger_ms = 5 }}
 

@@ -278,12 +278,6 @@ impl LineReader {
     }
 }
 
-/// Whether `line` is one JSON document in UTF-8, checked in one pass
-/// without building it (the guest SDK's scanner, which plugins use too).
-pub(super) fn check_json(line: &[u8]) -> Result<(), String> {
-    weir_guest::json::validate(line).map_err(|err| err.to_string())
-}
-
 #[async_trait]
 impl Source for LineSource {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {

@@ -117,9 +117,10 @@ impl Validate {
     pub fn apply(self, records: Batch, rejected: &mut Vec<Rejected>) -> Batch {
         let check = match self {
             Validate::Nothing => return records,
-            Validate::Json => lines::check_json,
+            // One pass, no tree: the guest SDK's scanner, as plugins use.
+            Validate::Json => weir_guest::json::validate,
         };
-        let failed: Vec<(usize, String)> = (0..records.len())
+        let failed: Vec<(usize, weir_guest::json::JsonError)> = (0..records.len())
             .filter_map(|at| check(records.get(at).value()).err().map(|err| (at, err)))
             .collect();
         if failed.is_empty() {
