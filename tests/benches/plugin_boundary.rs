@@ -175,6 +175,7 @@ fn chain(engine: &PluginEngine, wasm: PathBuf, config: &str) -> Chain {
         crate_dir: None,
         config: toml::from_str(config).expect("bench config"),
         topics: Vec::new(),
+        watch: false,
     };
     let limits = Limits {
         memory_bytes: 256 << 20,

@@ -205,38 +205,3 @@ fn plugins_have_no_filesystem_environment_or_network() {
         seen[2]
     );
 }
-
-#[test]
-fn a_swap_replaces_the_version_only_when_the_new_one_starts() {
-    use weir::config::PluginConfig;
-    use weir::plugin::PluginSlot;
-
-    let scratch = Scratch::new();
-    let engine = engine(&scratch);
-    let config = PluginConfig {
-        name: Some("stage-1".into()),
-        wasm: None,
-        crate_dir: None,
-        config: toml::Table::new(),
-        topics: Vec::new(),
-    };
-    let mut slot =
-        PluginSlot::start(&engine, &plugin("identity"), &config, &Limits::default()).unwrap();
-    assert_eq!(slot.name(), "identity");
-
-    // Refused versions leave the running one in place.
-    let garbage = scratch.write("garbage.wasm", "nope");
-    assert!(slot.swap(&engine, &garbage).is_err());
-    assert!(slot.swap(&engine, &plugin("wrong-world")).is_err());
-    assert_eq!((slot.name(), slot.label()), ("identity", "stage-1"));
-
-    slot.swap(&engine, &plugin("misbehave")).unwrap();
-    assert_eq!(slot.name(), "misbehave");
-    let batch = weir_guest::testing::pack(&records(&["fail"]));
-    let reply = slot.instance().process(&batch).unwrap();
-    let outcomes = weir_guest::testing::unpack(&reply, &records(&["fail"])).unwrap();
-    assert!(
-        outcomes[0].failure().is_some(),
-        "the new version is the one running"
-    );
-}

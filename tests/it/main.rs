@@ -12,3 +12,4 @@ mod kafka;
 mod pipeline;
 mod sandbox;
 mod support;
+mod swap;

@@ -15,6 +15,8 @@ const PLUGINS: &[&str] = &[
     "misbehave",
     "wrong-world",
     "future-version",
+    "tag-a",
+    "tag-b",
 ];
 
 pub fn workspace() -> PathBuf {

@@ -97,6 +97,14 @@ pub struct PipelineConfig {
     /// means fewer, larger commits.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// How many earlier versions of each plugin stay compiled and checked
+    /// for an instant rollback.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: usize,
+}
+
+fn default_keep_versions() -> usize {
+    3
 }
 
 /// The environment variable that sets how many lanes a pipeline without
@@ -376,6 +384,15 @@ pub struct PluginConfig {
     /// empty. Records of other topics pass it unchanged.
     #[serde(default)]
     pub topics: Vec<String>,
+    /// Whether a new `.wasm` at the plugin's path (a `wasm = ...` file, or
+    /// the artifact `weir plugin build` writes for a `crate = ...`) is
+    /// swapped in while the pipeline runs. On by default.
+    #[serde(default = "default_true")]
+    pub watch: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where a plugin comes from.

@@ -160,6 +160,13 @@ impl PluginEngine {
             path: path.to_owned(),
             source,
         })?;
+        self.load_bytes(&bytes, path)
+    }
+
+    /// As [`PluginEngine::load`], for a component already in memory (an
+    /// upload); `origin` names it in errors and logs.
+    pub fn load_bytes(&self, bytes: &[u8], origin: &Path) -> Result<LoadedPlugin, LoadError> {
+        let path = origin;
         let path_buf = || path.to_owned();
         match bytes.get(..8) {
             Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
@@ -168,11 +175,11 @@ impl PluginEngine {
             Some([0, b'a', b's', b'm', ..]) => {}
             _ => return Err(LoadError::NotWasm { path: path_buf() }),
         }
-        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let hash: [u8; 32] = Sha256::digest(bytes).into();
         let inner = &self.inner;
         let component = inner
             .cache
-            .get_or_compile(&inner.engine, &bytes, &hash)
+            .get_or_compile(&inner.engine, bytes, &hash)
             .map_err(|err| LoadError::Invalid {
                 path: path_buf(),
                 reason: format!("{err:#}"),

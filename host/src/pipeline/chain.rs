@@ -161,6 +161,11 @@ impl Chain {
     }
 
     /// The plugins, in order.
+    pub fn slots(&self) -> &[PluginSlot] {
+        &self.slots
+    }
+
+    /// The plugins, in order.
     pub fn slots_mut(&mut self) -> &mut [PluginSlot] {
         &mut self.slots
     }

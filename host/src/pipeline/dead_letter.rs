@@ -13,6 +13,8 @@ pub const STAGE: &str = "weir.error.stage";
 pub const PLUGIN: &str = "weir.error.plugin";
 /// Header: that plugin's version.
 pub const PLUGIN_VERSION: &str = "weir.error.plugin.version";
+/// Header: the first hex digits of the SHA-256 of that plugin's `.wasm`.
+pub const PLUGIN_HASH: &str = "weir.error.plugin.hash";
 /// Header: the pipeline.
 pub const PIPELINE: &str = "weir.pipeline";
 /// Header: source topic (or file, or generator).
@@ -33,6 +35,8 @@ pub enum Stage {
         name: String,
         /// Its version.
         version: String,
+        /// The short hash of its `.wasm`.
+        hash: String,
     },
     /// No sink takes the route a plugin sent it to.
     Route,
@@ -65,10 +69,15 @@ impl DeadLetter {
             Stage::Source => add(STAGE, "source".into()),
             Stage::Route => add(STAGE, "route".into()),
             Stage::Sink => add(STAGE, "sink".into()),
-            Stage::Plugin { name, version } => {
+            Stage::Plugin {
+                name,
+                version,
+                hash,
+            } => {
                 add(STAGE, "plugin".into());
                 add(PLUGIN, name.into());
                 add(PLUGIN_VERSION, version.into());
+                add(PLUGIN_HASH, hash.into());
             }
         }
         add(

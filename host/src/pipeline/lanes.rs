@@ -7,15 +7,20 @@
 //!
 //! Memory stays bounded: each lane takes at most `IN_FLIGHT` batches ahead,
 //! and the fan-out waits for a lane with no room.
+//!
+//! A plugin swap travels in band: the fan-out puts one install order in
+//! every lane's queue between two source batches, so every lane switches at
+//! the same source batch, and no batch (nor any part of one) mixes versions.
 
 use std::collections::BTreeMap;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::chain::Chain;
 use super::dead_letter::{DeadLetter, Stage};
 use crate::batch::Batch;
-use crate::engine::PluginError;
+use crate::engine::{Instance, PluginError};
+use crate::plugin::PluginVersion;
 use crate::source::{Checkpoint, Rejected, SourceBatch, Spread, Validate};
 
 /// Batches a lane takes ahead of the one it processes.
@@ -34,6 +39,23 @@ pub(super) struct Job {
     checkpoint: Option<Checkpoint>,
     /// What its records must still be checked for.
     validate: Validate,
+}
+
+/// What a lane is told to do next, in source order.
+pub(super) enum Order {
+    /// Process a batch (or a part of one).
+    Process(Job),
+    /// Serve a new version of a plugin from the next batch on (boxed: rare,
+    /// and larger than a job).
+    Install(Box<Install>),
+}
+
+/// Serve `version` at plugin `slot` through `instance`; say so on `done`.
+pub(super) struct Install {
+    slot: usize,
+    version: PluginVersion,
+    instance: Instance,
+    done: oneshot::Sender<()>,
 }
 
 /// A part after its lane's chain, on its way to the sinks.
@@ -58,7 +80,7 @@ pub(super) enum ChainStop {
 
 /// Hands source batches to the lanes.
 pub(super) struct FanOut {
-    lanes: Vec<mpsc::Sender<Job>>,
+    lanes: Vec<mpsc::Sender<Order>>,
     spread: Spread,
     seq: u64,
     next_lane: usize,
@@ -69,7 +91,7 @@ pub(super) struct LanesGone;
 
 impl FanOut {
     /// A fan-out to these lanes.
-    pub(super) fn new(lanes: Vec<mpsc::Sender<Job>>, spread: Spread) -> Self {
+    pub(super) fn new(lanes: Vec<mpsc::Sender<Order>>, spread: Spread) -> Self {
         FanOut {
             lanes,
             spread,
@@ -82,7 +104,31 @@ impl FanOut {
     pub(super) async fn send(&mut self, batch: SourceBatch) -> Result<(), LanesGone> {
         for job in self.split(batch) {
             let lane = job.lane;
-            self.lanes[lane].send(job).await.map_err(|_| LanesGone)?;
+            self.lanes[lane]
+                .send(Order::Process(job))
+                .await
+                .map_err(|_| LanesGone)?;
+        }
+        Ok(())
+    }
+
+    /// Orders every lane to serve `version` at plugin `slot` after the
+    /// batches already handed out: one instance (and one `done`) per lane.
+    pub(super) async fn install(
+        &mut self,
+        slot: usize,
+        version: &PluginVersion,
+        instances: Vec<Instance>,
+        done: Vec<oneshot::Sender<()>>,
+    ) -> Result<(), LanesGone> {
+        for ((lane, instance), done) in self.lanes.iter().zip(instances).zip(done) {
+            let order = Order::Install(Box::new(Install {
+                slot,
+                version: version.clone(),
+                instance,
+                done,
+            }));
+            lane.send(order).await.map_err(|_| LanesGone)?;
         }
         Ok(())
     }
@@ -162,10 +208,24 @@ impl FanOut {
 /// quarantined (by this lane or another).
 pub(super) fn run_lane(
     mut chain: Chain,
-    mut jobs: mpsc::Receiver<Job>,
+    mut orders: mpsc::Receiver<Order>,
     processed: mpsc::Sender<Processed>,
 ) -> Result<(), ChainStop> {
-    while let Some(job) = jobs.blocking_recv() {
+    while let Some(order) = orders.blocking_recv() {
+        let job = match order {
+            Order::Process(job) => job,
+            Order::Install(install) => {
+                let Install {
+                    slot,
+                    version,
+                    instance,
+                    done,
+                } = *install;
+                chain.slots_mut()[slot].install(version, instance);
+                let _ = done.send(());
+                continue;
+            }
+        };
         if chain.quarantined().is_some() {
             // Another lane quarantined the pipeline: this batch is neither
             // processed nor committed.

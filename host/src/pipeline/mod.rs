@@ -26,6 +26,7 @@
 //! ```
 
 mod chain;
+mod control;
 pub mod dead_letter;
 mod lanes;
 
@@ -49,10 +50,15 @@ use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
-use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceError};
+use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
+use control::{Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
 
 pub use chain::{Chain, ChainOutput};
+pub use control::{
+    ControlError, Counters, PipelineHandle, PipelineStatus, PluginStatus, RunState, SwapReport,
+    VersionInfo, Wasm,
+};
 pub use dead_letter::{DeadLetter, Stage};
 
 /// Why a pipeline could not start or stopped.
@@ -184,6 +190,9 @@ pub struct Pipeline {
     metrics: Arc<PipelineMetrics>,
     transaction: Option<Arc<KafkaTransaction>>,
     commit_interval: Duration,
+    controller: Controller,
+    handle: PipelineHandle,
+    watching: Vec<Option<std::path::PathBuf>>,
 }
 
 impl Pipeline {
@@ -254,8 +263,27 @@ impl Pipeline {
             .map_err(sink_error(config.span().start))?,
             None => sink::default_dead_letter(),
         };
+        let metrics = Arc::new(PipelineMetrics::new(&name));
+        let watching: Vec<_> = pipeline
+            .plugins
+            .iter()
+            .zip(lanes[0].slots())
+            .map(|(config, slot)| config.watch.then(|| slot.path().to_owned()))
+            .collect();
+        let (controller, handle) = Controller::new(
+            &name,
+            engine,
+            lanes.len(),
+            lanes[0].slots(),
+            &watching,
+            pipeline.keep_versions,
+            metrics.clone(),
+        );
         Ok(Pipeline {
-            metrics: Arc::new(PipelineMetrics::new(&name)),
+            metrics,
+            controller,
+            handle,
+            watching,
             name,
             source,
             lanes,
@@ -272,6 +300,12 @@ impl Pipeline {
         self.metrics.clone()
     }
 
+    /// A handle that swaps its plugin versions, pauses and resumes it, and
+    /// reads its status, while it runs (and its status after).
+    pub fn handle(&self) -> PipelineHandle {
+        self.handle.clone()
+    }
+
     /// Runs until the source is drained (or `shutdown` turns true), then
     /// flushes every sink, commits, and returns the final counters.
     ///
@@ -285,7 +319,7 @@ impl Pipeline {
     ) -> Result<MetricsSnapshot, PipelineError> {
         let Pipeline {
             name,
-            mut source,
+            source,
             lanes,
             sinks,
             routes,
@@ -293,15 +327,18 @@ impl Pipeline {
             metrics,
             transaction,
             commit_interval,
+            controller,
+            handle,
+            watching,
         } = self;
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
         let mut running = tokio::task::JoinSet::new();
         for chain in lanes {
-            let (to_lane, jobs) = mpsc::channel(IN_FLIGHT);
+            let (to_lane, orders) = mpsc::channel(IN_FLIGHT);
             senders.push(to_lane);
             let processed = to_sinks.clone();
-            running.spawn_blocking(move || run_lane(chain, jobs, processed));
+            running.spawn_blocking(move || run_lane(chain, orders, processed));
         }
         drop(to_sinks);
         let mut fan_out = FanOut::new(senders, source.spread());
@@ -331,6 +368,16 @@ impl Pipeline {
             deferred: None,
         };
         let mut writer = tokio::spawn(writer.run(from_lanes));
+        let board = controller.board();
+        let (
+            control,
+            RunControl {
+                mut installs,
+                mut paused,
+            },
+        ) = controller.start();
+        let watcher = crate::plugin::watch::spawn(&name, &handle, &watching);
+        let (reader, mut batches) = read_ahead(source);
 
         let stop = async move {
             if shutdown.wait_for(|stop| *stop).await.is_err() {
@@ -357,11 +404,20 @@ impl Pipeline {
                     written = Some(done);
                     break;
                 }
-                batch = source.next_batch() => batch,
+                Some(order) = installs.recv() => {
+                    let InstallOrder { slot, version, instances, done } = order;
+                    if fan_out.install(slot, &version, instances, done).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                // Wakes the loop to look at the flag again.
+                Ok(()) = paused.changed() => continue,
+                batch = batches.recv(), if !*paused.borrow() => batch,
             };
             match batch {
-                Ok(Some(batch)) if batch.is_empty() => {}
-                Ok(Some(batch)) => {
+                Some(Ok(Some(batch))) if batch.is_empty() => {}
+                Some(Ok(Some(batch))) => {
                     BatchRead {
                         records: batch.len() as u64,
                     }
@@ -370,13 +426,21 @@ impl Pipeline {
                         break;
                     }
                 }
-                Ok(None) => break,
-                Err(err) => {
+                Some(Ok(None)) | None => break,
+                Some(Err(err)) => {
                     source_result = Err(err);
                     break;
                 }
             }
         }
+        // No more swaps: the lanes are about to go.
+        control.abort();
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
+        drop(batches);
+        // The source lives until its last batch is written and committed.
+        let _source = reader.finish().await;
         drop(fan_out);
 
         let processed = match processed {
@@ -387,45 +451,94 @@ impl Pipeline {
             Some(done) => done,
             None => writer.await,
         };
-        // The plugin's error explains a closed channel better than the sink's.
-        match processed {
-            Ok(Err(ChainStop::Plugin(source))) => {
-                return Err(PipelineError::Plugin {
-                    pipeline: name,
-                    source,
-                });
+        let failed = failure(name, processed, written, source_result);
+        let (state, reason) = match &failed {
+            None => (RunState::Stopped, None),
+            Some(PipelineError::Quarantined { reason, .. }) => {
+                (RunState::Quarantined, Some(reason.clone()))
             }
-            Ok(Err(ChainStop::Quarantined(reason))) => {
-                if let Ok(Err(source)) = written {
-                    return Err(PipelineError::Sink {
-                        pipeline: name,
-                        source,
-                    });
-                }
-                tracing::error!(pipeline = %name, %reason, "Pipeline quarantined: it stopped reading.");
-                return Err(PipelineError::Quarantined {
-                    pipeline: name,
-                    reason,
-                });
-            }
-            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
-            Ok(Ok(())) => {}
+            Some(err) => (RunState::Failed, Some(err.to_string())),
+        };
+        Controller::finish(&board, state, reason);
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(metrics.snapshot()),
         }
-        match written {
-            Ok(Err(source)) => {
-                return Err(PipelineError::Sink {
-                    pipeline: name,
-                    source,
-                });
-            }
-            Err(panic) => std::panic::resume_unwind(panic.into_panic()),
-            Ok(Ok(())) => {}
+    }
+}
+
+/// Why the run failed, from how its stages ended; `None` if it did not.
+fn failure(
+    name: String,
+    processed: Result<Result<(), ChainStop>, tokio::task::JoinError>,
+    written: Result<Result<(), SinkError>, tokio::task::JoinError>,
+    source_result: Result<(), SourceError>,
+) -> Option<PipelineError> {
+    let pipeline = name;
+    let sink_failed = match written {
+        Ok(Err(source)) => Some(source),
+        Err(panic) => std::panic::resume_unwind(panic.into_panic()),
+        Ok(Ok(())) => None,
+    };
+    // The plugin's error explains a closed channel better than the sink's,
+    // and a sink's error better than the quarantine it cut short.
+    match (processed, sink_failed) {
+        (Err(panic), _) => std::panic::resume_unwind(panic.into_panic()),
+        (Ok(Err(ChainStop::Plugin(source))), _) => Some(PipelineError::Plugin { pipeline, source }),
+        (_, Some(source)) => Some(PipelineError::Sink { pipeline, source }),
+        (Ok(Err(ChainStop::Quarantined(reason))), None) => {
+            tracing::error!(pipeline = %pipeline, %reason, "Pipeline quarantined: it stopped reading.");
+            Some(PipelineError::Quarantined { pipeline, reason })
         }
-        source_result.map_err(|source| PipelineError::Source {
-            pipeline: name,
-            source,
-        })?;
-        Ok(metrics.snapshot())
+        (Ok(Ok(())), None) => source_result
+            .err()
+            .map(|source| PipelineError::Source { pipeline, source }),
+    }
+}
+
+/// Reads `source` on its own task, one batch ahead, so that the run loop
+/// can wait for a batch and for control orders at once: a channel receive
+/// is cancel safe, `next_batch` is not.
+fn read_ahead(
+    mut source: Box<dyn Source>,
+) -> (
+    SourceReader,
+    mpsc::Receiver<Result<Option<SourceBatch>, SourceError>>,
+) {
+    let (to_loop, batches) = mpsc::channel(1);
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = &mut stopped => break,
+                next = source.next_batch() => next,
+            };
+            let last = !matches!(next, Ok(Some(_)));
+            if to_loop.send(next).await.is_err() || last {
+                break;
+            }
+        }
+        source
+    });
+    (SourceReader { stop, task }, batches)
+}
+
+/// The task [`read_ahead`] started.
+struct SourceReader {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Box<dyn Source>>,
+}
+
+impl SourceReader {
+    /// Stops reading (a batch being read is abandoned, uncommitted) and
+    /// gives the source back.
+    async fn finish(self) -> Option<Box<dyn Source>> {
+        drop(self.stop);
+        match self.task.await {
+            Ok(source) => Some(source),
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => None,
+        }
     }
 }
 

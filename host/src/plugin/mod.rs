@@ -1,14 +1,16 @@
 //! Plugins as a pipeline sees them: where each comes from (a `.wasm` or a
-//! crate to build), which version is running, and the one place a version
-//! is replaced.
+//! crate to build), its versions (by content hash), the file watch that
+//! offers new ones, and the one place a version is replaced.
 //!
-//! A [`PluginSlot`] holds the running [`Instance`] of one chain position.
-//! The pipeline only calls it at batch boundaries, so records of one batch
-//! never mix versions; [`PluginSlot::swap`] prepares the new version fully
-//! (compile, instantiate, `init`) before replacing the old, and keeps the
-//! old one when the new one is refused.
+//! A [`PluginSlot`] holds the running [`Instance`] of one chain position in
+//! one lane. A new version is prepared in full first ([`SlotRecipe::start`]:
+//! compile or cache, instantiate, `init`, one instance per lane), so a
+//! refused one never reaches a lane; [`PluginSlot::install`] then switches
+//! between two batches (see `pipeline::control`).
 
 mod build;
+mod version;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,7 @@ use crate::engine::{Instance, Limits, LoadError, LoadedPlugin, PluginEngine, Plu
 use crate::pipeline::Stage;
 
 pub use build::{BuildError, WASM_TARGET, build_crate};
+pub use version::{PluginVersion, SHORT_HASH, VersionHistory, hex};
 
 /// Why a plugin of a pipeline could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +43,59 @@ pub fn locate(source: &PluginSource) -> Result<PathBuf, BuildError> {
     }
 }
 
-/// One position of a pipeline's plugin chain and the version running there.
-pub struct PluginSlot {
-    label: String,
+/// What a slot's instances are made with, whatever the version: for
+/// preparing a candidate off the data path.
+#[derive(Clone)]
+pub struct SlotRecipe {
+    /// The label from the pipeline file, if it gives one.
+    name: Option<String>,
     topics: Vec<String>,
+    /// Settings passed to `init`, as JSON.
     config: String,
     limits: Limits,
-    loaded: LoadedPlugin,
+}
+
+impl SlotRecipe {
+    /// The recipe `config` describes, under `limits`.
+    pub fn new(config: &PluginConfig, limits: &Limits) -> Self {
+        SlotRecipe {
+            name: config.name.clone(),
+            topics: config.topics.clone(),
+            config: config.config_json(),
+            limits: limits.clone(),
+        }
+    }
+
+    /// The source topics its plugin processes; all when empty.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
+    }
+
+    /// `count` initialised instances of `loaded`: one per lane. Blocking:
+    /// each runs `init`.
+    pub fn start(&self, loaded: &LoadedPlugin, count: usize) -> Result<Candidate, PluginError> {
+        let instances = (0..count.max(1))
+            .map(|_| loaded.instantiate(&self.limits, &self.config))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Candidate {
+            version: PluginVersion::new(loaded.clone(), &instances[0]),
+            instances,
+        })
+    }
+}
+
+/// A version ready to serve: checked, with an initialised instance per lane.
+pub struct Candidate {
+    /// The version.
+    pub version: PluginVersion,
+    /// One instance per lane, `init` done.
+    pub instances: Vec<Instance>,
+}
+
+/// One position of a pipeline's plugin chain and the version running there.
+pub struct PluginSlot {
+    recipe: SlotRecipe,
+    current: PluginVersion,
     instance: Instance,
 }
 
@@ -59,34 +108,46 @@ impl PluginSlot {
         limits: &Limits,
     ) -> Result<Self, SetupError> {
         let loaded = engine.load(wasm)?;
-        let settings = config.config_json();
-        let instance = loaded.instantiate(limits, &settings)?;
-        Ok(PluginSlot {
-            label: config
-                .name
-                .clone()
-                .unwrap_or_else(|| instance.name().to_owned()),
-            topics: config.topics.clone(),
-            config: settings,
-            limits: limits.clone(),
-            loaded,
+        let recipe = SlotRecipe::new(config, limits);
+        let Candidate {
+            version,
+            mut instances,
+        } = recipe.start(&loaded, 1)?;
+        Ok(PluginSlot::with(recipe, version, instances.remove(0)))
+    }
+
+    /// A slot running `instance` of `version`.
+    pub fn with(recipe: SlotRecipe, version: PluginVersion, instance: Instance) -> Self {
+        PluginSlot {
+            recipe,
+            current: version,
             instance,
-        })
+        }
+    }
+
+    /// What its instances are made with.
+    pub fn recipe(&self) -> &SlotRecipe {
+        &self.recipe
+    }
+
+    /// The version serving.
+    pub fn current(&self) -> &PluginVersion {
+        &self.current
     }
 
     /// The label from the pipeline file, else the plugin's own name.
     pub fn label(&self) -> &str {
-        &self.label
+        self.recipe.name.as_deref().unwrap_or(self.current.name())
     }
 
     /// Whether records of every source topic go through this plugin.
     pub fn takes_every_topic(&self) -> bool {
-        self.topics.is_empty()
+        self.recipe.topics.is_empty()
     }
 
     /// Whether records of source `topic` go through this plugin.
     pub fn takes_topic(&self, topic: &str) -> bool {
-        self.topics.is_empty() || self.topics.iter().any(|t| t == topic)
+        self.takes_every_topic() || self.recipe.topics.iter().any(|t| t == topic)
     }
 
     /// The running instance.
@@ -106,7 +167,7 @@ impl PluginSlot {
 
     /// The limits each of its instances runs under.
     pub fn limits(&self) -> Limits {
-        self.limits.clone()
+        self.recipe.limits.clone()
     }
 
     /// Where a record this plugin failed is said to have failed.
@@ -114,6 +175,7 @@ impl PluginSlot {
         Stage::Plugin {
             name: self.name().to_owned(),
             version: self.version().to_owned(),
+            hash: self.current.short_hash().to_owned(),
         }
     }
 
@@ -121,7 +183,11 @@ impl PluginSlot {
     /// the same version (~15 µs plus `init`), which goes on counting where
     /// the old one stopped.
     pub fn restart(&mut self) -> Result<(), PluginError> {
-        let mut fresh = self.loaded.instantiate(&self.limits, &self.config)?;
+        let recipe = &self.recipe;
+        let mut fresh = self
+            .current
+            .loaded()
+            .instantiate(&recipe.limits, &recipe.config)?;
         fresh.inherit_counters(&self.instance);
         self.instance = fresh;
         Ok(())
@@ -129,23 +195,13 @@ impl PluginSlot {
 
     /// The `.wasm` the running version came from.
     pub fn path(&self) -> &Path {
-        self.loaded.path()
+        self.current.loaded().path()
     }
 
-    /// Replaces the running version with the one in `wasm`, with the same
-    /// config and limits. Call between batches. On error the old version
-    /// keeps running.
-    pub fn swap(&mut self, engine: &PluginEngine, wasm: &Path) -> Result<(), SetupError> {
-        let loaded = engine.load(wasm)?;
-        let instance = loaded.instantiate(&self.limits, &self.config)?;
-        tracing::info!(
-            plugin = %self.label,
-            from = %self.instance.version(),
-            to = %instance.version(),
-            "Plugin swapped at a batch boundary."
-        );
-        self.loaded = loaded;
+    /// Serves `version` from now on, through `instance` (initialised).
+    /// Call between batches: records of one batch never mix versions.
+    pub fn install(&mut self, version: PluginVersion, instance: Instance) {
+        self.current = version;
         self.instance = instance;
-        Ok(())
     }
 }

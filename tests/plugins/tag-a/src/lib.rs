@@ -1,0 +1,3 @@
+//! Test fixture: tags records `a` (see `tag.rs`, shared with `tag-b`).
+#[path = "tag.rs"]
+pub mod tag;
