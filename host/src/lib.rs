@@ -6,14 +6,18 @@
 //! - [`config`]: the pipeline file, with file:line errors.
 //! - [`engine`]: wasmtime (compile cache, limits, instances); the only
 //!   module that names wasmtime types.
-//! - [`plugin`]: where plugins come from, which version runs, swapping.
+//! - [`plugin`]: where plugins come from, their versions, the file watch
+//!   and the store of deployed versions.
 //! - [`source`], [`sink`]: where records come from and go to.
 //! - [`kafka`]: what Kafka sources and sinks share, and exactly-once transactions.
-//! - [`pipeline`]: wiring, dead letters and delivery.
+//! - [`pipeline`]: wiring, dead letters and delivery; the handle that
+//!   swaps, pauses and reports on a running pipeline.
+//! - [`admin`]: the admin API over those handles.
 //! - [`metrics`]: counters and typed telemetry events.
 //! - [`cli`]: the `weir` command.
 //! - [`testkit`]: run a built plugin in the real engine from a test.
 
+pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod config;

@@ -291,3 +291,94 @@ path = "{dir}/out.txt"
         Err(ControlError::NotRunning { .. })
     ));
 }
+
+/// Polls `done` until it holds; fails the test after `limit` (a liveness
+/// bound, not a speed claim: the benchmark measures the speed).
+async fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_serves_new_files_and_never_half_written_ones() {
+    let scratch = Scratch::new();
+    let watched = scratch.path("plugin.wasm");
+    std::fs::copy(plugin("tag-a"), &watched).unwrap();
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "watched"
+parallelism = 2
+source = { type = "generator", kind = "payments", rate = 5000 }
+batch = { max_records = 16, linger_ms = 1 }
+
+[[pipeline.plugin]]
+wasm = "{dir}/plugin.wasm"
+
+[[pipeline.sink]]
+type = "file"
+path = "{dir}/out.txt"
+"#,
+    );
+    let (handle, stop, run, _engine) = start(&scratch, &path).await;
+    assert_eq!(
+        handle.status().plugins[0].watching.as_deref(),
+        Some(watched.as_path())
+    );
+    let serving = || handle.status().plugins[0].serving.name.clone();
+    let refused = || handle.status().plugins[0].refused;
+
+    // Written in place in pieces, slowly: never offered while cut short.
+    let b = std::fs::read(plugin("tag-b")).unwrap();
+    let mut file = std::fs::File::create(&watched).unwrap();
+    for piece in b.chunks(b.len() / 4 + 1) {
+        use std::io::Write as _;
+        file.write_all(piece).unwrap();
+        file.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        if file.metadata().unwrap().len() < b.len() as u64 {
+            assert_eq!(refused(), 0, "a half-written file was offered");
+            assert_eq!(serving(), "tag-a");
+        }
+    }
+    drop(file);
+    eventually("the finished file serves", Duration::from_secs(20), || {
+        serving() == "tag-b"
+    })
+    .await;
+
+    // A complete file that is not a weir plugin: refused once, however
+    // often it is touched, and the current version keeps serving.
+    let wrong = std::fs::read(plugin("wrong-world")).unwrap();
+    std::fs::write(&watched, &wrong).unwrap();
+    eventually(
+        "the wrong world is refused",
+        Duration::from_secs(20),
+        || refused() == 1,
+    )
+    .await;
+    for _ in 0..3 {
+        std::fs::write(&watched, &wrong).unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(refused(), 1, "the same broken content is reported once");
+    assert_eq!(serving(), "tag-b");
+
+    // Moved into place by an atomic rename.
+    let aside = scratch.path("aside.wasm");
+    std::fs::copy(plugin("tag-a"), &aside).unwrap();
+    std::fs::rename(&aside, &watched).unwrap();
+    eventually("the renamed file serves", Duration::from_secs(20), || {
+        serving() == "tag-a"
+    })
+    .await;
+
+    stop.send(true).unwrap();
+    let summary = run.await.unwrap().unwrap();
+    let lines = read_tagged(&scratch.path("out.txt"));
+    assert_eq!(lines.len() as u64, summary.records_in);
+    assert!(assert_no_call_mixes_versions(&lines) >= 2);
+}

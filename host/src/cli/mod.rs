@@ -1,6 +1,7 @@
 //! The `weir` command: argument parsing, logging set-up, and the
-//! subcommands (`run`, `check`, `plugin build`, `plugin new`), each a thin
-//! layer over the library.
+//! subcommands (`run`, `check`, `plugin build`, `plugin new`, `produce`, and
+//! the admin API's client: `status`, `deploy`, `rollback`, `pause`,
+//! `resume`), each a thin layer over the library.
 
 /// `print!`/`println!` to stdout or stderr that never panic: a reader that
 /// went away or a full disk must not turn a finished run into a crash
@@ -22,6 +23,7 @@ macro_rules! say {
     }};
 }
 
+mod admin;
 mod check;
 mod produce;
 mod run;
@@ -56,6 +58,64 @@ enum Command {
         /// Do not show the live records/s line on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Serve the admin API on this `host:port` (overrides `[admin]`'s
+        /// address; turns it on if the file has no `[admin]`).
+        #[arg(long, value_name = "ADDRESS")]
+        admin: Option<String>,
+    },
+    /// Show a running worker's pipelines: state, lanes, plugin versions
+    /// (with hashes) per lane, and counters.
+    Status {
+        /// Only this pipeline.
+        pipeline: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Upload a `.wasm` to a running worker and swap it in, at a batch
+    /// boundary in every lane; refused (with the reason) if it does not
+    /// load or start, and the current version keeps serving.
+    Deploy {
+        /// The pipeline.
+        pipeline: String,
+        /// The component to deploy.
+        wasm: PathBuf,
+        /// Which plugin of the chain, from 1.
+        #[arg(long, default_value_t = 1)]
+        plugin: usize,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Swap a kept earlier version back in: the previous one, or `--to`
+    /// the one whose hash starts with HASH. Nothing is compiled.
+    Rollback {
+        /// The pipeline.
+        pipeline: String,
+        /// Which plugin of the chain, from 1.
+        #[arg(long, default_value_t = 1)]
+        plugin: usize,
+        /// The start of the version's hash (as `weir status` shows it).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Stop reading a pipeline's source (what was read is finished and
+    /// committed).
+    Pause {
+        /// The pipeline.
+        pipeline: String,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Read again after `weir pause`.
+    Resume {
+        /// The pipeline.
+        pipeline: String,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
     },
     /// Check a pipeline file and start its plugins with their config,
     /// without reading or writing any record.
@@ -152,9 +212,34 @@ pub fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Run { file, no_progress } => {
-            run::run(&file, !no_progress && std::io::stderr().is_terminal())
-        }
+        Command::Run {
+            file,
+            no_progress,
+            admin,
+        } => run::run(
+            &file,
+            !no_progress && std::io::stderr().is_terminal(),
+            admin,
+        ),
+        Command::Status {
+            pipeline,
+            json,
+            admin,
+        } => admin::status(admin, pipeline.as_deref(), json),
+        Command::Deploy {
+            pipeline,
+            wasm,
+            plugin,
+            admin,
+        } => admin::deploy(admin, &pipeline, plugin, &wasm),
+        Command::Rollback {
+            pipeline,
+            plugin,
+            to,
+            admin,
+        } => admin::rollback(admin, &pipeline, plugin, to.as_deref()),
+        Command::Pause { pipeline, admin } => admin::pause(admin, &pipeline, true),
+        Command::Resume { pipeline, admin } => admin::pause(admin, &pipeline, false),
         Command::Check { file } => check::check(&file),
         Command::Plugin(PluginCommand::Build { dir }) => check::build_plugin(&dir),
         Command::Plugin(PluginCommand::New { name, dir, sdk }) => {

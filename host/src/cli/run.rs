@@ -9,12 +9,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
+use crate::admin::{AdminServer, AdminSettings};
 use crate::config::PipelineFile;
 use crate::engine::{EngineOptions, PluginEngine};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::pipeline::Pipeline;
 
-pub fn run(path: &Path, progress: bool) -> anyhow::Result<ExitCode> {
+pub fn run(path: &Path, progress: bool, admin: Option<String>) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -23,7 +24,10 @@ pub fn run(path: &Path, progress: bool) -> anyhow::Result<ExitCode> {
         // Handlers first: a stop requested while the file loads or plugins
         // build is honoured as soon as the pipelines start, not by dying.
         let shutdown = listen_for_stop().context("cannot listen for Ctrl-C and SIGTERM")?;
-        let file = PipelineFile::load(path)?;
+        let mut file = PipelineFile::load(path)?;
+        if let Some(address) = admin {
+            file.enable_admin(address);
+        }
         run_file(file, progress, shutdown).await
     });
     // A stdin reader blocked on a terminal or an open pipe would otherwise
@@ -77,6 +81,25 @@ async fn run_file(
         }
     }
 
+    let admin = match &file.admin {
+        Some(config) => {
+            let settings = AdminSettings {
+                address: config.address.get_ref().clone(),
+                token: config
+                    .token
+                    .clone()
+                    .or_else(|| std::env::var(crate::admin::TOKEN_VAR).ok())
+                    .filter(|token| !token.is_empty()),
+                max_upload: usize::try_from(config.max_upload_mb << 20).unwrap_or(usize::MAX),
+            };
+            let handles = pipelines.iter().map(Pipeline::handle).collect();
+            let server = AdminServer::bind(settings, handles)
+                .await
+                .map_err(|err| file.error_at(config.address.span().start, err.to_string()))?;
+            Some(tokio::spawn(server.serve()))
+        }
+        None => None,
+    };
     let metrics: Vec<Arc<PipelineMetrics>> = pipelines.iter().map(Pipeline::metrics).collect();
     let ticker = progress.then(|| tokio::spawn(show_progress(metrics.clone())));
     let runs: Vec<_> = pipelines
@@ -96,6 +119,9 @@ async fn run_file(
             }
             Err(panic) => std::panic::resume_unwind(panic.into_panic()),
         }
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     if let Some(ticker) = ticker {
         ticker.abort();

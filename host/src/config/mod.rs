@@ -49,13 +49,41 @@ pub struct PipelineFile {
     /// Where compiled plugins are cached (`cache_dir`), relative paths
     /// resolved against the file's folder.
     pub cache_dir: Option<PathBuf>,
+    /// The admin API, if the file turns it on (`[admin]`).
+    pub admin: Option<AdminConfig>,
     source: String,
+}
+
+/// The admin API's settings (`[admin]`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens, `host:port`.
+    pub address: Spanned<String>,
+    /// The bearer token every request must carry; `WEIR_ADMIN_TOKEN` when
+    /// absent. Without either, the API only listens on a loopback address.
+    pub token: Option<String>,
+    /// Largest component an upload may carry, in MiB.
+    #[serde(default = "default_max_upload_mb")]
+    pub max_upload_mb: u64,
+    /// Where uploaded versions are kept (content-addressed) with the record
+    /// of which one each plugin serves, so a restart comes back on them.
+    /// Relative to the pipeline file; `.weir-state` beside it by default.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The default admin address of `weir run --admin` and the CLI's commands.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9870";
+
+fn default_max_upload_mb() -> u64 {
+    64
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     cache_dir: Option<PathBuf>,
+    admin: Option<AdminConfig>,
     #[serde(default)]
     pipeline: Vec<PipelineConfig>,
 }
@@ -524,6 +552,17 @@ impl PipelineFile {
         let mut file = PipelineFile {
             path: path.to_owned(),
             cache_dir: raw.cache_dir.map(|dir| base.join(dir)),
+            admin: raw.admin.map(|mut admin| {
+                admin.state_dir = Some(
+                    base.join(
+                        admin
+                            .state_dir
+                            .take()
+                            .unwrap_or_else(|| PathBuf::from(".weir-state")),
+                    ),
+                );
+                admin
+            }),
             pipelines: raw.pipeline,
             source,
         };
@@ -531,6 +570,19 @@ impl PipelineFile {
         file.resolve_paths();
         file.check_paths()?;
         Ok(file)
+    }
+
+    /// Serves the admin API on `address`: `[admin]`'s settings with this
+    /// address, or the defaults if the file has no `[admin]`.
+    pub fn enable_admin(&mut self, address: String) {
+        let base = self.path.parent().unwrap_or(Path::new(".")).to_owned();
+        let admin = self.admin.get_or_insert_with(|| AdminConfig {
+            address: Spanned::new(0..0, String::new()),
+            token: None,
+            max_upload_mb: default_max_upload_mb(),
+            state_dir: Some(base.join(".weir-state")),
+        });
+        admin.address = Spanned::new(0..0, address);
     }
 
     /// An error at the byte offset `at` of the file.

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::{Instance, PluginEngine};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{
-    Candidate, PluginSlot, PluginVersion, SetupError, SlotRecipe, VersionHistory, hex,
+    Candidate, PluginSlot, PluginVersion, SetupError, SlotRecipe, VersionHistory, VersionStore, hex,
 };
 
 /// Why a control request was refused.
@@ -258,13 +258,16 @@ pub struct SwapReport {
 pub enum Wasm {
     /// A file, read when the request is handled.
     File(PathBuf),
-    /// Bytes already read (an upload, or a file the watcher read).
+    /// A file's content, already read (by the watcher).
     Bytes {
         /// The component.
         bytes: Vec<u8>,
-        /// Where it came from, for messages.
+        /// The file it was read from, for messages.
         origin: PathBuf,
     },
+    /// An upload: kept in the pipeline's version store (when it has one)
+    /// so that a restart comes back on it.
+    Upload(Vec<u8>),
 }
 
 type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
@@ -377,6 +380,8 @@ fn lock<T>(board: &Mutex<T>) -> MutexGuard<'_, T> {
 struct ControlledSlot {
     recipe: SlotRecipe,
     history: VersionHistory,
+    /// The file the pipeline names for it.
+    named: PathBuf,
 }
 
 /// The controller's side: built with the pipeline, started by its run.
@@ -387,6 +392,23 @@ pub(super) struct Controller {
     slots: Vec<ControlledSlot>,
     board: Arc<Mutex<PipelineStatus>>,
     requests: mpsc::Receiver<Request>,
+    store: Option<VersionStore>,
+}
+
+/// What the controller of a pipeline starts from.
+pub(super) struct ControlledPipeline<'a> {
+    pub name: &'a str,
+    pub engine: &'a PluginEngine,
+    pub lanes: usize,
+    /// The first lane's plugins.
+    pub slots: &'a [PluginSlot],
+    /// The file each plugin names (or its crate's artifact).
+    pub named: Vec<PathBuf>,
+    /// Per plugin, the file watched for new versions.
+    pub watching: &'a [Option<PathBuf>],
+    pub keep_versions: usize,
+    /// Where uploads are kept, with the record of what serves.
+    pub store: Option<VersionStore>,
 }
 
 /// The run loop's ends of the controller's channels.
@@ -399,14 +421,19 @@ impl Controller {
     /// The controller of a pipeline whose first lane runs `slots`, and a
     /// handle to it.
     pub(super) fn new(
-        pipeline: &str,
-        engine: &PluginEngine,
-        lanes: usize,
-        slots: &[PluginSlot],
-        watching: &[Option<PathBuf>],
-        keep_versions: usize,
+        setup: ControlledPipeline<'_>,
         metrics: Arc<PipelineMetrics>,
     ) -> (Self, PipelineHandle) {
+        let ControlledPipeline {
+            name: pipeline,
+            engine,
+            lanes,
+            slots,
+            named,
+            watching,
+            keep_versions,
+            store,
+        } = setup;
         let plugins = slots
             .iter()
             .enumerate()
@@ -436,15 +463,16 @@ impl Controller {
             pipeline: pipeline.to_owned(),
             engine: engine.clone(),
             lanes,
-            slots: slots
-                .iter()
-                .map(|slot| ControlledSlot {
+            slots: (slots.iter().zip(named))
+                .map(|(slot, named)| ControlledSlot {
                     recipe: slot.recipe().clone(),
                     history: VersionHistory::new(slot.current().clone(), keep_versions),
+                    named,
                 })
                 .collect(),
             board: board.clone(),
             requests,
+            store,
         };
         let handle = PipelineHandle {
             name: pipeline.to_owned(),
@@ -534,8 +562,11 @@ impl Controller {
             .chain(slot.history.previous())
             .cloned()
             .collect();
+        let store = self.store.clone();
         let prepared = blocking(move || -> Result<Option<Candidate>, (String, String)> {
+            let upload = matches!(wasm, Wasm::Upload(_));
             let (bytes, origin) = match wasm {
+                Wasm::Upload(bytes) => (bytes, PathBuf::from("upload")),
                 Wasm::File(path) => match std::fs::read(&path) {
                     Ok(bytes) => (bytes, path),
                     Err(err) => {
@@ -561,10 +592,15 @@ impl Controller {
                     .load_bytes(&bytes, &origin)
                     .map_err(|err| (what.clone(), SetupError::from(err).to_string()))?,
             };
-            recipe
+            let candidate = recipe
                 .start(&loaded, lanes)
-                .map(Some)
-                .map_err(|err| (what, err.to_string()))
+                .map_err(|err| (what.clone(), err.to_string()))?;
+            if let (true, Some(store)) = (upload, &store) {
+                store
+                    .put(&hash, &bytes)
+                    .map_err(|err| (what, format!("cannot keep it in the version store: {err}")))?;
+            }
+            Ok(Some(candidate))
         })
         .await;
         match prepared {
@@ -699,6 +735,7 @@ impl Controller {
             entry.swaps += 1;
         }
         tracing::info!(pipeline = %self.pipeline, plugin, %from, %to, prepare_us, switch_us, "Plugin version swapped at a batch boundary in every lane.");
+        self.remember(plugin, &version).await;
         Ok(SwapReport {
             pipeline: self.pipeline.clone(),
             plugin,
@@ -709,6 +746,29 @@ impl Controller {
             prepare_us,
             switch_us,
         })
+    }
+}
+
+impl Controller {
+    /// Records in the version store which version serves `plugin`, so a
+    /// restart comes back on it: a stored (uploaded) one is recorded, any
+    /// other one (the named file's) clears the record.
+    async fn remember(&self, plugin: usize, version: &PluginVersion) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let (pipeline, hash) = (self.pipeline.clone(), version.hash().to_owned());
+        let named = self.slots[plugin - 1].named.clone();
+        let recorded = blocking(move || {
+            let serving = store
+                .has(&hash)
+                .then(|| (hash.as_str(), crate::plugin::file_hash(&named)));
+            store.record(&pipeline, plugin, serving)
+        })
+        .await;
+        if let Err(err) = recorded {
+            tracing::warn!(pipeline = %self.pipeline, plugin, %err, "Cannot record the serving version; a restart starts on the pipeline file's.");
+        }
     }
 }
 

@@ -31,6 +31,7 @@ pub mod dead_letter;
 mod lanes;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,11 +48,11 @@ use crate::metrics::events::{
     RecordsSent,
 };
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
-use crate::plugin::{PluginSlot, locate};
+use crate::plugin::{PluginSlot, VersionStore, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
-use control::{Controller, InstallOrder, RunControl};
+use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
 
 pub use chain::{Chain, ChainOutput};
@@ -110,8 +111,18 @@ pub fn prepare_chain(
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
 ) -> Result<Chain, ConfigError> {
+    let wasm = locate_plugins(file, pipeline)?;
+    start_chain(file, pipeline, engine, &wasm)
+}
+
+fn start_chain(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+    engine: &PluginEngine,
+    wasm: &[PathBuf],
+) -> Result<Chain, ConfigError> {
     let limits_config = pipeline.limits();
-    let mut chain = Chain::new(start_plugins(file, pipeline, engine, true)?);
+    let mut chain = Chain::new(start_plugins(file, pipeline, engine, wasm, true)?);
     chain.quarantine_after(
         limits_config.faults_before_quarantine,
         limits_config.fault_window(),
@@ -119,52 +130,75 @@ pub fn prepare_chain(
     Ok(chain)
 }
 
-/// The chains of `pipeline`'s lanes: the first as [`prepare_chain`] makes
-/// it, the others with their own plugin instances (compiled once).
-pub fn prepare_lanes(
+/// The `.wasm` of each plugin of `pipeline`, building crates first.
+pub fn locate_plugins(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    (pipeline.plugins.iter().enumerate())
+        .map(|(index, plugin)| {
+            let (source, at) = plugin.source();
+            locate(&source).map_err(|e| blame(file, pipeline, index, at, &e))
+        })
+        .collect()
+}
+
+fn blame(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+    index: usize,
+    at: usize,
+    err: &dyn std::fmt::Display,
+) -> ConfigError {
+    file.error_at(
+        at,
+        format!(
+            "pipeline `{}`, plugin #{}: {err}",
+            pipeline.name.get_ref(),
+            index + 1
+        ),
+    )
+}
+
+/// The chains of `pipeline`'s lanes, each plugin started from `wasm`: the
+/// first as [`prepare_chain`] makes it, the others with their own plugin
+/// instances (compiled once).
+fn prepare_lanes(
     file: &PipelineFile,
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
+    wasm: &[PathBuf],
 ) -> Result<Vec<Chain>, ConfigError> {
     let count = pipeline.lanes();
     let mut lanes = Vec::with_capacity(count);
-    lanes.push(prepare_chain(file, pipeline, engine)?);
+    lanes.push(start_chain(file, pipeline, engine, wasm)?);
     for _ in 1..count {
-        let slots = start_plugins(file, pipeline, engine, false)?;
+        let slots = start_plugins(file, pipeline, engine, wasm, false)?;
         lanes.push(lanes[0].lane(slots));
     }
     Ok(lanes)
 }
 
-/// Starts one instance of each plugin of `pipeline`, logging each when
-/// `log` is set.
+/// Starts one instance of each plugin of `pipeline`, from `wasm`, logging
+/// each when `log` is set.
 fn start_plugins(
     file: &PipelineFile,
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
+    wasm: &[PathBuf],
     log: bool,
 ) -> Result<Vec<PluginSlot>, ConfigError> {
     let limits = pipeline.limits().to_limits();
     let mut slots = Vec::with_capacity(pipeline.plugins.len());
-    for (index, plugin) in pipeline.plugins.iter().enumerate() {
-        let (source, at) = plugin.source();
-        let blame = |err: &dyn std::fmt::Display| {
-            file.error_at(
-                at,
-                format!(
-                    "pipeline `{}`, plugin #{}: {err}",
-                    pipeline.name.get_ref(),
-                    index + 1
-                ),
-            )
-        };
-        let wasm = locate(&source).map_err(|e| blame(&e))?;
-        let slot = PluginSlot::start(engine, &wasm, plugin, &limits).map_err(|e| blame(&e))?;
+    for ((index, plugin), wasm) in pipeline.plugins.iter().enumerate().zip(wasm) {
+        let (_, at) = plugin.source();
+        let slot = PluginSlot::start(engine, wasm, plugin, &limits)
+            .map_err(|e| blame(file, pipeline, index, at, &e))?;
         if log {
             tracing::info!(
                 pipeline = %pipeline.name.get_ref(),
                 plugin = %slot.label(),
-                version = %slot.version(),
+                version = %slot.current(),
                 wasm = %wasm.display(),
                 lanes = pipeline.lanes(),
                 "Plugin loaded."
@@ -192,7 +226,7 @@ pub struct Pipeline {
     commit_interval: Duration,
     controller: Controller,
     handle: PipelineHandle,
-    watching: Vec<Option<std::path::PathBuf>>,
+    watching: Vec<Option<PathBuf>>,
 }
 
 impl Pipeline {
@@ -204,12 +238,39 @@ impl Pipeline {
         engine: &PluginEngine,
     ) -> Result<Self, PipelineError> {
         let name = pipeline.name.get_ref().clone();
-        let lanes = {
+        let store = match file
+            .admin
+            .as_ref()
+            .and_then(|admin| admin.state_dir.as_ref())
+        {
+            Some(dir) => Some(VersionStore::open(dir).map_err(|err| {
+                PipelineError::Setup(file.error_at(
+                    0,
+                    format!("cannot open the state folder `{}`: {err}", dir.display()),
+                ))
+            })?),
+            None => None,
+        };
+        let (lanes, named) = {
             // On a blocking worker: building may run cargo and compile.
             let (file, config, engine) = (file.clone(), pipeline.clone(), engine.clone());
-            match tokio::task::spawn_blocking(move || prepare_lanes(&file, &config, &engine)).await
-            {
-                Ok(lanes) => lanes?,
+            let store = store.clone();
+            let prepared = tokio::task::spawn_blocking(move || {
+                let named = locate_plugins(&file, &config)?;
+                // A version deployed through the admin API serves again.
+                let wasm: Vec<PathBuf> = (named.iter().enumerate())
+                    .map(|(index, path)| {
+                        let name = config.name.get_ref();
+                        (store.as_ref())
+                            .and_then(|store| store.deployed(name, index + 1, path))
+                            .unwrap_or_else(|| path.clone())
+                    })
+                    .collect();
+                let lanes = prepare_lanes(&file, &config, &engine, &wasm)?;
+                Ok::<_, ConfigError>((lanes, named))
+            });
+            match prepared.await {
+                Ok(prepared) => prepared?,
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
         };
@@ -264,19 +325,20 @@ impl Pipeline {
             None => sink::default_dead_letter(),
         };
         let metrics = Arc::new(PipelineMetrics::new(&name));
-        let watching: Vec<_> = pipeline
-            .plugins
-            .iter()
-            .zip(lanes[0].slots())
-            .map(|(config, slot)| config.watch.then(|| slot.path().to_owned()))
+        let watching: Vec<_> = (pipeline.plugins.iter().zip(&named))
+            .map(|(config, path)| config.watch.then(|| path.clone()))
             .collect();
         let (controller, handle) = Controller::new(
-            &name,
-            engine,
-            lanes.len(),
-            lanes[0].slots(),
-            &watching,
-            pipeline.keep_versions,
+            ControlledPipeline {
+                name: &name,
+                engine,
+                lanes: lanes.len(),
+                slots: lanes[0].slots(),
+                named,
+                watching: &watching,
+                keep_versions: pipeline.keep_versions,
+                store,
+            },
             metrics.clone(),
         );
         Ok(Pipeline {

@@ -9,6 +9,7 @@
 //! between two batches (see `pipeline::control`).
 
 mod build;
+mod store;
 mod version;
 pub mod watch;
 
@@ -19,6 +20,7 @@ use crate::engine::{Instance, Limits, LoadError, LoadedPlugin, PluginEngine, Plu
 use crate::pipeline::Stage;
 
 pub use build::{BuildError, WASM_TARGET, build_crate};
+pub use store::{VersionStore, file_hash};
 pub use version::{PluginVersion, SHORT_HASH, VersionHistory, hex};
 
 /// Why a plugin of a pipeline could not be started.

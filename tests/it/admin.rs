@@ -1,0 +1,313 @@
+//! The admin API and the CLI commands that call it, against a running
+//! `weir run`: status, deploy, rollback, pause and resume, the refusals
+//! (401, 404, 413, 422) with their messages, and a restart that comes back
+//! on the deployed version.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::support::{Scratch, plugin, stderr, stdout, weir_bin, weir_command};
+
+const TOKEN: &str = "s3cret";
+
+/// A `weir run` child and the admin address it reported.
+struct Worker {
+    child: Child,
+    address: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn start(scratch: &Scratch, path: &std::path::Path) -> Worker {
+        let mut child = Command::new(weir_bin())
+            .args(["run", path.to_str().unwrap()])
+            .env("WEIR_CACHE_DIR", scratch.path("cache"))
+            .env("WEIR_LOG", "info")
+            .env_remove("WEIR_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (lines, log) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let address = loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the worker reports its admin address");
+            if let Some(at) = line.find("address=") {
+                break line[at + "address=".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_owned();
+            }
+        };
+        Worker {
+            child,
+            address,
+            log,
+        }
+    }
+
+    /// `weir ARGS --admin ADDRESS [--token TOKEN]`.
+    fn cli(&self, scratch: &Scratch, args: &[&str], token: Option<&str>) -> std::process::Output {
+        let mut command = weir_command(scratch, args);
+        command.args(["--admin", &self.address]);
+        command.env_remove("WEIR_ADMIN_TOKEN");
+        if let Some(token) = token {
+            command.args(["--token", token]);
+        }
+        command.output().unwrap()
+    }
+
+    fn ok(&self, scratch: &Scratch, args: &[&str]) -> String {
+        let output = self.cli(scratch, args, Some(TOKEN));
+        assert!(
+            output.status.success(),
+            "weir {args:?}: {}",
+            stderr(&output)
+        );
+        stdout(&output)
+    }
+
+    fn refused(&self, scratch: &Scratch, args: &[&str], token: Option<&str>) -> String {
+        let output = self.cli(scratch, args, token);
+        assert!(!output.status.success(), "weir {args:?} should fail");
+        stderr(&output)
+    }
+
+    fn status(&self, scratch: &Scratch) -> serde_json::Value {
+        let text = self.ok(scratch, &["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()[0].clone()
+    }
+
+    /// SIGTERM, then its exit and the rest of its log.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.log.try_iter().collect();
+        (status, rest.join("\n"))
+    }
+}
+
+/// Sends a `Content-Length` over the limit and part of the body by hand:
+/// the worker must answer 413 without taking the rest.
+fn oversized_upload(address: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/pipelines/live/plugins/1/deploy HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: application/wasm\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        3 << 20
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // The worker may close before taking it all: that is its answer.
+    let _ = stream.write_all(&vec![0u8; 64 << 10]);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status_line = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status_line, body)
+}
+
+#[test]
+fn every_admin_command_works_against_a_running_worker_and_a_restart_keeps_the_deployed_version() {
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+token = "s3cret"
+max_upload_mb = 1
+
+[[pipeline]]
+name = "live"
+parallelism = 2
+source = { type = "generator", kind = "payments", rate = 2000 }
+batch = { max_records = 8, linger_ms = 1 }
+
+[[pipeline.plugin]]
+wasm = "{plugin:tag-a}"
+watch = false
+
+[[pipeline.sink]]
+type = "file"
+path = "{dir}/out.txt"
+"#,
+    );
+    let worker = Worker::start(&scratch, &path);
+
+    let shown = worker.ok(&scratch, &["status"]);
+    assert!(
+        shown.contains("pipeline `live`: running, 2 lane(s)") && shown.contains("tag-a 0.1.0"),
+        "{shown}"
+    );
+
+    // Refusals, each with its own message.
+    let err = worker.refused(&scratch, &["status"], None);
+    assert!(
+        err.contains("missing `Authorization: Bearer TOKEN`") && err.contains("401"),
+        "{err}"
+    );
+    let err = worker.refused(&scratch, &["status"], Some("nope"));
+    assert!(
+        err.contains("wrong admin token") && err.contains("401"),
+        "{err}"
+    );
+    let err = worker.refused(&scratch, &["pause", "ghost"], Some(TOKEN));
+    assert!(
+        err.contains("no pipeline `ghost` (this worker runs: live)") && err.contains("404"),
+        "{err}"
+    );
+    let err = worker.refused(
+        &scratch,
+        &[
+            "deploy",
+            "live",
+            "--plugin",
+            "2",
+            plugin("tag-b").to_str().unwrap(),
+        ],
+        Some(TOKEN),
+    );
+    assert!(
+        err.contains("has no plugin #2 (it has 1)") && err.contains("404"),
+        "{err}"
+    );
+    let garbage = scratch.write("garbage.wasm", "\0asm\x0d\0\x01\0garbage");
+    let err = worker.refused(
+        &scratch,
+        &["deploy", "live", garbage.to_str().unwrap()],
+        Some(TOKEN),
+    );
+    assert!(
+        err.contains("refused") && err.contains("tag-a 0.1.0") && err.contains("422"),
+        "{err}"
+    );
+    let (status_line, body) = oversized_upload(&worker.address);
+    assert!(status_line.contains("413"), "{status_line}: {body}");
+    assert!(body.contains("larger than `max_upload_mb`"), "{body}");
+    let err = worker.refused(&scratch, &["rollback", "live"], Some(TOKEN));
+    assert!(
+        err.contains("no earlier version is kept") && err.contains("409"),
+        "{err}"
+    );
+
+    // Deploy, roll back, roll forward by hash.
+    let out = worker.ok(
+        &scratch,
+        &["deploy", "live", plugin("tag-b").to_str().unwrap()],
+    );
+    assert!(
+        out.contains("tag-a 0.1.0")
+            && out.contains("-> tag-b 0.1.0")
+            && out.contains("all 2 lane(s)"),
+        "{out}"
+    );
+    let b_hash = worker.status(&scratch)["plugins"][0]["serving"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = worker.ok(&scratch, &["rollback", "live"]);
+    assert!(out.contains("-> tag-a 0.1.0"), "{out}");
+    let out = worker.ok(&scratch, &["rollback", "live", "--to", &b_hash[..10]]);
+    assert!(out.contains("-> tag-b 0.1.0"), "{out}");
+    let status = worker.status(&scratch);
+    let plugin_status = &status["plugins"][0];
+    assert_eq!(plugin_status["serving"]["hash"], b_hash.as_str());
+    assert_eq!(plugin_status["lanes"].as_array().unwrap().len(), 2);
+    assert_eq!(plugin_status["swaps"], 3);
+    assert_eq!(plugin_status["refused"], 1);
+
+    // Pause: nothing more is read; resume: reading goes on.
+    let out = worker.ok(&scratch, &["pause", "live"]);
+    assert!(out.contains("pipeline `live`: paused"), "{out}");
+    std::thread::sleep(Duration::from_millis(200));
+    let paused_at = worker.status(&scratch)["counters"]["records_in"]
+        .as_u64()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = worker.status(&scratch);
+    assert_eq!(status["state"], "paused");
+    assert_eq!(
+        status["counters"]["records_in"].as_u64().unwrap(),
+        paused_at,
+        "read while paused"
+    );
+    let out = worker.ok(&scratch, &["resume", "live"]);
+    assert!(out.contains("pipeline `live`: running"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while worker.status(&scratch)["counters"]["records_in"]
+        .as_u64()
+        .unwrap()
+        == paused_at
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never read again after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let (exit, log) = worker.stop();
+    assert!(exit.success(), "{log}");
+    let first_run = std::fs::read_to_string(scratch.path("out.txt")).unwrap();
+    assert!(first_run.lines().any(|line| line.starts_with("b ")));
+
+    // A restart comes back on the deployed (uploaded) version, not the file's.
+    let worker = Worker::start(&scratch, &path);
+    let status = worker.status(&scratch);
+    assert_eq!(
+        status["plugins"][0]["serving"]["hash"],
+        b_hash.as_str(),
+        "{status}"
+    );
+    assert_eq!(status["plugins"][0]["serving"]["name"], "tag-b");
+    let (exit, log) = worker.stop();
+    assert!(exit.success(), "{log}");
+}
+
+#[test]
+fn a_non_loopback_admin_address_without_a_token_is_refused_at_its_line() {
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(
+        r#"
+[admin]
+address = "0.0.0.0:0"
+
+[[pipeline]]
+name = "open"
+source = { type = "generator", kind = "payments", count = 10 }
+[[pipeline.sink]]
+type = "stdout"
+"#,
+    );
+    let output = weir_command(&scratch, &["run", path.to_str().unwrap()])
+        .env_remove("WEIR_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        err.contains("pipeline.toml:3:") && err.contains("needs a token"),
+        "{err}"
+    );
+}
