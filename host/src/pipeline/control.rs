@@ -11,12 +11,13 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::lanes::Installed;
 use crate::engine::{Instance, PluginEngine};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{
@@ -250,8 +251,12 @@ pub struct SwapReport {
     /// Microseconds spent preparing the candidate off the data path.
     pub prepare_us: u64,
     /// Microseconds from handing the install orders to the lanes until the
-    /// last lane served the new version.
+    /// last lane served the new version (batches queued before the swap
+    /// are processed meanwhile).
     pub switch_us: u64,
+    /// The longest time a lane spent switching instead of processing
+    /// batches: the data path's pause, in microseconds.
+    pub pause_us: u64,
 }
 
 /// A component offered as a new version.
@@ -295,7 +300,7 @@ pub(super) struct InstallOrder {
     pub slot: usize,
     pub version: PluginVersion,
     pub instances: Vec<Instance>,
-    pub done: Vec<oneshot::Sender<()>>,
+    pub done: Vec<oneshot::Sender<Installed>>,
 }
 
 /// Controls one pipeline, from anywhere (the admin API, the file watcher,
@@ -616,6 +621,7 @@ impl Controller {
                     unchanged: true,
                     prepare_us: micros(started),
                     switch_us: 0,
+                    pause_us: 0,
                 })
             }
             Err((candidate, reason)) => Err(self.refused(plugin, candidate, reason)),
@@ -716,9 +722,16 @@ impl Controller {
             }
         };
         installs.send(order).await.map_err(|_| not_running())?;
+        let mut pause = Duration::ZERO;
+        let mut replaced = Vec::with_capacity(acks.len());
         for ack in acks {
-            ack.await.map_err(|_| not_running())?;
+            let installed = ack.await.map_err(|_| not_running())?;
+            pause = pause.max(installed.pause);
+            replaced.push(installed.replaced);
         }
+        // Freeing the old instances' memory is not the lanes' business.
+        tokio::task::spawn_blocking(move || drop(replaced));
+        let pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
         let switch_us = micros(switching);
         let history = &mut self.slots[plugin - 1].history;
         let from = VersionInfo::of(history.current());
@@ -734,7 +747,7 @@ impl Controller {
             entry.previous = previous;
             entry.swaps += 1;
         }
-        tracing::info!(pipeline = %self.pipeline, plugin, %from, %to, prepare_us, switch_us, "Plugin version swapped at a batch boundary in every lane.");
+        tracing::info!(pipeline = %self.pipeline, plugin, %from, %to, prepare_us, switch_us, pause_us, "Plugin version swapped at a batch boundary in every lane.");
         self.remember(plugin, &version).await;
         Ok(SwapReport {
             pipeline: self.pipeline.clone(),
@@ -745,6 +758,7 @@ impl Controller {
             unchanged: false,
             prepare_us,
             switch_us,
+            pause_us,
         })
     }
 }

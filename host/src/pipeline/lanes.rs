@@ -13,6 +13,7 @@
 //! the same source batch, and no batch (nor any part of one) mixes versions.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,12 +51,22 @@ pub(super) enum Order {
     Install(Box<Install>),
 }
 
-/// Serve `version` at plugin `slot` through `instance`; say so on `done`.
+/// Serve `version` at plugin `slot` through `instance`; say on `done` how
+/// long the lane spent on it (the data path's pause), handing back the
+/// replaced instance to be dropped elsewhere.
 pub(super) struct Install {
     slot: usize,
     version: PluginVersion,
     instance: Instance,
-    done: oneshot::Sender<()>,
+    done: oneshot::Sender<Installed>,
+}
+
+/// A lane's answer to an install order.
+pub(super) struct Installed {
+    /// How long the lane spent switching.
+    pub pause: Duration,
+    /// The instance it no longer runs.
+    pub replaced: Instance,
 }
 
 /// A part after its lane's chain, on its way to the sinks.
@@ -119,7 +130,7 @@ impl FanOut {
         slot: usize,
         version: &PluginVersion,
         instances: Vec<Instance>,
-        done: Vec<oneshot::Sender<()>>,
+        done: Vec<oneshot::Sender<Installed>>,
     ) -> Result<(), LanesGone> {
         for ((lane, instance), done) in self.lanes.iter().zip(instances).zip(done) {
             let order = Order::Install(Box::new(Install {
@@ -221,8 +232,10 @@ pub(super) fn run_lane(
                     instance,
                     done,
                 } = *install;
-                chain.slots_mut()[slot].install(version, instance);
-                let _ = done.send(());
+                let started = Instant::now();
+                let replaced = chain.slots_mut()[slot].install(version, instance);
+                let pause = started.elapsed();
+                let _ = done.send(Installed { pause, replaced });
                 continue;
             }
         };

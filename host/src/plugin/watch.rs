@@ -105,10 +105,16 @@ impl FileWatch {
     ) {
         let mut changed: HashSet<PathBuf> = HashSet::new();
         while let Some(event) = changes.recv().await {
-            self.note(event, &mut changed);
-            // Until the files have been quiet for a while.
-            while let Ok(Some(event)) = tokio::time::timeout(QUIET, changes.recv()).await {
-                self.note(event, &mut changed);
+            if !self.note(event, &mut changed) {
+                continue;
+            }
+            // Until the watched files have been quiet for a while (other
+            // files of the folder may change all the time: a sink's output).
+            let mut quiet_from = tokio::time::Instant::now() + QUIET;
+            while let Ok(Some(event)) = tokio::time::timeout_at(quiet_from, changes.recv()).await {
+                if self.note(event, &mut changed) {
+                    quiet_from = tokio::time::Instant::now() + QUIET;
+                }
             }
             for file in changed.drain() {
                 self.offer(&file).await;
@@ -116,23 +122,26 @@ impl FileWatch {
         }
     }
 
-    fn note(&self, event: notify::Result<notify::Event>, changed: &mut HashSet<PathBuf>) {
+    /// Notes the watched files `event` changed; whether there were any.
+    fn note(&self, event: notify::Result<notify::Event>, changed: &mut HashSet<PathBuf>) -> bool {
         let event = match event {
             Ok(event) => event,
             Err(err) => {
                 tracing::warn!(pipeline = %self.handle.name(), %err, "Plugin file watch error.");
-                return;
+                return false;
             }
         };
         if matches!(event.kind, EventKind::Access(_) | EventKind::Remove(_)) {
-            return;
+            return false;
         }
-        changed.extend(
-            event
-                .paths
-                .into_iter()
-                .filter(|path| self.files.contains_key(path)),
-        );
+        let mut watched = false;
+        for path in event.paths {
+            if self.files.contains_key(&path) {
+                changed.insert(path);
+                watched = true;
+            }
+        }
+        watched
     }
 
     /// Offers `file`'s content to every plugin it serves, if it is complete
