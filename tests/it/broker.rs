@@ -127,24 +127,33 @@ impl Broker {
 
     /// Produces `(key, value)` pairs to `topic` and waits for every ack.
     pub async fn produce(&self, topic: &str, records: &[(String, String)]) {
-        let producer: FutureProducer = self
-            .connection()
-            .client_config(KafkaConnection::PRODUCER)
-            .create()
-            .expect("producer");
+        let producer = Self::producer_for(&self.connection());
         // In chunks: librdkafka queues at most 100 000 messages.
         for chunk in records.chunks(50_000) {
-            let deliveries: Vec<_> = chunk
-                .iter()
-                .map(|(key, value)| {
-                    producer
-                        .send_result(FutureRecord::to(topic).key(key).payload(value))
-                        .expect("queued")
-                })
-                .collect();
-            for delivery in deliveries {
-                delivery.await.expect("not cancelled").expect("delivered");
-            }
+            Self::send_all(&producer, topic, chunk).await;
+        }
+    }
+
+    /// A producer to the cluster of `connection`.
+    pub fn producer_for(connection: &KafkaConnection) -> FutureProducer {
+        connection
+            .client_config(KafkaConnection::PRODUCER)
+            .create()
+            .expect("producer")
+    }
+
+    /// Sends `(key, value)` pairs to `topic` and waits for every ack.
+    pub async fn send_all(producer: &FutureProducer, topic: &str, records: &[(String, String)]) {
+        let deliveries: Vec<_> = records
+            .iter()
+            .map(|(key, value)| {
+                producer
+                    .send_result(FutureRecord::to(topic).key(key).payload(value))
+                    .expect("queued")
+            })
+            .collect();
+        for delivery in deliveries {
+            delivery.await.expect("not cancelled").expect("delivered");
         }
     }
 

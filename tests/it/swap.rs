@@ -19,7 +19,8 @@ use crate::support::{Scratch, plugin};
 struct Tagged {
     tag: String,
     partition: i32,
-    call: i64,
+    /// `PARTITION:OFFSET` of the first record of the call.
+    call: String,
     offset: i64,
 }
 
@@ -32,7 +33,7 @@ fn read_tagged(path: &Path) -> Vec<Tagged> {
             Tagged {
                 tag: fields[0].to_owned(),
                 partition: fields[1].parse().unwrap(),
-                call: fields[2].parse().unwrap(),
+                call: fields[2].to_owned(),
                 offset: fields[3].parse().unwrap(),
             }
         })
@@ -42,15 +43,13 @@ fn read_tagged(path: &Path) -> Vec<Tagged> {
 /// Checks that every plugin call's outputs carry one tag; returns how many
 /// times consecutive calls of a partition changed tag.
 fn assert_no_call_mixes_versions(lines: &[Tagged]) -> usize {
-    let mut tag_of_call: HashMap<(i32, i64), &str> = HashMap::new();
+    let mut tag_of_call: HashMap<&str, &str> = HashMap::new();
     for line in lines {
-        let tag = tag_of_call
-            .entry((line.partition, line.call))
-            .or_insert(&line.tag);
+        let tag = tag_of_call.entry(&line.call).or_insert(&line.tag);
         assert_eq!(
             *tag, line.tag,
-            "the call starting at {}:{} served records of both versions",
-            line.partition, line.call
+            "the call starting at {} served records of both versions",
+            line.call
         );
     }
     let mut last: HashMap<i32, &str> = HashMap::new();
@@ -381,4 +380,99 @@ path = "{dir}/out.txt"
     let lines = read_tagged(&scratch.path("out.txt"));
     assert_eq!(lines.len() as u64, summary.records_in);
     assert!(assert_no_call_mixes_versions(&lines) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_swaps_under_kafka_traffic_with_one_lane() {
+    swaps_under_kafka_traffic(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_swaps_under_kafka_traffic_with_two_lanes() {
+    swaps_under_kafka_traffic(2).await;
+}
+
+/// Records produced at a steady pace to four partitions while versions are
+/// swapped back and forth; then every record produced is read.
+async fn swaps_under_kafka_traffic(lanes: usize) {
+    const SWAPS: usize = 2_000;
+    let broker = crate::broker::Broker::start();
+    broker.create_topic("in", 4).await;
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "kafka-swapping"
+parallelism = {lanes}
+source = {{ type = "kafka", brokers = "{brokers}", topics = ["in"], group = "swapping" }}
+batch = {{ max_records = 50, linger_ms = 2 }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:tag-a}}"
+watch = false
+
+[[pipeline.sink]]
+type = "file"
+path = "{{dir}}/out.txt"
+"#,
+        brokers = broker.brokers()
+    ));
+    let (handle, stop, run, _engine) = start(&scratch, &path).await;
+    let (enough, mut producing_stopped) = tokio::sync::watch::channel(false);
+    let producing = {
+        let broker = broker.connection();
+        tokio::spawn(async move {
+            let producer = crate::broker::Broker::producer_for(&broker);
+            let mut produced = 0;
+            while !*producing_stopped.borrow_and_update() {
+                let chunk: Vec<(String, String)> = (produced..produced + 200)
+                    .map(|i| (format!("user-{}", i % 13), format!("{{\"id\":{i}}}")))
+                    .collect();
+                crate::broker::Broker::send_all(&producer, "in", &chunk).await;
+                produced += chunk.len();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            produced
+        })
+    };
+    let wasm = [
+        std::fs::read(plugin("tag-b")).unwrap(),
+        std::fs::read(plugin("tag-a")).unwrap(),
+    ];
+    for swap in 0..SWAPS {
+        let report = handle
+            .deploy(1, Wasm::Upload(wasm[swap % 2].clone()))
+            .await
+            .unwrap();
+        assert!(
+            report
+                .lanes
+                .iter()
+                .all(|lane| report.to.hash.starts_with(lane))
+        );
+    }
+    enough.send(true).unwrap();
+    let produced = producing.await.unwrap();
+    eventually(
+        "every record produced is read",
+        Duration::from_secs(60),
+        || handle.status().counters.records_in >= produced as u64,
+    )
+    .await;
+    stop.send(true).unwrap();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(summary.records_in, produced as u64);
+
+    let lines = read_tagged(&scratch.path("out.txt"));
+    let mut seen: HashMap<(i32, i64), usize> = HashMap::new();
+    for line in &lines {
+        *seen.entry((line.partition, line.offset)).or_default() += 1;
+    }
+    assert_eq!(lines.len(), produced, "every input once, none twice");
+    assert_eq!(seen.len(), produced, "every input once, none twice");
+    let changes = assert_no_call_mixes_versions(&lines);
+    assert!(
+        changes >= 50,
+        "only {changes} version changes in the output"
+    );
 }

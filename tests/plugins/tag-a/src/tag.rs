@@ -1,11 +1,11 @@
 //! Test fixture shared by `tag-a` and `tag-b` (the tag is the last letter of
 //! the crate's name): every record comes out as one value,
-//! `TAG PARTITION CALL OFFSET`, where CALL is the offset of the first record
-//! of the plugin call that processed it. A test groups outputs by call to
+//! `TAG PARTITION CALL OFFSET`, where CALL is `PARTITION:OFFSET` of the first
+//! record of the plugin call that processed it. A test groups outputs by call to
 //! check that no call mixed versions, and reads the offsets to check that
 //! every input came out exactly once.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 use serde::Deserialize;
 use weir_guest::{Output, RecordView, Result, Transform};
@@ -17,7 +17,8 @@ const TAG: &str = match env!("CARGO_PKG_NAME").as_bytes() {
 
 /// Set by each call into the plugin; the first record of the call clears it.
 static NEW_CALL: AtomicBool = AtomicBool::new(true);
-static CALL: AtomicI64 = AtomicI64::new(-1);
+static CALL_PARTITION: AtomicI32 = AtomicI32::new(-1);
+static CALL_OFFSET: AtomicI64 = AtomicI64::new(-1);
 
 /// No settings.
 #[derive(Deserialize)]
@@ -27,12 +28,14 @@ pub struct Tag {}
 impl Transform for Tag {
     fn process(&mut self, record: RecordView<'_>, out: &mut Output) -> Result<()> {
         if NEW_CALL.swap(false, Ordering::Relaxed) {
-            CALL.store(record.offset(), Ordering::Relaxed);
+            CALL_PARTITION.store(record.partition(), Ordering::Relaxed);
+            CALL_OFFSET.store(record.offset(), Ordering::Relaxed);
         }
         let value = format!(
-            "{TAG} {} {} {}",
+            "{TAG} {} {}:{} {}",
             record.partition(),
-            CALL.load(Ordering::Relaxed),
+            CALL_PARTITION.load(Ordering::Relaxed),
+            CALL_OFFSET.load(Ordering::Relaxed),
             record.offset()
         );
         let _ = out.emit(value.as_bytes());
