@@ -277,8 +277,15 @@ path = "{dir}/out.txt"
     // The same content again changes nothing.
     assert!(handle.deploy(1, bytes_of("tag-b")).await.unwrap().unchanged);
 
-    // Records flowed throughout, each tagged by one version.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Records flowed throughout, each tagged by one version; those read
+    // from now on are tag-b's.
+    let read = handle.status().counters.records_in;
+    eventually(
+        "records flow after the swap",
+        Duration::from_secs(20),
+        || handle.status().counters.records_in > read + 100,
+    )
+    .await;
     stop.send(true).unwrap();
     let summary = run.await.unwrap().unwrap();
     let lines = read_tagged(&scratch.path("out.txt"));
@@ -373,6 +380,14 @@ path = "{dir}/out.txt"
     eventually("the renamed file serves", Duration::from_secs(20), || {
         serving() == "tag-a"
     })
+    .await;
+    // Batches read after every lane switched are tag-a's.
+    let read = handle.status().counters.records_in;
+    eventually(
+        "records flow after the swap",
+        Duration::from_secs(20),
+        || handle.status().counters.records_in > read + 100,
+    )
     .await;
 
     stop.send(true).unwrap();
