@@ -12,6 +12,9 @@
 //!   sink listens), with the reason in its headers.
 //! - Backpressure: stages are joined by bounded channels, so a slow sink
 //!   slows the source instead of growing memory.
+//! - Control: [`Pipeline::handle`] swaps plugin versions (in every lane at
+//!   the same source batch), pauses and resumes reading, and reports status
+//!   (`control`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
