@@ -71,6 +71,10 @@ fn engine(scratch: &Scratch) -> PluginEngine {
     .unwrap()
 }
 
+/// A pipeline running on a task.
+type Run =
+    tokio::task::JoinHandle<Result<weir::metrics::MetricsSnapshot, weir::pipeline::PipelineError>>;
+
 /// Builds `pipeline.toml`'s only pipeline and runs it on a task.
 async fn start(
     scratch: &Scratch,
@@ -78,7 +82,7 @@ async fn start(
 ) -> (
     PipelineHandle,
     tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<Result<weir::metrics::MetricsSnapshot, weir::pipeline::PipelineError>>,
+    Run,
     PluginEngine,
 ) {
     let file = PipelineFile::load(path).unwrap();
@@ -279,6 +283,23 @@ path = "{dir}/out.txt"
 
     // Records flowed throughout, each tagged by one version; those read
     // from now on are tag-b's.
+    let lines = stop_after_more_records(&handle, stop, run, &scratch).await;
+    assert_no_call_mixes_versions(&lines);
+    assert!(lines.iter().any(|line| line.tag == "b"));
+    assert!(matches!(
+        handle.deploy(1, bytes_of("tag-a")).await,
+        Err(ControlError::NotRunning { .. })
+    ));
+}
+
+/// Waits for records read after the last swap (so its version serves some),
+/// stops the pipeline, and gives its tagged outputs: one per record read.
+async fn stop_after_more_records(
+    handle: &PipelineHandle,
+    stop: tokio::sync::watch::Sender<bool>,
+    run: Run,
+    scratch: &Scratch,
+) -> Vec<Tagged> {
     let read = handle.status().counters.records_in;
     eventually(
         "records flow after the swap",
@@ -290,12 +311,7 @@ path = "{dir}/out.txt"
     let summary = run.await.unwrap().unwrap();
     let lines = read_tagged(&scratch.path("out.txt"));
     assert_eq!(lines.len() as u64, summary.records_in);
-    assert_no_call_mixes_versions(&lines);
-    assert!(lines.iter().any(|line| line.tag == "b"));
-    assert!(matches!(
-        handle.deploy(1, bytes_of("tag-a")).await,
-        Err(ControlError::NotRunning { .. })
-    ));
+    lines
 }
 
 /// Polls `done` until it holds; fails the test after `limit` (a liveness
@@ -382,18 +398,7 @@ path = "{dir}/out.txt"
     })
     .await;
     // Batches read after every lane switched are tag-a's.
-    let read = handle.status().counters.records_in;
-    eventually(
-        "records flow after the swap",
-        Duration::from_secs(20),
-        || handle.status().counters.records_in > read + 100,
-    )
-    .await;
-
-    stop.send(true).unwrap();
-    let summary = run.await.unwrap().unwrap();
-    let lines = read_tagged(&scratch.path("out.txt"));
-    assert_eq!(lines.len() as u64, summary.records_in);
+    let lines = stop_after_more_records(&handle, stop, run, &scratch).await;
     assert!(assert_no_call_mixes_versions(&lines) >= 2);
 }
 

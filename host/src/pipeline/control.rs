@@ -358,21 +358,24 @@ impl PipelineHandle {
 
     async fn ask<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, ControlError> {
         let (reply, answer) = oneshot::channel();
-        let gone = || {
-            let status = lock(&self.board);
-            ControlError::NotRunning {
-                pipeline: self.name.clone(),
-                state: match &status.reason {
-                    Some(reason) => format!("{}: {reason}", status.state),
-                    None => status.state.to_string(),
-                },
-            }
-        };
+        let gone = || not_running(&self.board);
         self.requests
             .send(request(reply))
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+}
+
+/// The refusal for a pipeline that has ended, with its last state.
+fn not_running(board: &Mutex<PipelineStatus>) -> ControlError {
+    let status = lock(board);
+    ControlError::NotRunning {
+        pipeline: status.name.clone(),
+        state: match &status.reason {
+            Some(reason) => format!("{}: {reason}", status.state),
+            None => status.state.to_string(),
+        },
     }
 }
 
@@ -714,13 +717,7 @@ impl Controller {
             instances,
             done,
         };
-        let not_running = || {
-            let status = lock(&self.board);
-            ControlError::NotRunning {
-                pipeline: self.pipeline.clone(),
-                state: status.state.to_string(),
-            }
-        };
+        let not_running = || not_running(&self.board);
         installs.send(order).await.map_err(|_| not_running())?;
         let mut pause = Duration::ZERO;
         let mut replaced = Vec::with_capacity(acks.len());

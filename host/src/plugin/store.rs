@@ -26,7 +26,7 @@ struct Serving {
     plugins: BTreeMap<String, Deployed>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Deployed {
     /// The stored version that serves.
     hash: String,
@@ -88,9 +88,9 @@ impl VersionStore {
     ) -> std::io::Result<()> {
         let mut all = self.load();
         let key = key(pipeline, plugin);
-        match serving {
+        let before = match serving {
             Some((hash, file_hash)) => all.plugins.insert(
-                key,
+                key.clone(),
                 Deployed {
                     hash: hash.to_owned(),
                     file_hash,
@@ -98,6 +98,10 @@ impl VersionStore {
             ),
             None => all.plugins.remove(&key),
         };
+        if before.as_ref() == all.plugins.get(&key) {
+            // Nothing changed: a swap between files' versions rewrites nothing.
+            return Ok(());
+        }
         let text = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
         write_atomically(&self.dir.join("serving.json"), &text)
     }
