@@ -14,3 +14,4 @@ mod pipeline;
 mod sandbox;
 mod support;
 mod swap;
+mod trial;

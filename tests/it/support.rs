@@ -17,6 +17,8 @@ const PLUGINS: &[&str] = &[
     "future-version",
     "tag-a",
     "tag-b",
+    "every-tenth",
+    "fail-half",
 ];
 
 pub fn workspace() -> PathBuf {

@@ -64,7 +64,7 @@ fn assert_no_call_mixes_versions(lines: &[Tagged]) -> usize {
     changes
 }
 
-fn engine(scratch: &Scratch) -> PluginEngine {
+pub fn engine(scratch: &Scratch) -> PluginEngine {
     PluginEngine::new(EngineOptions {
         cache_dir: Some(scratch.path("cache")),
     })
@@ -72,11 +72,11 @@ fn engine(scratch: &Scratch) -> PluginEngine {
 }
 
 /// A pipeline running on a task.
-type Run =
+pub type Run =
     tokio::task::JoinHandle<Result<weir::metrics::MetricsSnapshot, weir::pipeline::PipelineError>>;
 
 /// Builds `pipeline.toml`'s only pipeline and runs it on a task.
-async fn start(
+pub async fn start(
     scratch: &Scratch,
     path: &Path,
 ) -> (
@@ -95,7 +95,7 @@ async fn start(
     (handle, stop, tokio::spawn(pipeline.run(shutdown)), engine)
 }
 
-fn bytes_of(name: &str) -> Wasm {
+pub fn bytes_of(name: &str) -> Wasm {
     let path = plugin(name);
     Wasm::Bytes {
         bytes: std::fs::read(&path).unwrap(),
@@ -316,7 +316,7 @@ async fn stop_after_more_records(
 
 /// Polls `done` until it holds; fails the test after `limit` (a liveness
 /// bound, not a speed claim: the benchmark measures the speed).
-async fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !done() {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");

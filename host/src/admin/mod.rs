@@ -7,15 +7,18 @@
 //! | `GET /v1/status` | every pipeline's state, lanes, plugin versions and counters |
 //! | `GET /v1/pipelines/{name}` | one pipeline's |
 //! | `POST /v1/pipelines/{name}/plugins/{n}/deploy` | body: a `.wasm`; swaps it in at plugin `n` (from 1) |
+//! | `... /deploy?canary=N[&max_failure_rate=R]` | the same, as a canary judged on its first N records |
+//! | `... /deploy?shadow=true` | runs it in the shadow of the serving version instead |
+//! | `POST /v1/pipelines/{name}/plugins/{n}/promote`, `.../discard` | ends the shadow: it serves, or it stops |
 //! | `POST /v1/pipelines/{name}/plugins/{n}/rollback[?to=HASH]` | swaps a kept version back in |
 //! | `POST /v1/pipelines/{name}/pause`, `.../resume` | stops or restarts reading |
 //!
 //! Every request carries `Authorization: Bearer TOKEN` when a token is set;
 //! with none, the API only listens on a loopback address. Refusals come as
 //! `{"error": "..."}` with the status that fits: 401 (token), 404 (no such
-//! pipeline, plugin or version), 409 (not running, nothing to roll back to),
-//! 413 (upload too large), 422 (a candidate refused, with the loader's or
-//! the plugin's reason).
+//! pipeline, plugin or version), 409 (not running, nothing to roll back to,
+//! no shadow to promote), 413 (upload too large), 422 (a candidate refused,
+//! with the loader's or the plugin's reason), 400 (a bad query).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +32,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
-use crate::pipeline::{ControlError, PipelineHandle, PipelineStatus, SwapReport, Wasm};
+use crate::pipeline::{
+    CanaryRule, ControlError, PipelineHandle, PipelineStatus, ShadowReport, Wasm,
+};
 
 /// The environment variable holding the admin token, when the file has none.
 pub const TOKEN_VAR: &str = "WEIR_ADMIN_TOKEN";
@@ -112,6 +117,14 @@ impl AdminServer {
             .route("/v1/status", get(status))
             .route("/v1/pipelines/{name}", get(pipeline_status))
             .route("/v1/pipelines/{name}/plugins/{plugin}/deploy", post(deploy))
+            .route(
+                "/v1/pipelines/{name}/plugins/{plugin}/promote",
+                post(promote),
+            )
+            .route(
+                "/v1/pipelines/{name}/plugins/{plugin}/discard",
+                post(discard),
+            )
             .route(
                 "/v1/pipelines/{name}/plugins/{plugin}/rollback",
                 post(rollback),
@@ -215,12 +228,13 @@ fn control_refusal(err: &ControlError) -> Response {
         ControlError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         ControlError::NoPrevious { .. }
         | ControlError::Ambiguous { .. }
+        | ControlError::NoShadow { .. }
         | ControlError::NotRunning { .. } => StatusCode::CONFLICT,
     };
     refuse(status, err.to_string())
 }
 
-fn swapped(result: Result<SwapReport, ControlError>) -> Response {
+fn answer<T: serde::Serialize>(result: Result<T, ControlError>) -> Response {
     match result {
         Ok(report) => axum::Json(report).into_response(),
         Err(err) => control_refusal(&err),
@@ -241,13 +255,49 @@ async fn pipeline_status(
     }
 }
 
+/// How a deploy serves its upload.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployQuery {
+    #[serde(default)]
+    shadow: bool,
+    canary: Option<u64>,
+    max_failure_rate: Option<f64>,
+}
+
+impl DeployQuery {
+    fn canary(&self) -> Result<Option<CanaryRule>, Refusal> {
+        let bad = |message: String| Refusal(StatusCode::BAD_REQUEST, message);
+        match (self.shadow, self.canary, self.max_failure_rate) {
+            (true, Some(_), _) => Err(bad("a deploy is a shadow or a canary, not both".into())),
+            (_, None, Some(_)) => Err(bad("`max_failure_rate` needs `canary`".into())),
+            (_, None, None) => Ok(None),
+            (_, Some(records), rate) => CanaryRule::new(
+                records,
+                rate.unwrap_or(CanaryRule::DEFAULT_MAX_FAILURE_RATE),
+            )
+            .map(Some)
+            .map_err(bad),
+        }
+    }
+}
+
 async fn deploy(
     State(state): State<Arc<AdminState>>,
     Path((name, plugin)): Path<(String, usize)>,
+    query: Result<Query<DeployQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
 ) -> Response {
     let handle = match state.pipeline(&name) {
         Ok(handle) => handle,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(err) => return refuse(StatusCode::BAD_REQUEST, err.body_text()),
+    };
+    let canary = match query.canary() {
+        Ok(canary) => canary,
         Err(refusal) => return refusal.into_response(),
     };
     let too_large = || {
@@ -275,7 +325,32 @@ async fn deploy(
             "the request body must be the `.wasm` to deploy",
         );
     }
-    swapped(handle.deploy(plugin, Wasm::Upload(body.to_vec())).await)
+    let wasm = Wasm::Upload(body.to_vec());
+    match (query.shadow, canary) {
+        (true, _) => answer(handle.shadow(plugin, wasm).await),
+        (false, Some(rule)) => answer(handle.deploy_canary(plugin, wasm, rule).await),
+        (false, None) => answer(handle.deploy(plugin, wasm).await),
+    }
+}
+
+async fn promote(
+    State(state): State<Arc<AdminState>>,
+    Path((name, plugin)): Path<(String, usize)>,
+) -> Response {
+    match state.pipeline(&name) {
+        Ok(handle) => answer(handle.promote(plugin).await),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn discard(
+    State(state): State<Arc<AdminState>>,
+    Path((name, plugin)): Path<(String, usize)>,
+) -> Response {
+    match state.pipeline(&name) {
+        Ok(handle) => answer::<ShadowReport>(handle.discard(plugin).await),
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -289,7 +364,7 @@ async fn rollback(
     Query(query): Query<RollbackQuery>,
 ) -> Response {
     match state.pipeline(&name) {
-        Ok(handle) => swapped(handle.rollback(plugin, query.to).await),
+        Ok(handle) => answer(handle.rollback(plugin, query.to).await),
         Err(refusal) => refusal.into_response(),
     }
 }

@@ -1,5 +1,6 @@
-//! `weir status|deploy|rollback|pause|resume`: the admin API's client, for
-//! a worker that `weir run` started with `[admin]` (or `--admin`).
+//! `weir status|deploy|promote|discard|rollback|pause|resume`: the admin
+//! API's client, for a worker that `weir run` started with `[admin]` (or
+//! `--admin`).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use serde::de::DeserializeOwned;
 
-use crate::pipeline::{PipelineStatus, SwapReport};
+use crate::pipeline::{CanaryReport, PipelineStatus, ShadowReport, SwapReport};
 
 /// Where the worker's admin API is, and its token.
 #[derive(Debug, clap::Args)]
@@ -152,26 +153,136 @@ fn describe(status: &PipelineStatus) -> String {
         if let Some(refusal) = &plugin.last_refusal {
             let _ = writeln!(out, "    last refused: {refusal}");
         }
+        if let Some(shadow) = &plugin.shadow {
+            let _ = writeln!(out, "    {}", shadow_lines(shadow).join("\n    "));
+        }
+        if let Some(canary) = &plugin.canary
+            && canary.verdict.is_none()
+        {
+            let _ = writeln!(out, "    {}", canary_line(canary));
+        }
+        if let Some(trial) = &plugin.last_trial {
+            let _ = writeln!(out, "    last trial: {trial}");
+        }
     }
     out.trim_end().to_owned()
 }
 
-/// `weir deploy PIPELINE [--plugin N] FILE.wasm`.
+/// How `weir deploy` serves its file.
+pub enum DeployAs {
+    /// At once, for good.
+    Serving,
+    /// As a canary judged on its first `records`.
+    Canary {
+        /// Records it is judged on.
+        records: u64,
+        /// The share of them it may fail.
+        max_failure_rate: f64,
+    },
+    /// In the shadow of the serving version.
+    Shadow,
+}
+
+/// `weir deploy PIPELINE [--plugin N] [--shadow | --canary N] FILE.wasm`.
 pub fn deploy(
     args: AdminArgs,
     pipeline: &str,
     plugin: usize,
     wasm: &Path,
+    how: DeployAs,
 ) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(wasm).with_context(|| format!("cannot read `{}`", wasm.display()))?;
     let client = Client::new(args);
-    let path = format!(
+    let mut path = format!(
         "/v1/pipelines/{}/plugins/{plugin}/deploy",
         segment(pipeline)
     );
+    match how {
+        DeployAs::Serving => {}
+        DeployAs::Canary {
+            records,
+            max_failure_rate,
+        } => path.push_str(&format!(
+            "?canary={records}&max_failure_rate={max_failure_rate}"
+        )),
+        DeployAs::Shadow => {
+            path.push_str("?shadow=true");
+            let report: ShadowReport = client.call("POST", &path, Some(&bytes))?;
+            say!(
+                stdout,
+                "pipeline `{pipeline}`, plugin #{plugin}: {} runs in the shadow of the serving version in every lane; `weir status` shows what differs",
+                report.candidate
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let report: SwapReport = client.call("POST", &path, Some(&bytes))?;
     say!(stdout, "{}", swap_line(&report));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `weir promote|discard PIPELINE [--plugin N]`.
+pub fn end_shadow(
+    args: AdminArgs,
+    pipeline: &str,
+    plugin: usize,
+    promote: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = Client::new(args);
+    let verb = if promote { "promote" } else { "discard" };
+    let path = format!(
+        "/v1/pipelines/{}/plugins/{plugin}/{verb}",
+        segment(pipeline)
+    );
+    if promote {
+        let report: SwapReport = client.call("POST", &path, None)?;
+        say!(stdout, "{}", swap_line(&report));
+        if let Some(shadow) = &report.shadow {
+            say!(stdout, "  {}", shadow_lines(shadow).join("\n  "));
+        }
+    } else {
+        let report: ShadowReport = client.call("POST", &path, None)?;
+        say!(
+            stdout,
+            "pipeline `{pipeline}`, plugin #{plugin}: shadow discarded\n  {}",
+            shadow_lines(&report).join("\n  ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A shadow's tally, with its examples, a line each.
+fn shadow_lines(shadow: &ShadowReport) -> Vec<String> {
+    let mut lines = vec![format!(
+        "shadow {}: {} of {} records compared differ; {} not compared; {} candidate fault(s)",
+        shadow.candidate,
+        shadow.differing,
+        shadow.compared,
+        shadow.not_compared,
+        shadow.candidate_faults
+    )];
+    if let Some(fault) = &shadow.last_fault {
+        lines.push(format!("  last candidate fault: {fault}"));
+    }
+    for example in &shadow.examples {
+        lines.push(format!(
+            "  {}/{}@{}: serving {} | candidate {}",
+            example.topic, example.partition, example.offset, example.serving, example.candidate
+        ));
+    }
+    lines
+}
+
+fn canary_line(canary: &CanaryReport) -> String {
+    format!(
+        "canary {}: {} of its first {} records seen, {} failed ({} allowed); rolls back to {}",
+        canary.candidate,
+        canary.records,
+        canary.rule.records,
+        canary.failed,
+        canary.rule.allowed_failures(),
+        canary.restores
+    )
 }
 
 /// `weir rollback PIPELINE [--plugin N] [--to HASH]`.
@@ -217,7 +328,7 @@ fn swap_line(report: &SwapReport) -> String {
             report.pipeline, report.plugin, report.to
         );
     }
-    format!(
+    let mut line = format!(
         "pipeline `{}`, plugin #{}: {} -> {}, served by all {} lane(s) (prepared in {:.1} ms, switched in {:.1} ms)",
         report.pipeline,
         report.plugin,
@@ -226,7 +337,16 @@ fn swap_line(report: &SwapReport) -> String {
         report.lanes.len(),
         report.prepare_us as f64 / 1e3,
         report.switch_us as f64 / 1e3,
-    )
+    );
+    if let Some(rule) = &report.canary {
+        line.push_str(&format!(
+            "; a canary: back to {} if more than {} of its first {} records fail",
+            report.from,
+            rule.allowed_failures(),
+            rule.records
+        ));
+    }
+    line
 }
 
 /// `name` as one URL path segment.

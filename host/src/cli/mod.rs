@@ -85,6 +85,38 @@ enum Command {
         /// Which plugin of the chain, from 1.
         #[arg(long, default_value_t = 1)]
         plugin: usize,
+        /// Run it in the shadow of the serving version instead: on the same
+        /// batches, outputs compared and discarded (`weir status` shows how
+        /// many differ) until `weir promote` or `weir discard`.
+        #[arg(long, conflicts_with = "canary")]
+        shadow: bool,
+        /// Serve it as a canary judged on its first N records: it is rolled
+        /// back automatically if more than `--max-failure-rate` of them fail.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        canary: Option<u64>,
+        /// The share of a canary's records that may fail (0 to 1).
+        #[arg(long, value_name = "RATE", requires = "canary", default_value_t = crate::pipeline::CanaryRule::DEFAULT_MAX_FAILURE_RATE)]
+        max_failure_rate: f64,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// The shadow's version serves from the next batch on, in every lane.
+    Promote {
+        /// The pipeline.
+        pipeline: String,
+        /// Which plugin of the chain, from 1.
+        #[arg(long, default_value_t = 1)]
+        plugin: usize,
+        #[command(flatten)]
+        admin: admin::AdminArgs,
+    },
+    /// Stop the shadow and show what it found.
+    Discard {
+        /// The pipeline.
+        pipeline: String,
+        /// Which plugin of the chain, from 1.
+        #[arg(long, default_value_t = 1)]
+        plugin: usize,
         #[command(flatten)]
         admin: admin::AdminArgs,
     },
@@ -230,8 +262,31 @@ pub fn main() -> ExitCode {
             pipeline,
             wasm,
             plugin,
+            shadow,
+            canary,
+            max_failure_rate,
             admin,
-        } => admin::deploy(admin, &pipeline, plugin, &wasm),
+        } => {
+            let how = match (shadow, canary) {
+                (true, _) => admin::DeployAs::Shadow,
+                (false, Some(records)) => admin::DeployAs::Canary {
+                    records,
+                    max_failure_rate,
+                },
+                (false, None) => admin::DeployAs::Serving,
+            };
+            admin::deploy(admin, &pipeline, plugin, &wasm, how)
+        }
+        Command::Promote {
+            pipeline,
+            plugin,
+            admin,
+        } => admin::end_shadow(admin, &pipeline, plugin, true),
+        Command::Discard {
+            pipeline,
+            plugin,
+            admin,
+        } => admin::end_shadow(admin, &pipeline, plugin, false),
         Command::Rollback {
             pipeline,
             plugin,

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use weir_guest::abi::{AbiError, OutcomeReader, OutcomeView, OutputView, RecordParts};
 
 use super::dead_letter::{DeadLetter, Stage};
+use super::trial::{Canary, Change, LaneTrials, Shadow, Verdict};
 use crate::batch::{Batch, TooManyRoutes};
-use crate::engine::{Limits, PluginError, PluginErrorKind};
+use crate::engine::{Instance, Limits, PluginError, PluginErrorKind};
 use crate::plugin::PluginSlot;
 
 /// Bytes a record costs the host beyond its key, value and headers.
@@ -103,6 +104,8 @@ impl FaultLog {
 /// A pipeline's plugins, in order: one chain per lane.
 pub struct Chain {
     slots: Vec<PluginSlot>,
+    /// Per plugin, its shadow and canary in this lane, if any.
+    trials: Vec<LaneTrials>,
     faults: Arc<Mutex<FaultLog>>,
 }
 
@@ -120,6 +123,7 @@ impl Chain {
     /// [`Chain::quarantine_after`] says otherwise.
     pub fn new(slots: Vec<PluginSlot>) -> Self {
         Chain {
+            trials: slots.iter().map(|_| LaneTrials::default()).collect(),
             slots,
             faults: Arc::new(Mutex::new(FaultLog {
                 threshold: 10,
@@ -134,6 +138,7 @@ impl Chain {
     /// faults count towards the same quarantine.
     pub fn lane(&self, slots: Vec<PluginSlot>) -> Self {
         Chain {
+            trials: slots.iter().map(|_| LaneTrials::default()).collect(),
             slots,
             faults: self.faults.clone(),
         }
@@ -170,10 +175,63 @@ impl Chain {
         &mut self.slots
     }
 
+    /// Makes `change` at plugin `slot` (from 0); call between batches.
+    /// Gives back the instances it no longer runs, for the caller to drop
+    /// off the data path (freeing their memory takes longer than this).
+    pub(super) fn apply(&mut self, slot: usize, change: Change) -> Vec<Instance> {
+        let (plugin, trials) = (&mut self.slots[slot], &mut self.trials[slot]);
+        let mut retired = Vec::new();
+        match change {
+            Change::Serve(version, instance) => {
+                retired.extend(trials.end_all());
+                retired.push(plugin.install(version, instance));
+            }
+            Change::Canary(version, instance, tally) => {
+                retired.extend(trials.end_all());
+                let restore = plugin.current().clone();
+                let replaced = plugin.install(version, instance);
+                trials.canary = Some(Canary::new(tally, (restore, replaced)));
+            }
+            Change::Shadow(version, instance, tally) => {
+                let shadow = Shadow::new(version, instance, tally);
+                retired.extend(
+                    trials
+                        .shadow
+                        .replace(shadow)
+                        .and_then(Shadow::into_instance),
+                );
+            }
+            Change::Discard => {
+                retired.extend(trials.shadow.take().and_then(Shadow::into_instance));
+            }
+        }
+        retired
+    }
+
+    /// Ends the canaries that have a verdict: a rolled-back one gives way
+    /// to the instance it replaced, a passed one lets that instance go.
+    /// Rare, so the instance let go is dropped here.
+    fn settle_canaries(&mut self) {
+        for (plugin, trials) in self.slots.iter_mut().zip(&mut self.trials) {
+            let Some(verdict) = trials.canary.as_ref().and_then(Canary::verdict) else {
+                continue;
+            };
+            let Some(canary) = trials.canary.take() else {
+                continue;
+            };
+            let (version, instance) = canary.into_restore();
+            match verdict {
+                Verdict::RolledBack => drop(plugin.install(version, instance)),
+                Verdict::Passed => drop(instance),
+            }
+        }
+    }
+
     /// Runs `records` through every plugin. Faults cost the records that
     /// cause them (dead-lettered); only a plugin that cannot be started
     /// again ends the chain with an error.
     pub fn process(&mut self, mut records: Batch) -> Result<ChainOutput, PluginError> {
+        self.settle_canaries();
         let mut output = ChainOutput::default();
         for index in 0..self.slots.len() {
             if records.is_empty() {
@@ -217,18 +275,38 @@ impl Chain {
         Ok(output)
     }
 
-    /// Runs one plugin over `records`; after a fault, replays them one by
-    /// one on fresh instances.
+    /// Runs one plugin over `records`, counting what a canary there fails.
     fn run_slot(
         &mut self,
         index: usize,
         records: Batch,
         output: &mut ChainOutput,
     ) -> Result<Batch, PluginError> {
+        let (count, dead_before) = (records.len(), output.dead.len());
+        let out = self.run_plugin(index, records, output)?;
+        if let Some(canary) = &self.trials[index].canary {
+            canary.count(count, output.dead.len() - dead_before);
+        }
+        Ok(out)
+    }
+
+    /// Runs one plugin over `records` (and its shadow, if it has one);
+    /// after a fault, replays them one by one on fresh instances.
+    fn run_plugin(
+        &mut self,
+        index: usize,
+        records: Batch,
+        output: &mut ChainOutput,
+    ) -> Result<Batch, PluginError> {
         let mut next = Batch::new();
-        let (error, from) = match self.call(index, &records, &mut next, output) {
-            Ok(Passed::All) => return Ok(records),
-            Ok(Passed::Built) => return Ok(next),
+        let first = self.call(index, &records, &mut next, output);
+        if let Some(shadow) = &mut self.trials[index].shadow {
+            let serving = first.as_ref().ok().map(|(_, reply)| reply.as_slice());
+            shadow.compare(&records, serving, self.slots[index].recipe());
+        }
+        let (error, from) = match first {
+            Ok((Passed::All, _)) => return Ok(records),
+            Ok((Passed::Built, _)) => return Ok(next),
             Err(Fault { error, unprocessed }) if error.kind.is_fault() => (error, unprocessed),
             Err(Fault { error, .. }) => return Err(*error),
         };
@@ -246,8 +324,8 @@ impl Chain {
             single.clear();
             keep_copy(&mut single, &records, at, output);
             match self.call(index, &single, &mut next, output) {
-                Ok(Passed::All) => keep_copy(&mut next, &single, 0, output),
-                Ok(Passed::Built) => {}
+                Ok((Passed::All, _)) => keep_copy(&mut next, &single, 0, output),
+                Ok((Passed::Built, _)) => {}
                 Err(Fault { error, unprocessed }) if error.kind.is_fault() => {
                     let reason = error.to_string();
                     let stage = self.slots[index].stage();
@@ -274,15 +352,16 @@ impl Chain {
     }
 
     /// One call: the plugin takes `input` as it is packed, and its reply
-    /// becomes records on `next` and dead letters. On a fault, says from
-    /// which record on the outcomes were not taken.
+    /// becomes records on `next` and dead letters; the reply itself comes
+    /// back too. On a fault, says from which record on the outcomes were
+    /// not taken.
     fn call(
         &mut self,
         index: usize,
         input: &Batch,
         next: &mut Batch,
         output: &mut ChainOutput,
-    ) -> Result<Passed, Fault> {
+    ) -> Result<(Passed, Vec<u8>), Fault> {
         let slot = &mut self.slots[index];
         let reply = match slot.instance().process(input.wire()) {
             Ok(reply) => reply,
@@ -298,7 +377,8 @@ impl Chain {
             faults: &self.faults,
             batch_bytes: 0,
         };
-        reading.apply(&reply, input, next, output)
+        let passed = reading.apply(&reply, input, next, output)?;
+        Ok((passed, reply))
     }
 }
 

@@ -8,6 +8,11 @@
 //! of it is refused with the reason and never reaches a lane. The run loop
 //! then puts one install order in every lane's queue between two source
 //! batches, and the answer comes once every lane serves the new version.
+//!
+//! A candidate may also go on trial first (`trial`): as a shadow, beside
+//! the serving version, until it is promoted or discarded; or as a canary,
+//! which the lanes roll back on their own when it fails too many of its
+//! first records, telling the controller why.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -18,7 +23,10 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::lanes::Installed;
-use crate::engine::{Instance, PluginEngine};
+use super::trial::{
+    CanaryEnded, CanaryReport, CanaryRule, CanaryTally, Change, ShadowReport, ShadowTally, Verdict,
+};
+use crate::engine::PluginEngine;
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{
     Candidate, PluginSlot, PluginVersion, SetupError, SlotRecipe, VersionHistory, VersionStore, hex,
@@ -88,6 +96,16 @@ pub enum ControlError {
         prefix: String,
         /// How many match.
         count: usize,
+    },
+    /// Promote or discard with no shadow running.
+    #[error(
+        "pipeline `{pipeline}`, plugin #{plugin}: no shadow is running (start one with `weir deploy --shadow`)"
+    )]
+    NoShadow {
+        /// The pipeline.
+        pipeline: String,
+        /// The position, from 1.
+        plugin: usize,
     },
     /// The pipeline no longer runs.
     #[error("pipeline `{pipeline}` is not running ({state})")]
@@ -181,6 +199,15 @@ pub struct PluginStatus {
     pub refused: u64,
     /// Why the last candidate was refused.
     pub last_refusal: Option<String>,
+    /// The shadow running beside the serving version, with its tally.
+    #[serde(default)]
+    pub shadow: Option<ShadowReport>,
+    /// The last canary: on trial, or how it ended.
+    #[serde(default)]
+    pub canary: Option<CanaryReport>,
+    /// How the last shadow or canary ended, in a line.
+    #[serde(default)]
+    pub last_trial: Option<String>,
 }
 
 /// A pipeline's counters, as status shows them.
@@ -257,6 +284,12 @@ pub struct SwapReport {
     /// The longest time a lane spent switching instead of processing
     /// batches: the data path's pause, in microseconds.
     pub pause_us: u64,
+    /// The new version serves as a canary, under this rule.
+    #[serde(default)]
+    pub canary: Option<CanaryRule>,
+    /// The new version was a promoted shadow: what it found.
+    #[serde(default)]
+    pub shadow: Option<ShadowReport>,
 }
 
 /// A component offered as a new version.
@@ -282,7 +315,21 @@ pub(super) enum Request {
     Deploy {
         plugin: usize,
         wasm: Wasm,
+        canary: Option<CanaryRule>,
         reply: Reply<SwapReport>,
+    },
+    Shadow {
+        plugin: usize,
+        wasm: Wasm,
+        reply: Reply<ShadowReport>,
+    },
+    Promote {
+        plugin: usize,
+        reply: Reply<SwapReport>,
+    },
+    Discard {
+        plugin: usize,
+        reply: Reply<ShadowReport>,
     },
     Rollback {
         plugin: usize,
@@ -295,12 +342,19 @@ pub(super) enum Request {
     },
 }
 
-/// What the controller has the run loop hand to the lanes.
+/// What the controller has the run loop hand to the lanes: a change at
+/// plugin `slot` (from 0) for each lane.
 pub(super) struct InstallOrder {
     pub slot: usize,
-    pub version: PluginVersion,
-    pub instances: Vec<Instance>,
+    pub changes: Vec<Change>,
     pub done: Vec<oneshot::Sender<Installed>>,
+}
+
+/// The trials running at one plugin position, as status reads them.
+#[derive(Default)]
+struct Trials {
+    shadow: Option<Arc<ShadowTally>>,
+    canary: Option<Arc<CanaryTally>>,
 }
 
 /// Controls one pipeline, from anywhere (the admin API, the file watcher,
@@ -311,6 +365,7 @@ pub struct PipelineHandle {
     name: String,
     requests: mpsc::Sender<Request>,
     board: Arc<Mutex<PipelineStatus>>,
+    trials: Arc<Mutex<Vec<Trials>>>,
     metrics: Arc<PipelineMetrics>,
 }
 
@@ -326,9 +381,51 @@ impl PipelineHandle {
         self.ask(|reply| Request::Deploy {
             plugin,
             wasm,
+            canary: None,
             reply,
         })
         .await
+    }
+
+    /// Like [`PipelineHandle::deploy`], but the new version serves as a
+    /// canary: once it fails more of its first records than `rule`
+    /// allows, the version it replaced serves again (status says why).
+    pub async fn deploy_canary(
+        &self,
+        plugin: usize,
+        wasm: Wasm,
+        rule: CanaryRule,
+    ) -> Result<SwapReport, ControlError> {
+        self.ask(|reply| Request::Deploy {
+            plugin,
+            wasm,
+            canary: Some(rule),
+            reply,
+        })
+        .await
+    }
+
+    /// Runs `wasm` in the shadow of plugin `plugin` (from 1): on the same
+    /// batches as the serving version, its outputs compared and discarded,
+    /// until [`PipelineHandle::promote`] or [`PipelineHandle::discard`].
+    /// A shadow already running there is replaced.
+    pub async fn shadow(&self, plugin: usize, wasm: Wasm) -> Result<ShadowReport, ControlError> {
+        self.ask(|reply| Request::Shadow {
+            plugin,
+            wasm,
+            reply,
+        })
+        .await
+    }
+
+    /// The shadow's version serves plugin `plugin` from now on.
+    pub async fn promote(&self, plugin: usize) -> Result<SwapReport, ControlError> {
+        self.ask(|reply| Request::Promote { plugin, reply }).await
+    }
+
+    /// Stops the shadow of plugin `plugin`; gives what it found.
+    pub async fn discard(&self, plugin: usize) -> Result<ShadowReport, ControlError> {
+        self.ask(|reply| Request::Discard { plugin, reply }).await
     }
 
     /// Swaps a kept earlier version back in at plugin `plugin` (from 1): the
@@ -353,6 +450,10 @@ impl PipelineHandle {
     pub fn status(&self) -> PipelineStatus {
         let mut status = lock(&self.board).clone();
         status.counters = self.metrics.snapshot().into();
+        for (entry, trials) in status.plugins.iter_mut().zip(lock(&self.trials).iter()) {
+            entry.shadow = trials.shadow.as_ref().map(|tally| tally.report());
+            entry.canary = trials.canary.as_ref().map(|tally| tally.report());
+        }
         status
     }
 
@@ -390,6 +491,10 @@ struct ControlledSlot {
     history: VersionHistory,
     /// The file the pipeline names for it.
     named: PathBuf,
+    /// The version running in the shadow, if one runs.
+    shadow: Option<PluginVersion>,
+    /// The canary awaiting its verdict: its id and the version it restores.
+    canary: Option<(u64, PluginVersion)>,
 }
 
 /// The controller's side: built with the pipeline, started by its run.
@@ -399,8 +504,15 @@ pub(super) struct Controller {
     lanes: usize,
     slots: Vec<ControlledSlot>,
     board: Arc<Mutex<PipelineStatus>>,
+    trials: Arc<Mutex<Vec<Trials>>>,
     requests: mpsc::Receiver<Request>,
     store: Option<VersionStore>,
+    /// Where the lanes tell canary verdicts, and the id of the last canary.
+    canary_verdicts: (
+        mpsc::UnboundedSender<CanaryEnded>,
+        mpsc::UnboundedReceiver<CanaryEnded>,
+    ),
+    canaries: u64,
 }
 
 /// What the controller of a pipeline starts from.
@@ -456,6 +568,9 @@ impl Controller {
                 swaps: 0,
                 refused: 0,
                 last_refusal: None,
+                shadow: None,
+                canary: None,
+                last_trial: None,
             })
             .collect();
         let board = Arc::new(Mutex::new(PipelineStatus {
@@ -467,6 +582,9 @@ impl Controller {
             counters: Counters::default(),
         }));
         let (send, requests) = mpsc::channel(16);
+        let trials = Arc::new(Mutex::new(
+            slots.iter().map(|_| Trials::default()).collect(),
+        ));
         let controller = Controller {
             pipeline: pipeline.to_owned(),
             engine: engine.clone(),
@@ -476,16 +594,22 @@ impl Controller {
                     recipe: slot.recipe().clone(),
                     history: VersionHistory::new(slot.current().clone(), keep_versions),
                     named,
+                    shadow: None,
+                    canary: None,
                 })
                 .collect(),
             board: board.clone(),
+            trials: trials.clone(),
             requests,
             store,
+            canary_verdicts: mpsc::unbounded_channel(),
+            canaries: 0,
         };
         let handle = PipelineHandle {
             name: pipeline.to_owned(),
             requests: send,
             board,
+            trials,
             metrics,
         };
         (controller, handle)
@@ -512,14 +636,40 @@ impl Controller {
     }
 
     async fn serve(mut self, installs: mpsc::Sender<InstallOrder>, paused: watch::Sender<bool>) {
-        while let Some(request) = self.requests.recv().await {
+        loop {
+            // The verdict branch never ends: the controller holds a sender.
+            let request = tokio::select! {
+                request = self.requests.recv() => request,
+                Some(verdict) = self.canary_verdicts.1.recv() => {
+                    self.canary_ended(verdict).await;
+                    continue;
+                }
+            };
+            let Some(request) = request else { break };
             match request {
                 Request::Deploy {
                     plugin,
                     wasm,
+                    canary,
                     reply,
                 } => {
-                    let result = self.deploy(plugin, wasm, &installs).await;
+                    let result = self.deploy(plugin, wasm, canary, &installs).await;
+                    let _ = reply.send(result);
+                }
+                Request::Shadow {
+                    plugin,
+                    wasm,
+                    reply,
+                } => {
+                    let result = self.shadow(plugin, wasm, &installs).await;
+                    let _ = reply.send(result);
+                }
+                Request::Promote { plugin, reply } => {
+                    let result = self.promote(plugin, &installs).await;
+                    let _ = reply.send(result);
+                }
+                Request::Discard { plugin, reply } => {
+                    let result = self.discard(plugin, &installs).await;
                     let _ = reply.send(result);
                 }
                 Request::Rollback { plugin, to, reply } => {
@@ -560,14 +710,47 @@ impl Controller {
         &mut self,
         plugin: usize,
         wasm: Wasm,
+        canary: Option<CanaryRule>,
         installs: &mpsc::Sender<InstallOrder>,
     ) -> Result<SwapReport, ControlError> {
-        let slot = self.slot(plugin)?;
         let started = Instant::now();
+        match self.prepare(plugin, wasm).await? {
+            Some(candidate) => {
+                self.serve_version(plugin, candidate, started, canary, installs)
+                    .await
+            }
+            None => {
+                let current = VersionInfo::of(self.slot(plugin)?.history.current());
+                Ok(SwapReport {
+                    pipeline: self.pipeline.clone(),
+                    plugin,
+                    from: current.clone(),
+                    lanes: lock(&self.board).plugins[plugin - 1].lanes.clone(),
+                    to: current,
+                    unchanged: true,
+                    prepare_us: micros(started),
+                    switch_us: 0,
+                    pause_us: 0,
+                    canary: None,
+                    shadow: None,
+                })
+            }
+        }
+    }
+
+    /// Reads, checks and starts `wasm` for plugin `plugin`, one instance
+    /// per lane, off the data path; `None` when it is the version serving.
+    async fn prepare(
+        &mut self,
+        plugin: usize,
+        wasm: Wasm,
+    ) -> Result<Option<Candidate>, ControlError> {
+        let slot = self.slot(plugin)?;
         let (recipe, engine, lanes) = (slot.recipe.clone(), self.engine.clone(), self.lanes);
         let serving = slot.history.current().clone();
         let kept: Vec<PluginVersion> = std::iter::once(slot.history.current())
             .chain(slot.history.previous())
+            .chain(slot.shadow.as_ref())
             .cloned()
             .collect();
         let store = self.store.clone();
@@ -593,7 +776,7 @@ impl Controller {
             if hash == serving.hash() {
                 return Ok(None);
             }
-            // A version kept for rollback is not loaded again.
+            // A version kept for rollback (or shadowing) is not loaded again.
             let loaded = match kept.iter().find(|v| v.hash() == hash) {
                 Some(version) => version.loaded().clone(),
                 None => engine
@@ -611,24 +794,7 @@ impl Controller {
             Ok(Some(candidate))
         })
         .await;
-        match prepared {
-            Ok(Some(candidate)) => self.install(plugin, candidate, started, installs).await,
-            Ok(None) => {
-                let current = VersionInfo::of(self.slot(plugin)?.history.current());
-                Ok(SwapReport {
-                    pipeline: self.pipeline.clone(),
-                    plugin,
-                    from: current.clone(),
-                    lanes: lock(&self.board).plugins[plugin - 1].lanes.clone(),
-                    to: current,
-                    unchanged: true,
-                    prepare_us: micros(started),
-                    switch_us: 0,
-                    pause_us: 0,
-                })
-            }
-            Err((candidate, reason)) => Err(self.refused(plugin, candidate, reason)),
-        }
+        prepared.map_err(|(candidate, reason)| self.refused(plugin, candidate, reason))
     }
 
     async fn rollback(
@@ -674,10 +840,25 @@ impl Controller {
         }
         .clone();
         let started = Instant::now();
-        let (recipe, lanes) = (slot.recipe.clone(), self.lanes);
-        let what = format!("rollback to {version}");
+        let candidate = self
+            .restart(plugin, &version, format!("rollback to {version}"))
+            .await?;
+        self.serve_version(plugin, candidate, started, None, installs)
+            .await
+    }
+
+    /// Instances of a version already loaded, one per lane (nothing is
+    /// compiled), off the data path.
+    async fn restart(
+        &mut self,
+        plugin: usize,
+        version: &PluginVersion,
+        what: String,
+    ) -> Result<Candidate, ControlError> {
+        let (recipe, lanes) = (self.slot(plugin)?.recipe.clone(), self.lanes);
+        let version = version.clone();
         match blocking(move || recipe.start(version.loaded(), lanes)).await {
-            Ok(candidate) => self.install(plugin, candidate, started, installs).await,
+            Ok(candidate) => Ok(candidate),
             Err(err) => Err(self.refused(plugin, what, err.to_string())),
         }
     }
@@ -698,23 +879,20 @@ impl Controller {
         }
     }
 
-    /// Has every lane serve `candidate` after the batches already read.
-    async fn install(
-        &mut self,
+    /// Hands every lane its change at `plugin` after the batches already
+    /// read, and waits until all have made it; gives the longest pause a
+    /// lane took and the microseconds until the last one was done.
+    async fn switch(
+        &self,
         plugin: usize,
-        candidate: Candidate,
-        started: Instant,
+        changes: Vec<Change>,
         installs: &mpsc::Sender<InstallOrder>,
-    ) -> Result<SwapReport, ControlError> {
-        let prepare_us = micros(started);
+    ) -> Result<(Duration, u64), ControlError> {
         let switching = Instant::now();
-        let Candidate { version, instances } = candidate;
-        let (done, acks): (Vec<_>, Vec<_>) =
-            (0..instances.len()).map(|_| oneshot::channel()).unzip();
+        let (done, acks): (Vec<_>, Vec<_>) = (0..changes.len()).map(|_| oneshot::channel()).unzip();
         let order = InstallOrder {
             slot: plugin - 1,
-            version: version.clone(),
-            instances,
+            changes,
             done,
         };
         let not_running = || not_running(&self.board);
@@ -724,40 +902,256 @@ impl Controller {
         for ack in acks {
             let installed = ack.await.map_err(|_| not_running())?;
             pause = pause.max(installed.pause);
-            replaced.push(installed.replaced);
+            replaced.extend(installed.replaced);
         }
         // Freeing the old instances' memory is not the lanes' business.
         tokio::task::spawn_blocking(move || drop(replaced));
+        Ok((pause, micros(switching)))
+    }
+
+    /// Has every lane serve `candidate` after the batches already read (as
+    /// a canary under `canary`, if given); a trial running there ends.
+    async fn serve_version(
+        &mut self,
+        plugin: usize,
+        candidate: Candidate,
+        started: Instant,
+        canary: Option<CanaryRule>,
+        installs: &mpsc::Sender<InstallOrder>,
+    ) -> Result<SwapReport, ControlError> {
+        let prepare_us = micros(started);
+        let Candidate { version, instances } = candidate;
+        let from_version = self.slots[plugin - 1].history.current().clone();
+        let tally = canary.map(|rule| {
+            self.canaries += 1;
+            let report = CanaryReport {
+                candidate: VersionInfo::of(&version),
+                restores: VersionInfo::of(&from_version),
+                rule,
+                records: 0,
+                failed: 0,
+                verdict: None,
+            };
+            CanaryTally::new(
+                plugin - 1,
+                self.canaries,
+                report,
+                self.canary_verdicts.0.clone(),
+            )
+        });
+        let changes = (instances.into_iter())
+            .map(|instance| match &tally {
+                Some(tally) => Change::Canary(version.clone(), instance, tally.clone()),
+                None => Change::Serve(version.clone(), instance),
+            })
+            .collect();
+        let (pause, switch_us) = self.switch(plugin, changes, installs).await?;
         let pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
-        let switch_us = micros(switching);
-        let history = &mut self.slots[plugin - 1].history;
-        let from = VersionInfo::of(history.current());
-        history.promote(version.clone());
-        let previous = history.previous().map(VersionInfo::of).collect();
-        let to = VersionInfo::of(&version);
-        let lanes = vec![version.short_hash().to_owned(); self.lanes];
-        {
-            let mut status = lock(&self.board);
-            let entry = &mut status.plugins[plugin - 1];
-            entry.serving = to.clone();
-            entry.lanes.clone_from(&lanes);
-            entry.previous = previous;
-            entry.swaps += 1;
+        self.end_trials(plugin, &format!("{version} serves instead"));
+        if let Some(tally) = tally {
+            self.slots[plugin - 1].canary = Some((self.canaries, from_version));
+            lock(&self.trials)[plugin - 1].canary = Some(tally);
         }
-        tracing::info!(pipeline = %self.pipeline, plugin, %from, %to, prepare_us, switch_us, pause_us, "Plugin version swapped at a batch boundary in every lane.");
+        let from = self.now_serving(plugin, &version);
+        let to = VersionInfo::of(&version);
+        tracing::info!(pipeline = %self.pipeline, plugin, %from, %to, prepare_us, switch_us, pause_us, canary = canary.is_some(), "Plugin version swapped at a batch boundary in every lane.");
         self.remember(plugin, &version).await;
         Ok(SwapReport {
             pipeline: self.pipeline.clone(),
             plugin,
             from,
             to,
-            lanes,
+            lanes: vec![version.short_hash().to_owned(); self.lanes],
             unchanged: false,
             prepare_us,
             switch_us,
             pause_us,
+            canary,
+            shadow: None,
         })
     }
+
+    /// Records that `version` serves `plugin` now (every lane switched);
+    /// gives the version that served before.
+    fn now_serving(&mut self, plugin: usize, version: &PluginVersion) -> VersionInfo {
+        let history = &mut self.slots[plugin - 1].history;
+        let from = VersionInfo::of(history.current());
+        history.promote(version.clone());
+        let previous = history.previous().map(VersionInfo::of).collect();
+        let mut status = lock(&self.board);
+        let entry = &mut status.plugins[plugin - 1];
+        entry.serving = VersionInfo::of(version);
+        entry.lanes = vec![version.short_hash().to_owned(); self.lanes];
+        entry.previous = previous;
+        entry.swaps += 1;
+        from
+    }
+
+    /// Ends the shadow and the pending canary of `plugin` (the lanes have
+    /// dropped them), saying `why` in the status.
+    fn end_trials(&mut self, plugin: usize, why: &str) {
+        self.slots[plugin - 1].shadow = None;
+        self.slots[plugin - 1].canary = None;
+        let (shadow, canary) = {
+            let mut trials = lock(&self.trials);
+            let trials = &mut trials[plugin - 1];
+            (trials.shadow.take(), trials.canary.take())
+        };
+        let mut ended = Vec::new();
+        if let Some(shadow) = shadow {
+            let report = shadow.report();
+            ended.push(format!(
+                "shadow {} ended, {why}: {}",
+                report.candidate,
+                shadow_summary(&report)
+            ));
+        }
+        if let Some(report) = canary.map(|tally| tally.report())
+            && report.verdict.is_none()
+        {
+            ended.push(format!(
+                "canary {} ended before its verdict, {why}: {} of {} records failed",
+                report.candidate, report.failed, report.records
+            ));
+        }
+        if !ended.is_empty() {
+            lock(&self.board).plugins[plugin - 1].last_trial = Some(ended.join("; "));
+        }
+    }
+
+    async fn shadow(
+        &mut self,
+        plugin: usize,
+        wasm: Wasm,
+        installs: &mpsc::Sender<InstallOrder>,
+    ) -> Result<ShadowReport, ControlError> {
+        let Some(Candidate { version, instances }) = self.prepare(plugin, wasm).await? else {
+            let serving = self.slot(plugin)?.history.current().to_string();
+            return Err(self.refused(
+                plugin,
+                format!("a shadow of {serving}"),
+                "it is the version serving; its outputs could not differ".into(),
+            ));
+        };
+        let tally = ShadowTally::new(VersionInfo::of(&version));
+        let changes = (instances.into_iter())
+            .map(|instance| Change::Shadow(version.clone(), instance, tally.clone()))
+            .collect();
+        self.switch(plugin, changes, installs).await?;
+        if let Some(earlier) = lock(&self.trials)[plugin - 1].shadow.replace(tally.clone()) {
+            let report = earlier.report();
+            lock(&self.board).plugins[plugin - 1].last_trial = Some(format!(
+                "shadow {} replaced by {version}: {}",
+                report.candidate,
+                shadow_summary(&report)
+            ));
+        }
+        self.slots[plugin - 1].shadow = Some(version.clone());
+        let serving = self.slots[plugin - 1].history.current();
+        tracing::info!(pipeline = %self.pipeline, plugin, candidate = %version, %serving, "Shadow started: the candidate runs on the same batches, its outputs compared and discarded.");
+        Ok(tally.report())
+    }
+
+    /// The shadow of `plugin`, with its tally.
+    fn running_shadow(
+        &self,
+        plugin: usize,
+    ) -> Result<(PluginVersion, Arc<ShadowTally>), ControlError> {
+        let version = self.slot(plugin)?.shadow.clone();
+        let tally = lock(&self.trials)[plugin - 1].shadow.clone();
+        version.zip(tally).ok_or_else(|| ControlError::NoShadow {
+            pipeline: self.pipeline.clone(),
+            plugin,
+        })
+    }
+
+    async fn promote(
+        &mut self,
+        plugin: usize,
+        installs: &mpsc::Sender<InstallOrder>,
+    ) -> Result<SwapReport, ControlError> {
+        let (version, tally) = self.running_shadow(plugin)?;
+        let started = Instant::now();
+        let candidate = self
+            .restart(
+                plugin,
+                &version,
+                format!("promotion of the shadow {version}"),
+            )
+            .await?;
+        let mut report = self
+            .serve_version(plugin, candidate, started, None, installs)
+            .await?;
+        let found = tally.report();
+        lock(&self.board).plugins[plugin - 1].last_trial = Some(format!(
+            "shadow {version} promoted: {}",
+            shadow_summary(&found)
+        ));
+        report.shadow = Some(found);
+        Ok(report)
+    }
+
+    async fn discard(
+        &mut self,
+        plugin: usize,
+        installs: &mpsc::Sender<InstallOrder>,
+    ) -> Result<ShadowReport, ControlError> {
+        let (version, tally) = self.running_shadow(plugin)?;
+        let changes = (0..self.lanes).map(|_| Change::Discard).collect();
+        self.switch(plugin, changes, installs).await?;
+        self.slots[plugin - 1].shadow = None;
+        lock(&self.trials)[plugin - 1].shadow = None;
+        let found = tally.report();
+        let line = format!("shadow {version} discarded: {}", shadow_summary(&found));
+        tracing::info!(pipeline = %self.pipeline, plugin, "{line}");
+        lock(&self.board).plugins[plugin - 1].last_trial = Some(line);
+        Ok(found)
+    }
+
+    /// A lane decided a canary: a passed one serves on; a rolled-back one
+    /// no longer serves in any lane from its next batch, and the version it
+    /// replaced is the current one again.
+    async fn canary_ended(&mut self, ended: CanaryEnded) {
+        let CanaryEnded {
+            slot,
+            id,
+            verdict,
+            reason,
+        } = ended;
+        let plugin = slot + 1;
+        // A canary a later swap replaced was already ended by it.
+        let Some((_, restores)) = self.slots[slot].canary.take_if(|(live, _)| *live == id) else {
+            return;
+        };
+        match verdict {
+            Verdict::Passed => {
+                tracing::info!(pipeline = %self.pipeline, plugin, "{reason}");
+            }
+            Verdict::RolledBack => {
+                tracing::warn!(pipeline = %self.pipeline, plugin, "{reason}");
+                // The lanes keep their shadow, if any: it now compares
+                // against the restored version.
+                self.now_serving(plugin, &restores);
+                self.remember(plugin, &restores).await;
+            }
+        }
+        lock(&self.board).plugins[slot].last_trial = Some(reason);
+    }
+}
+
+/// A shadow's tally in a line.
+fn shadow_summary(report: &ShadowReport) -> String {
+    let mut line = format!(
+        "{} of {} records compared differ",
+        report.differing, report.compared
+    );
+    if report.not_compared > 0 {
+        line.push_str(&format!(
+            ", {} not compared (a fault in {} candidate batch(es))",
+            report.not_compared, report.candidate_faults
+        ));
+    }
+    line
 }
 
 impl Controller {

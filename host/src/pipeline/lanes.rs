@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chain::Chain;
 use super::dead_letter::{DeadLetter, Stage};
+use super::trial::Change;
 use crate::batch::Batch;
 use crate::engine::{Instance, PluginError};
-use crate::plugin::PluginVersion;
 use crate::source::{Checkpoint, Rejected, SourceBatch, Spread, Validate};
 
 /// Batches a lane takes ahead of the one it processes.
@@ -46,18 +46,17 @@ pub(super) struct Job {
 pub(super) enum Order {
     /// Process a batch (or a part of one).
     Process(Job),
-    /// Serve a new version of a plugin from the next batch on (boxed: rare,
-    /// and larger than a job).
+    /// Change what serves (or shadows) a plugin from the next batch on
+    /// (boxed: rare, and larger than a job).
     Install(Box<Install>),
 }
 
-/// Serve `version` at plugin `slot` through `instance`; say on `done` how
-/// long the lane spent on it (the data path's pause), handing back the
-/// replaced instance to be dropped elsewhere.
+/// Make `change` at plugin `slot`; say on `done` how long the lane spent
+/// on it (the data path's pause), handing back the instances it no longer
+/// runs, to be dropped elsewhere.
 pub(super) struct Install {
     slot: usize,
-    version: PluginVersion,
-    instance: Instance,
+    change: Change,
     done: oneshot::Sender<Installed>,
 }
 
@@ -65,8 +64,8 @@ pub(super) struct Install {
 pub(super) struct Installed {
     /// How long the lane spent switching.
     pub pause: Duration,
-    /// The instance it no longer runs.
-    pub replaced: Instance,
+    /// The instances it no longer runs.
+    pub replaced: Vec<Instance>,
 }
 
 /// A part after its lane's chain, on its way to the sinks.
@@ -123,22 +122,16 @@ impl FanOut {
         Ok(())
     }
 
-    /// Orders every lane to serve `version` at plugin `slot` after the
-    /// batches already handed out: one instance (and one `done`) per lane.
+    /// Orders every lane to make its change at plugin `slot` after the
+    /// batches already handed out: one change (and one `done`) per lane.
     pub(super) async fn install(
         &mut self,
         slot: usize,
-        version: &PluginVersion,
-        instances: Vec<Instance>,
+        changes: Vec<Change>,
         done: Vec<oneshot::Sender<Installed>>,
     ) -> Result<(), LanesGone> {
-        for ((lane, instance), done) in self.lanes.iter().zip(instances).zip(done) {
-            let order = Order::Install(Box::new(Install {
-                slot,
-                version: version.clone(),
-                instance,
-                done,
-            }));
+        for ((lane, change), done) in self.lanes.iter().zip(changes).zip(done) {
+            let order = Order::Install(Box::new(Install { slot, change, done }));
             lane.send(order).await.map_err(|_| LanesGone)?;
         }
         Ok(())
@@ -226,14 +219,9 @@ pub(super) fn run_lane(
         let job = match order {
             Order::Process(job) => job,
             Order::Install(install) => {
-                let Install {
-                    slot,
-                    version,
-                    instance,
-                    done,
-                } = *install;
+                let Install { slot, change, done } = *install;
                 let started = Instant::now();
-                let replaced = chain.slots_mut()[slot].install(version, instance);
+                let replaced = chain.apply(slot, change);
                 let pause = started.elapsed();
                 let _ = done.send(Installed { pause, replaced });
                 continue;

@@ -32,6 +32,7 @@ mod chain;
 mod control;
 pub mod dead_letter;
 mod lanes;
+mod trial;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -64,6 +65,7 @@ pub use control::{
     VersionInfo, Wasm,
 };
 pub use dead_letter::{DeadLetter, Stage};
+pub use trial::{CanaryReport, CanaryRule, Difference, ShadowReport, Verdict};
 
 /// Why a pipeline could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -470,8 +472,8 @@ impl Pipeline {
                     break;
                 }
                 Some(order) = installs.recv() => {
-                    let InstallOrder { slot, version, instances, done } = order;
-                    if fan_out.install(slot, &version, instances, done).await.is_err() {
+                    let InstallOrder { slot, changes, done } = order;
+                    if fan_out.install(slot, changes, done).await.is_err() {
                         break;
                     }
                     continue;

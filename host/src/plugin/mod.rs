@@ -73,11 +73,16 @@ impl SlotRecipe {
         &self.topics
     }
 
+    /// One initialised instance of `loaded`. Blocking: it runs `init`.
+    pub fn instantiate(&self, loaded: &LoadedPlugin) -> Result<Instance, PluginError> {
+        loaded.instantiate(&self.limits, &self.config)
+    }
+
     /// `count` initialised instances of `loaded`: one per lane. Blocking:
     /// each runs `init`.
     pub fn start(&self, loaded: &LoadedPlugin, count: usize) -> Result<Candidate, PluginError> {
         let instances = (0..count.max(1))
-            .map(|_| loaded.instantiate(&self.limits, &self.config))
+            .map(|_| self.instantiate(loaded))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Candidate {
             version: PluginVersion::new(loaded.clone(), &instances[0]),
@@ -185,11 +190,7 @@ impl PluginSlot {
     /// the same version (~15 µs plus `init`), which goes on counting where
     /// the old one stopped.
     pub fn restart(&mut self) -> Result<(), PluginError> {
-        let recipe = &self.recipe;
-        let mut fresh = self
-            .current
-            .loaded()
-            .instantiate(&recipe.limits, &recipe.config)?;
+        let mut fresh = self.recipe.instantiate(self.current.loaded())?;
         fresh.inherit_counters(&self.instance);
         self.instance = fresh;
         Ok(())
