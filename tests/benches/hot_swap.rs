@@ -8,6 +8,9 @@
 //! - **cost per swap**: the same run's wall time against a run without
 //!   swaps (same records), divided by the swaps: what a swap costs the data
 //!   path overall, preparation on the other core included.
+//! - **shadow cost**: the same run with `tag-b` in the shadow of `tag-a`
+//!   from the start (every batch runs through both, and their outputs are
+//!   compared record by record) against the plain run.
 //! - **file to served**: from an atomic rename of a new `.wasm` onto the
 //!   watched path to every lane serving it, the compile already cached on
 //!   disk (`keep_versions = 0`, so each version is loaded from the cache,
@@ -58,8 +61,9 @@ fn main() {
         println!("hot_swap: generator -> tag plugin -> file, 2 lanes, unthrottled");
 
         let records = 3_000_000;
-        let (plain, _) = under_load(&scratch, &engine, records, 0).await;
-        let (swapping, pauses) = under_load(&scratch, &engine, records, swaps).await;
+        let (plain, _) = under_load(&scratch, &engine, records, 0, false).await;
+        let (swapping, pauses) = under_load(&scratch, &engine, records, swaps, false).await;
+        let (shadowed, _) = under_load(&scratch, &engine, records, 0, true).await;
         let mut pauses = pauses;
         pauses.sort_unstable();
         let cost_us = (swapping.as_secs_f64() - plain.as_secs_f64()) * 1e6 / pauses.len() as f64;
@@ -77,6 +81,11 @@ fn main() {
         );
         println!(
             "  pause per lane and swap: p50 {p50} us, p99 {p99} us, max {max} us (goal: p99 <= 1000 us)"
+        );
+        let shadow_ratio = shadowed.as_secs_f64() / plain.as_secs_f64();
+        println!(
+            "  with a shadow compared on every batch: {:.3} s ({shadow_ratio:.2}x the run without)",
+            shadowed.as_secs_f64()
         );
 
         let mut served = file_to_served(&scratch, &engine, &a, &b, 40).await;
@@ -97,6 +106,7 @@ fn main() {
                 "pause_p99_us": p99,
                 "pause_max_us": max,
                 "wall_us_per_swap": cost_us,
+                "shadow_ratio": shadow_ratio,
                 "file_to_served_p50_us": s50,
                 "file_to_served_p99_us": s99,
             })
@@ -117,12 +127,14 @@ fn load_pipeline(scratch: &support::Scratch, body: &str) -> PipelineFile {
 }
 
 /// Runs `records` generated records through two lanes while swapping
-/// `swaps` times; the wall time and each swap's pause (the slowest lane's).
+/// `swaps` times (with `tag-b` in the shadow throughout, if `shadow`); the
+/// wall time and each swap's pause (the slowest lane's).
 async fn under_load(
     scratch: &support::Scratch,
     engine: &PluginEngine,
     records: u64,
     swaps: usize,
+    shadow: bool,
 ) -> (Duration, Vec<u64>) {
     let file = load_pipeline(
         scratch,
@@ -154,6 +166,12 @@ path = "{{dir}}/out.txt"
         .iter()
         .map(|name| std::fs::read(support::plugin(name)).unwrap())
         .collect();
+    if shadow {
+        handle
+            .shadow(1, Wasm::Upload(wasm[0].clone()))
+            .await
+            .unwrap();
+    }
     let mut pauses = Vec::with_capacity(swaps);
     for swap in 0..swaps {
         let bytes = wasm[swap % 2].clone();
@@ -165,6 +183,11 @@ path = "{{dir}}/out.txt"
     }
     let summary = run.await.unwrap().unwrap();
     assert_eq!(summary.records_out, records);
+    if shadow {
+        let found = handle.status().plugins[0].shadow.clone().unwrap();
+        // tag-a and tag-b differ on every record.
+        assert!(found.compared > records / 2 && found.differing == found.compared);
+    }
     (started.elapsed(), pauses)
 }
 
@@ -203,6 +226,10 @@ path = "{dir}/watched.txt"
     let handle = pipeline.handle();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(pipeline.run(shutdown));
+    // The watch starts with the run: a rename before it would not be seen.
+    while handle.status().counters.records_in == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let mut served = Vec::with_capacity(trials);
     for trial in 0..trials {
         let (next, name) = if trial % 2 == 0 {

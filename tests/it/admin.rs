@@ -1,7 +1,8 @@
 //! The admin API and the CLI commands that call it, against a running
-//! `weir run`: status, deploy, rollback, pause and resume, the refusals
-//! (401, 404, 413, 422) with their messages, and a restart that comes back
-//! on the deployed version.
+//! `weir run`: status, deploy (plain, shadow, canary), promote, discard,
+//! rollback, pause and resume, the refusals (400, 401, 404, 409, 413, 422)
+//! with their messages, and a restart that comes back on the deployed
+//! version.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::process::{Child, Command, Stdio};
@@ -90,6 +91,16 @@ impl Worker {
     fn status(&self, scratch: &Scratch) -> serde_json::Value {
         let text = self.ok(scratch, &["status", "--json"]);
         serde_json::from_str::<serde_json::Value>(&text).unwrap()[0].clone()
+    }
+
+    /// Polls the status until `done` holds; fails the test after a minute
+    /// (a liveness bound, not a speed claim).
+    fn wait_for(&self, scratch: &Scratch, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done(&self.status(scratch)) {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, then its exit and the rest of its log.
@@ -236,6 +247,80 @@ path = "{dir}/out.txt"
     assert_eq!(plugin_status["lanes"].as_array().unwrap().len(), 2);
     assert_eq!(plugin_status["swaps"], 3);
     assert_eq!(plugin_status["refused"], 1);
+
+    // A shadow: compared, shown, discarded; another, promoted.
+    let tag_a = plugin("tag-a");
+    let tag_a = tag_a.to_str().unwrap();
+    let err = worker.refused(&scratch, &["discard", "live"], Some(TOKEN));
+    assert!(
+        err.contains("no shadow is running") && err.contains("409"),
+        "{err}"
+    );
+    let out = worker.ok(&scratch, &["deploy", "live", "--shadow", tag_a]);
+    assert!(
+        out.contains("tag-a 0.1.0") && out.contains("runs in the shadow"),
+        "{out}"
+    );
+    worker.wait_for(&scratch, "the shadow compares records", |status| {
+        status["plugins"][0]["shadow"]["compared"].as_u64() > Some(20)
+    });
+    let shown = worker.ok(&scratch, &["status"]);
+    assert!(
+        shown.contains("shadow tag-a 0.1.0") && shown.contains("records compared differ"),
+        "{shown}"
+    );
+    let out = worker.ok(&scratch, &["discard", "live"]);
+    assert!(out.contains("shadow discarded"), "{out}");
+    // tag-a and tag-b tag every record differently.
+    let (differ, compared) = out
+        .split_once(" of ")
+        .and_then(|(head, tail)| {
+            let differ = head.rsplit(' ').next()?.parse::<u64>().ok()?;
+            let compared = tail.split(' ').next()?.parse::<u64>().ok()?;
+            Some((differ, compared))
+        })
+        .unwrap_or_else(|| panic!("no tally in {out}"));
+    assert!(differ == compared && compared > 20, "{out}");
+    worker.ok(&scratch, &["deploy", "live", "--shadow", tag_a]);
+    let out = worker.ok(&scratch, &["promote", "live"]);
+    assert!(
+        out.contains("-> tag-a 0.1.0") && out.contains("shadow tag-a 0.1.0"),
+        "{out}"
+    );
+
+    // A canary that fails nothing passes; a bad rate is refused.
+    let tag_b = plugin("tag-b");
+    let tag_b = tag_b.to_str().unwrap();
+    let err = worker.refused(
+        &scratch,
+        &[
+            "deploy",
+            "live",
+            "--canary",
+            "50",
+            "--max-failure-rate",
+            "2",
+            tag_b,
+        ],
+        Some(TOKEN),
+    );
+    assert!(
+        err.contains("between 0 and 1") && err.contains("400"),
+        "{err}"
+    );
+    let out = worker.ok(&scratch, &["deploy", "live", "--canary", "50", tag_b]);
+    assert!(
+        out.contains("-> tag-b 0.1.0") && out.contains("a canary: back to tag-a 0.1.0"),
+        "{out}"
+    );
+    worker.wait_for(&scratch, "the canary passes", |status| {
+        status["plugins"][0]["canary"]["verdict"] == "passed"
+    });
+    let shown = worker.ok(&scratch, &["status"]);
+    assert!(
+        shown.contains("last trial: canary tag-b 0.1.0") && shown.contains("passed"),
+        "{shown}"
+    );
 
     // Pause: nothing more is read; resume: reading goes on.
     let out = worker.ok(&scratch, &["pause", "live"]);
