@@ -13,8 +13,9 @@
 //! - Backpressure: stages are joined by bounded channels, so a slow sink
 //!   slows the source instead of growing memory.
 //! - Control: [`Pipeline::handle`] swaps plugin versions (in every lane at
-//!   the same source batch), pauses and resumes reading, and reports status
-//!   (`control`).
+//!   the same source batch), runs candidates on trial (a shadow beside the
+//!   serving version, or a canary rolled back when it fails too much),
+//!   pauses and resumes reading, and reports status (`control`, `trial`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
