@@ -470,6 +470,20 @@ path = "{{dir}}/out.txt"
                 .iter()
                 .all(|lane| report.to.hash.starts_with(lane))
         );
+        // Traffic between every two swaps: the broker's batches arrive at
+        // their own pace, and swaps that all landed between two of them
+        // would show nothing.
+        let (read, since) = (
+            handle.status().counters.records_in,
+            std::time::Instant::now(),
+        );
+        while handle.status().counters.records_in == read {
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "nothing read after swap {swap}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     enough.send(true).unwrap();
     let produced = producing.await.unwrap();

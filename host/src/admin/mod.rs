@@ -288,18 +288,6 @@ async fn deploy(
     query: Result<Query<DeployQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
 ) -> Response {
-    let handle = match state.pipeline(&name) {
-        Ok(handle) => handle,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let query = match query {
-        Ok(Query(query)) => query,
-        Err(err) => return refuse(StatusCode::BAD_REQUEST, err.body_text()),
-    };
-    let canary = match query.canary() {
-        Ok(canary) => canary,
-        Err(refusal) => return refusal.into_response(),
-    };
     let too_large = || {
         refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -315,9 +303,23 @@ async fn deploy(
     if declared.is_some_and(|length| length > state.max_upload as u64) {
         return too_large();
     }
+    // Read before any other refusal: a client still sending its upload
+    // would otherwise see a broken pipe instead of the answer.
     let body = match axum::body::to_bytes(request.into_body(), state.max_upload).await {
         Ok(body) => body,
         Err(_) => return too_large(),
+    };
+    let handle = match state.pipeline(&name) {
+        Ok(handle) => handle,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(err) => return refuse(StatusCode::BAD_REQUEST, err.body_text()),
+    };
+    let canary = match query.canary() {
+        Ok(canary) => canary,
+        Err(refusal) => return refusal.into_response(),
     };
     if body.is_empty() {
         return refuse(

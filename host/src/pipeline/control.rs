@@ -355,6 +355,9 @@ pub(super) struct InstallOrder {
 struct Trials {
     shadow: Option<Arc<ShadowTally>>,
     canary: Option<Arc<CanaryTally>>,
+    /// The canary's verdict once the controller has acted on it: status
+    /// shows it with the version serving after it, never before.
+    canary_verdict: Option<Verdict>,
 }
 
 /// Controls one pipeline, from anywhere (the admin API, the file watcher,
@@ -452,7 +455,10 @@ impl PipelineHandle {
         status.counters = self.metrics.snapshot().into();
         for (entry, trials) in status.plugins.iter_mut().zip(lock(&self.trials).iter()) {
             entry.shadow = trials.shadow.as_ref().map(|tally| tally.report());
-            entry.canary = trials.canary.as_ref().map(|tally| tally.report());
+            entry.canary = trials.canary.as_ref().map(|tally| CanaryReport {
+                verdict: trials.canary_verdict,
+                ..tally.report()
+            });
         }
         status
     }
@@ -950,7 +956,9 @@ impl Controller {
         self.end_trials(plugin, &format!("{version} serves instead"));
         if let Some(tally) = tally {
             self.slots[plugin - 1].canary = Some((self.canaries, from_version));
-            lock(&self.trials)[plugin - 1].canary = Some(tally);
+            let mut trials = lock(&self.trials);
+            trials[plugin - 1].canary = Some(tally);
+            trials[plugin - 1].canary_verdict = None;
         }
         let from = self.now_serving(plugin, &version);
         let to = VersionInfo::of(&version);
@@ -1038,7 +1046,8 @@ impl Controller {
             .map(|instance| Change::Shadow(version.clone(), instance, tally.clone()))
             .collect();
         self.switch(plugin, changes, installs).await?;
-        if let Some(earlier) = lock(&self.trials)[plugin - 1].shadow.replace(tally.clone()) {
+        let earlier = lock(&self.trials)[plugin - 1].shadow.replace(tally.clone());
+        if let Some(earlier) = earlier {
             let report = earlier.report();
             lock(&self.board).plugins[plugin - 1].last_trial = Some(format!(
                 "shadow {} replaced by {version}: {}",
@@ -1136,6 +1145,7 @@ impl Controller {
             }
         }
         lock(&self.board).plugins[slot].last_trial = Some(reason);
+        lock(&self.trials)[slot].canary_verdict = Some(verdict);
     }
 }
 
