@@ -15,6 +15,7 @@
 //! - [`admin`]: the admin API over those handles.
 //! - [`metrics`]: counters and typed telemetry events.
 //! - [`cli`]: the `weir` command.
+//! - [`window`]: event-time windows, watermarks and aggregates.
 //! - [`testkit`]: run a built plugin in the real engine from a test.
 
 pub mod admin;
@@ -30,3 +31,4 @@ pub mod record;
 pub mod sink;
 pub mod source;
 pub mod testkit;
+pub mod window;

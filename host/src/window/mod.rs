@@ -1,0 +1,20 @@
+//! Event-time windows: tumbling, hopping and session windows over keyed
+//! records, with per-partition watermarks, idle partitions, allowed
+//! lateness and a late output, and built-in aggregates computed from the
+//! raw JSON of each record.
+//!
+//! - `config`: `[pipeline.window]`, checked into a [`WindowSpec`].
+//! - `watermark`: per-partition watermarks.
+//! - `aggregate`: the built-in aggregates' accumulators.
+//! - `operator`: the [`WindowOperator`] that ties them together.
+
+mod aggregate;
+mod config;
+mod operator;
+mod watermark;
+
+pub use config::{
+    AggregateConfig, AggregateFn, AggregateSpec, WindowConfig, WindowKind, WindowKindName,
+    WindowSpec, parse_duration,
+};
+pub use operator::{WindowOperator, WindowOutput, WindowResult};
