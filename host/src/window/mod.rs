@@ -18,3 +18,6 @@ pub use config::{
     WindowSpec, parse_duration,
 };
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
+
+#[cfg(test)]
+mod tests;

@@ -593,17 +593,21 @@ fn add_to_panes(
         }
         taken = Taken::Windowed;
         let pane = panes.entry(start).or_default();
-        let accumulators = match pane.groups.get_mut(key) {
-            Some(accumulators) => accumulators,
-            None => pane
-                .groups
-                .entry(key.into())
-                .or_insert_with(|| spec.aggregates.iter().map(Accumulator::new).collect()),
+        let (accumulators, new) = match pane.groups.get_mut(key) {
+            Some(accumulators) => (accumulators, false),
+            None => (
+                pane.groups
+                    .entry(key.into())
+                    .or_insert_with(|| spec.aggregates.iter().map(Accumulator::new).collect()),
+                true,
+            ),
         };
         input.add_to(accumulators, &mut pane.held);
         if pane.emitted {
+            // Within the lateness of a window already fired: the key's
+            // result goes out now (its first, if the key is new there).
             out.results
-                .push(results.result((start, end), key, accumulators, true));
+                .push(results.result((start, end), key, accumulators, !new));
         }
     }
     taken

@@ -20,6 +20,8 @@ pub struct Watermarks {
     idle: Duration,
     partitions: Vec<Option<Partition>>,
     current: i64,
+    /// When idleness was last looked at.
+    looked: Option<Instant>,
 }
 
 impl Watermarks {
@@ -30,6 +32,7 @@ impl Watermarks {
             idle,
             partitions: Vec::new(),
             current: i64::MIN,
+            looked: None,
         }
     }
 
@@ -55,8 +58,9 @@ impl Watermarks {
         if raised {
             entry.latest = time;
         }
-        // Only a later event can raise the lowest partition's mark.
-        if raised || self.current == i64::MIN {
+        // Only a later event, or time making a partition idle, can raise
+        // the mark (records of one batch share their `now`).
+        if raised || self.looked != Some(now) {
             self.recompute(now);
         }
         self.current
@@ -70,6 +74,7 @@ impl Watermarks {
     }
 
     fn recompute(&mut self, now: Instant) {
+        self.looked = Some(now);
         let mut lowest_active: Option<i64> = None;
         let mut highest: Option<i64> = None;
         for partition in self.partitions.iter().flatten() {
