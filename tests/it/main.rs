@@ -15,3 +15,4 @@ mod sandbox;
 mod support;
 mod swap;
 mod trial;
+mod window;

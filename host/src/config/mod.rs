@@ -129,6 +129,9 @@ pub struct PipelineConfig {
     /// for an instant rollback.
     #[serde(default = "default_keep_versions")]
     pub keep_versions: usize,
+    /// An event-time window over the plugins' outputs: its results go to
+    /// the sinks instead of the records.
+    pub window: Option<Spanned<crate::window::WindowConfig>>,
 }
 
 fn default_keep_versions() -> usize {
@@ -674,6 +677,14 @@ impl PipelineFile {
                         "a sink with `routes = []` would take nothing",
                     ));
                 }
+            }
+            if let Some(window) = &pipeline.window {
+                window.get_ref().spec().map_err(|message| {
+                    self.error_at(
+                        window.span().start,
+                        format!("pipeline `{}`, window: {message}", name.get_ref()),
+                    )
+                })?;
             }
             if let SourceConfig::Generator(generator) = pipeline.source.get_ref() {
                 generator

@@ -46,6 +46,32 @@ impl BatchProcessed {
     }
 }
 
+/// A batch went through the window.
+pub struct BatchWindowed {
+    /// Records taken into windows.
+    pub windowed: u64,
+    /// Records too late for any window.
+    pub late: u64,
+    /// Window results it made.
+    pub results: u64,
+}
+
+impl BatchWindowed {
+    /// Counts them.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        let counters = [
+            (&metrics.records_windowed, self.windowed),
+            (&metrics.records_late, self.late),
+            (&metrics.window_results, self.results),
+        ];
+        for (counter, count) in counters {
+            if count > 0 {
+                counter.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Records written earlier are now durable in every sink they went to.
 pub struct RecordsSent {
     /// How many.

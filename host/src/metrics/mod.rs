@@ -26,6 +26,9 @@ pub struct PipelineMetrics {
     commits_superseded: AtomicU64,
     commits_deferred: AtomicU64,
     commit_errors: AtomicU64,
+    records_windowed: AtomicU64,
+    records_late: AtomicU64,
+    window_results: AtomicU64,
 }
 
 impl PipelineMetrics {
@@ -43,6 +46,9 @@ impl PipelineMetrics {
             commits_superseded: AtomicU64::new(0),
             commits_deferred: AtomicU64::new(0),
             commit_errors: AtomicU64::new(0),
+            records_windowed: AtomicU64::new(0),
+            records_late: AtomicU64::new(0),
+            window_results: AtomicU64::new(0),
         }
     }
 
@@ -60,6 +66,9 @@ impl PipelineMetrics {
             commits_superseded: self.commits_superseded.load(Ordering::Relaxed),
             commits_deferred: self.commits_deferred.load(Ordering::Relaxed),
             commit_errors: self.commit_errors.load(Ordering::Relaxed),
+            records_windowed: self.records_windowed.load(Ordering::Relaxed),
+            records_late: self.records_late.load(Ordering::Relaxed),
+            window_results: self.window_results.load(Ordering::Relaxed),
         }
     }
 }
@@ -96,6 +105,14 @@ pub struct MetricsSnapshot {
     /// `weir_commit_errors_total`: commits that failed for good (the
     /// pipeline stops on the first).
     pub commit_errors: u64,
+    /// `weir_records_windowed_total`: records taken into windows.
+    pub records_windowed: u64,
+    /// `weir_records_late_total`: records too late for any window, sent to
+    /// the late route.
+    pub records_late: u64,
+    /// `weir_window_results_total`: window results emitted (updates
+    /// included).
+    pub window_results: u64,
 }
 
 impl MetricsSnapshot {

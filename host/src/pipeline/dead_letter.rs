@@ -7,7 +7,7 @@ use crate::record::Record;
 
 /// Header: why the record failed.
 pub const REASON: &str = "weir.error.reason";
-/// Header: `source`, `plugin`, `route` or `sink`: where it failed.
+/// Header: `source`, `plugin`, `route`, `window` or `sink`: where it failed.
 pub const STAGE: &str = "weir.error.stage";
 /// Header: the plugin that failed it.
 pub const PLUGIN: &str = "weir.error.plugin";
@@ -43,6 +43,9 @@ pub enum Stage {
     /// A sink cannot hold it as it is (a line break in a value written one
     /// record per line).
     Sink,
+    /// The window cannot use it (no event time, no key, a field that is
+    /// not a number).
+    Window,
 }
 
 /// A record that goes to the dead-letter sink.
@@ -69,6 +72,7 @@ impl DeadLetter {
             Stage::Source => add(STAGE, "source".into()),
             Stage::Route => add(STAGE, "route".into()),
             Stage::Sink => add(STAGE, "sink".into()),
+            Stage::Window => add(STAGE, "window".into()),
             Stage::Plugin {
                 name,
                 version,

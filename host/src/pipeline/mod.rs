@@ -34,10 +34,12 @@ mod control;
 pub mod dead_letter;
 mod lanes;
 mod trial;
+mod windowing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -59,6 +61,7 @@ use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
+use windowing::WindowStage;
 
 pub use chain::{Chain, ChainOutput};
 pub use control::{
@@ -233,6 +236,7 @@ pub struct Pipeline {
     controller: Controller,
     handle: PipelineHandle,
     watching: Vec<Option<PathBuf>>,
+    window: Option<crate::window::WindowSpec>,
 }
 
 impl Pipeline {
@@ -347,7 +351,15 @@ impl Pipeline {
             },
             metrics.clone(),
         );
+        // `PipelineFile::load` checked it at its line.
+        let window = match &pipeline.window {
+            Some(window) => Some(window.get_ref().spec().map_err(|message| {
+                PipelineError::Setup(file.error_at(window.span().start, message))
+            })?),
+            None => None,
+        };
         Ok(Pipeline {
+            window,
             metrics,
             controller,
             handle,
@@ -398,6 +410,7 @@ impl Pipeline {
             controller,
             handle,
             watching,
+            window,
         } = self;
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
@@ -422,6 +435,9 @@ impl Pipeline {
             Ok(())
         });
 
+        // Set once the source has no more records (not when it was stopped):
+        // then, and only then, every open window fires.
+        let drained = Arc::new(AtomicBool::new(false));
         let writer = SinkWriter {
             picks: vec![Vec::new(); sinks.len()],
             pipeline: name.clone(),
@@ -434,6 +450,8 @@ impl Pipeline {
             transaction,
             unflushed_sent: 0,
             deferred: None,
+            window: window.map(|spec| WindowStage::new(spec, metrics.clone())),
+            drained: drained.clone(),
         };
         let mut writer = tokio::spawn(writer.run(from_lanes));
         let board = controller.board();
@@ -494,7 +512,10 @@ impl Pipeline {
                         break;
                     }
                 }
-                Some(Ok(None)) | None => break,
+                Some(Ok(None)) | None => {
+                    drained.store(true, Ordering::Release);
+                    break;
+                }
                 Some(Err(err)) => {
                     source_result = Err(err);
                     break;
@@ -610,6 +631,9 @@ impl SourceReader {
     }
 }
 
+/// How often a window looks at the clock when no record comes.
+const WINDOW_TICK: Duration = Duration::from_millis(200);
+
 /// Writes processed batches to sinks and hands checkpoints back once all
 /// sinks have flushed.
 struct SinkWriter {
@@ -631,6 +655,10 @@ struct SinkWriter {
     /// Per sink, the records of the batch being written that it takes;
     /// kept from batch to batch.
     picks: Vec<Vec<u32>>,
+    /// The pipeline's window, if it has one.
+    window: Option<WindowStage>,
+    /// The source had no more records.
+    drained: Arc<AtomicBool>,
 }
 
 impl SinkWriter {
@@ -667,6 +695,10 @@ impl SinkWriter {
         // positions.
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Idle partitions stop holding a window's watermark back even while
+        // no record comes.
+        let mut window_tick = tokio::time::interval(WINDOW_TICK);
+        window_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 part = batches.recv() => {
@@ -688,11 +720,26 @@ impl SinkWriter {
                     }
                 }
                 _ = tick.tick() => {
-                    if pending.is_some() {
+                    // With a window, closing one may let a commit go further.
+                    if pending.is_some() || self.window.is_some() {
                         self.commit(pending.take()).await?;
                     }
                 }
+                _ = window_tick.tick(), if self.window.is_some() => {
+                    if let Some(window) = &mut self.window {
+                        let results = window.tick();
+                        if !results.is_empty() {
+                            self.write_out(results, Vec::new()).await?;
+                        }
+                    }
+                }
             }
+        }
+        if self.drained.load(Ordering::Acquire)
+            && let Some(window) = &mut self.window
+        {
+            let results = window.finish();
+            self.write_out(results, Vec::new()).await?;
         }
         self.commit(pending.take()).await?;
         if self.deferred.is_some() {
@@ -706,6 +753,22 @@ impl SinkWriter {
         records: Batch,
         mut dead: Vec<DeadLetter>,
         counts: BatchProcessed,
+    ) -> Result<(), SinkError> {
+        let records = match &mut self.window {
+            Some(window) => window.apply(records, &mut dead),
+            None => records,
+        };
+        self.write_out(records, dead).await?;
+        counts.emit(&self.metrics);
+        Ok(())
+    }
+
+    /// Writes `records` to the sinks their routes name, and `dead` (with
+    /// any record no sink takes) to the dead-letter sink.
+    async fn write_out(
+        &mut self,
+        records: Batch,
+        mut dead: Vec<DeadLetter>,
     ) -> Result<(), SinkError> {
         // Each route name of the batch resolves to its sinks once.
         let targets: Vec<Option<&Vec<usize>>> = std::iter::once(DEFAULT_ROUTE)
@@ -766,7 +829,6 @@ impl SinkWriter {
             .emit(&self.metrics);
         }
         self.unflushed_sent += sent;
-        counts.emit(&self.metrics);
         Ok(())
     }
 
@@ -782,6 +844,11 @@ impl SinkWriter {
             entry.sink.flush().await?;
         }
         self.dead_letter.flush().await?;
+        // With a window, only as far as no open window holds records.
+        let checkpoint = match &mut self.window {
+            Some(window) => window.committable(checkpoint),
+            None => checkpoint,
+        };
         // What a deferred commit left goes with this one (offsets are
         // cumulative, so the later position of each partition wins).
         let checkpoint = match (self.deferred.clone(), checkpoint) {

@@ -1,0 +1,153 @@
+//! The window stage: between the plugin chain and the sinks, in source
+//! order (after the fan-in), so one window sees every record of the
+//! pipeline whatever lane processed it. Records go into the window; out
+//! come window results (on the default route), late records (on the late
+//! route) and dead letters for records the window cannot use.
+//!
+//! Delivery stays at-least-once without state checkpoints: a source
+//! position is committed only as far as no open window still holds a record
+//! at or after it, so after a crash the records of every unfired window are
+//! read again (and their windows fire, maybe twice).
+//!
+//! The aggregation runs on the sink writer's task, a batch at a time (a
+//! few hundred microseconds for a thousand records).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use weir_guest::abi::RecordParts;
+
+use super::dead_letter::{DeadLetter, Stage};
+use crate::batch::Batch;
+use crate::metrics::PipelineMetrics;
+use crate::metrics::events::BatchWindowed;
+use crate::source::Checkpoint;
+use crate::window::{WindowOperator, WindowOutput, WindowSpec};
+
+/// The topic window results say they come from.
+pub const RESULT_TOPIC: &str = "window";
+
+/// A pipeline's window and what it has read.
+pub(super) struct WindowStage {
+    operator: WindowOperator,
+    late_route: String,
+    /// Every source position read so far.
+    read: Checkpoint,
+    /// The last positions handed out to commit.
+    committed: Option<Checkpoint>,
+    /// Result records made so far (their offsets).
+    results: i64,
+    metrics: Arc<PipelineMetrics>,
+}
+
+impl WindowStage {
+    pub(super) fn new(spec: WindowSpec, metrics: Arc<PipelineMetrics>) -> Self {
+        WindowStage {
+            late_route: spec.late_route.clone(),
+            operator: WindowOperator::new(spec),
+            read: Checkpoint::default(),
+            committed: None,
+            results: 0,
+            metrics,
+        }
+    }
+
+    /// Runs `records` through the window: gives the results and late
+    /// records to write, adding dead letters to `dead`.
+    pub(super) fn apply(&mut self, records: Batch, dead: &mut Vec<DeadLetter>) -> Batch {
+        let mut out = WindowOutput::default();
+        self.operator.push(&records, Instant::now(), &mut out);
+        let windowed = records.len() - out.late.len() - out.dead.len();
+        self.emit(out, Some(&records), dead, windowed as u64)
+    }
+
+    /// Time passed: idle partitions stop holding the watermark back.
+    pub(super) fn tick(&mut self) -> Batch {
+        let mut out = WindowOutput::default();
+        self.operator.tick(Instant::now(), &mut out);
+        self.emit(out, None, &mut Vec::new(), 0)
+    }
+
+    /// The input ended: every open window fires.
+    pub(super) fn finish(&mut self) -> Batch {
+        let mut out = WindowOutput::default();
+        self.operator.finish(&mut out);
+        self.emit(out, None, &mut Vec::new(), 0)
+    }
+
+    fn emit(
+        &mut self,
+        out: WindowOutput,
+        input: Option<&Batch>,
+        dead: &mut Vec<DeadLetter>,
+        windowed: u64,
+    ) -> Batch {
+        let mut batch = Batch::new();
+        for result in &out.results {
+            batch.push(
+                RecordParts {
+                    key: Some(&result.key),
+                    value: result.value.as_bytes(),
+                    timestamp: Some(result.window_end),
+                    topic: RESULT_TOPIC,
+                    partition: 0,
+                    offset: self.results,
+                },
+                std::iter::empty(),
+            );
+            self.results += 1;
+        }
+        let mut late = 0;
+        if let Some(input) = input {
+            for &at in &out.late {
+                let routed = batch
+                    .push_copy(input, at)
+                    .and_then(|()| batch.route_last(Some(&self.late_route)));
+                match routed {
+                    Ok(()) => late += 1,
+                    Err(err) => dead.push(DeadLetter {
+                        record: input.to_record(at),
+                        reason: err.to_string(),
+                        stage: Stage::Route,
+                    }),
+                }
+            }
+            for (at, reason) in out.dead {
+                dead.push(DeadLetter {
+                    record: input.to_record(at),
+                    reason,
+                    stage: Stage::Window,
+                });
+            }
+        }
+        BatchWindowed {
+            windowed,
+            late,
+            results: out.results.len() as u64,
+        }
+        .emit(&self.metrics);
+        batch
+    }
+
+    /// Notes that `read` was read; gives the positions that may be
+    /// committed now (none if they did not change): every position read,
+    /// but none past a record an open window holds.
+    pub(super) fn committable(&mut self, read: Option<Checkpoint>) -> Option<Checkpoint> {
+        for position in read.iter().flat_map(|read| &read.positions) {
+            self.read.advance(position);
+        }
+        let mut capped = self.read.clone();
+        for (topic, partition, lowest) in self.operator.held() {
+            if let Some(position) = (capped.positions.iter_mut())
+                .find(|p| p.partition == partition && &*p.topic == topic)
+            {
+                position.offset = position.offset.min(lowest - 1);
+            }
+        }
+        if capped.positions.is_empty() || self.committed.as_ref() == Some(&capped) {
+            return None;
+        }
+        self.committed = Some(capped.clone());
+        Some(capped)
+    }
+}
