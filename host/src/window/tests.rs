@@ -185,6 +185,9 @@ impl ReferenceMarks {
 /// An event as aggregates see it.
 type Taken = (i64, usize, i64);
 
+/// Per key, its sessions not yet purged: (start, end, events).
+type OpenSessions = HashMap<String, Vec<(i64, i64, Vec<Taken>)>>;
+
 fn expected(events: &[Taken]) -> serde_json::Value {
     let values: Vec<i64> = events.iter().map(|e| e.2).collect();
     let sum: i64 = values.iter().sum();
@@ -222,11 +225,9 @@ fn reference(spec: &WindowSpec, steps: &[Step]) -> (Windows, BTreeSet<(i32, i64)
     let mut windows: Windows = BTreeMap::new();
     let mut late = BTreeSet::new();
     // Sessions per key: open (not yet purged) ones, and those done.
-    let mut open: HashMap<String, Vec<(i64, i64, Vec<Taken>)>> = HashMap::new();
+    let mut open: OpenSessions = HashMap::new();
     let mut arrival = 0;
-    let mut close_sessions = |open: &mut HashMap<String, Vec<(i64, i64, Vec<Taken>)>>,
-                              windows: &mut Windows,
-                              mark: i64| {
+    let close_sessions = |open: &mut OpenSessions, windows: &mut Windows, mark: i64| {
         for (key, sessions) in open.iter_mut() {
             sessions.retain(|(start, end, events)| {
                 let done = end.saturating_add(lateness) <= mark;
