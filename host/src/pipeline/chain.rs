@@ -216,10 +216,9 @@ impl Chain {
             let Some(verdict) = trials.canary.as_ref().and_then(Canary::verdict) else {
                 continue;
             };
-            let Some(canary) = trials.canary.take() else {
+            let Some((version, instance)) = trials.canary.take().map(Canary::into_restore) else {
                 continue;
             };
-            let (version, instance) = canary.into_restore();
             match verdict {
                 Verdict::RolledBack => drop(plugin.install(version, instance)),
                 Verdict::Passed => drop(instance),

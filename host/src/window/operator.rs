@@ -14,6 +14,7 @@
 //! commits nothing an open window still needs ([`WindowOperator::held`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::time::Instant;
 
 use super::aggregate::{Accumulator, Input, check};
@@ -114,11 +115,10 @@ impl Results {
         update: bool,
     ) -> WindowResult {
         let mut value = String::with_capacity(64 + 24 * accumulators.len());
-        value.push_str("{\"window_start\":");
-        value.push_str(itoa(window_start).as_str());
-        value.push_str(",\"window_end\":");
-        value.push_str(itoa(window_end).as_str());
-        value.push_str(",\"key\":");
+        let _ = write!(
+            value,
+            "{{\"window_start\":{window_start},\"window_end\":{window_end},\"key\":"
+        );
         let record_key: Box<[u8]> = if self.key_is_json {
             // The scanner checked it is JSON.
             value.push_str(&String::from_utf8_lossy(key));
@@ -143,10 +143,6 @@ impl Results {
             update,
         }
     }
-}
-
-fn itoa(n: i64) -> String {
-    n.to_string()
 }
 
 /// Runs one pipeline's window.
