@@ -134,6 +134,30 @@ impl Broker {
         }
     }
 
+    /// Produces `(key, value)` pairs to one partition of `topic` and waits
+    /// for every ack.
+    pub async fn produce_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: &[(String, String)],
+    ) {
+        let producer = Self::producer_for(&self.connection());
+        let deliveries: Vec<_> = records
+            .iter()
+            .map(|(key, value)| {
+                let record = FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value);
+                producer.send_result(record).expect("queued")
+            })
+            .collect();
+        for delivery in deliveries {
+            delivery.await.expect("not cancelled").expect("delivered");
+        }
+    }
+
     /// A producer to the cluster of `connection`.
     pub fn producer_for(connection: &KafkaConnection) -> FutureProducer {
         connection

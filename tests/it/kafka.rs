@@ -234,7 +234,7 @@ path = "dead.jsonl"
 }
 
 /// A `weir run` child process whose log goes to the test's output.
-fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
+pub(crate) fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
     spawn(path, cache, worker, Stdio::inherit())
 }
 
@@ -314,7 +314,7 @@ fn spawn(path: &std::path::Path, cache: &std::path::Path, worker: &str, stderr: 
         .unwrap()
 }
 
-fn stop_gracefully(mut child: Child) {
+pub(crate) fn stop_gracefully(mut child: Child) {
     // A worker signalled before it has installed its handlers (the first
     // milliseconds of its life) dies of the signal, as any process would.
     std::thread::sleep(Duration::from_secs(1));
@@ -326,13 +326,13 @@ fn stop_gracefully(mut child: Child) {
 
 /// Watches a group's committed offsets and a topic's size with one client,
 /// so that checks are cheap enough to kill a worker mid-stream.
-struct Watcher {
+pub(crate) struct Watcher {
     consumer: rdkafka::consumer::BaseConsumer,
     partitions: i32,
 }
 
 impl Watcher {
-    fn new(broker: &Broker, group: &str, partitions: i32) -> Self {
+    pub(crate) fn new(broker: &Broker, group: &str, partitions: i32) -> Self {
         let consumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", broker.brokers())
             .set("group.id", group)
@@ -344,7 +344,7 @@ impl Watcher {
         }
     }
 
-    fn committed(&self, topic: &str) -> i64 {
+    pub(crate) fn committed(&self, topic: &str) -> i64 {
         use rdkafka::consumer::Consumer as _;
         let mut list = rdkafka::TopicPartitionList::new();
         for p in 0..self.partitions {
@@ -364,7 +364,7 @@ impl Watcher {
             .sum()
     }
 
-    fn size(&self, topic: &str) -> i64 {
+    pub(crate) fn size(&self, topic: &str) -> i64 {
         use rdkafka::consumer::Consumer as _;
         (0..self.partitions)
             .map(|p| {
@@ -379,14 +379,14 @@ impl Watcher {
 
 /// Fails the test at once if the worker has exited: it must ride out
 /// whatever the test does to the broker.
-fn still_running(worker: &mut Child) -> bool {
+pub(crate) fn still_running(worker: &mut Child) -> bool {
     if let Ok(Some(status)) = worker.try_wait() {
         panic!("the worker exited ({status}) instead of riding out the outage; its log is above");
     }
     true
 }
 
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(

@@ -188,3 +188,190 @@ type = "stdout"
         "{err}"
     );
 }
+
+/// Kafka -> window -> Kafka, the worker killed with SIGKILL three times
+/// mid-stream and restarted: every window must come out with exactly the
+/// sum and count of its events (at-least-once: a window may come out more
+/// than once; those are counted and shown). No event may be late: the
+/// watermark waits for every partition the consumer is still behind on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_windows_survive_sigkill_with_every_window_present() {
+    use crate::kafka::{Watcher, spawn_worker, still_running, stop_gracefully, wait_for};
+    use std::time::Duration;
+
+    const EVENTS: usize = 60_000;
+    const PARTITIONS: i32 = 6;
+    // Event time an hour ago: a broker's retention would delete results
+    // stamped (at their window's end) much further back.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let base = now.unwrap().as_millis() as i64 / 1000 * 1000 - 600_000;
+    let broker = crate::broker::Broker::start();
+    broker.create_topic("in", PARTITIONS).await;
+    broker.create_topic("out", 6).await;
+    broker.create_topic("late", 1).await;
+    broker.create_topic("dlq", 1).await;
+    // 200 events a second of event time, each off by up to 250 ms, from
+    // 100 users (keyed by user, so each user's events are in order of
+    // production within one partition).
+    let mut rng = fastrand::Rng::with_seed(9);
+    let events: Vec<(String, i64, i64)> = (0..EVENTS as i64)
+        .map(|i| {
+            let ts = base + i * 5 + rng.i64(-250..=250);
+            (format!("u{}", rng.u8(0..100)), ts, rng.i64(0..1000))
+        })
+        .collect();
+    let input: Vec<(String, String)> = events
+        .iter()
+        .map(|(user, ts, amount)| {
+            let value = format!(r#"{{"user":"{user}","ts":{ts},"amount":{amount}}}"#);
+            (user.clone(), value)
+        })
+        .collect();
+    broker.produce("in", &input).await;
+    // One event far ahead in every partition closes every window before it
+    // (its own stays open, holding its offset: nothing after is committed).
+    for partition in 0..PARTITIONS {
+        let end = base + 36_000_000;
+        let value = format!(r#"{{"user":"end","ts":{end},"amount":0}}"#);
+        broker
+            .produce_to_partition("in", partition, &[("end".to_owned(), value)])
+            .await;
+    }
+
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "windows"
+delivery = "at_least_once"
+commit_interval_ms = 100
+source = {{ type = "kafka", brokers = "{b}", topics = ["in"], group = "windowers" }}
+batch = {{ max_records = 200, linger_ms = 5 }}
+
+# 150 us a record: the 60,000 events take 9 s, so every kill is mid-stream.
+[[pipeline.plugin]]
+wasm = "{{plugin:misbehave}}"
+config = {{ pace_us = 150 }}
+
+[pipeline.window]
+kind = "tumbling"
+size = "1s"
+key = "user"
+time = "ts"
+watermark_delay = "1s"
+idle_timeout = "3s"
+aggregates = [ {{ fn = "sum", field = "amount", as = "total" }}, {{ fn = "count", as = "n" }} ]
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "{b}"
+topic = "out"
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "{b}"
+topic = "late"
+routes = ["late"]
+
+[pipeline.dead_letter]
+type = "kafka"
+brokers = "{b}"
+topic = "dlq"
+"#,
+        b = broker.brokers()
+    ));
+    let cache = scratch.path("cache");
+    let watch = Watcher::new(&broker, "windowers", PARTITIONS);
+    tokio::task::block_in_place(|| {
+        for kill in 1..=3 {
+            let before = watch.size("out");
+            let mut worker = spawn_worker(&path, &cache, "1");
+            wait_for("new results before a kill", Duration::from_secs(90), || {
+                still_running(&mut worker) && watch.size("out") > before + 1_500
+            });
+            worker.kill().unwrap();
+            worker.wait().unwrap();
+            let committed = watch.committed("in");
+            eprintln!(
+                "kill {kill}: {} results written, {committed} events committed",
+                watch.size("out"),
+            );
+            assert!(
+                committed < EVENTS as i64,
+                "kill {kill} came after every event was committed: it tested nothing"
+            );
+        }
+        let worker = spawn_worker(&path, &cache, "1");
+        wait_for(
+            "every event's offset committed",
+            Duration::from_secs(180),
+            || watch.committed("in") >= EVENTS as i64,
+        );
+        stop_gracefully(worker);
+    });
+
+    let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for (user, ts, amount) in &events {
+        let window = expected
+            .entry((user.clone(), ts.div_euclid(1000) * 1000))
+            .or_default();
+        window.0 += amount;
+        window.1 += 1;
+    }
+    let results = tokio::task::block_in_place(|| broker.read_all("out", false));
+    let mut got: BTreeMap<(String, i64), Vec<(i64, i64)>> = BTreeMap::new();
+    for result in &results {
+        let value: serde_json::Value = serde_json::from_str(&result.value).unwrap();
+        let key = value["key"].as_str().unwrap().to_owned();
+        assert_eq!(
+            result.key.as_deref(),
+            Some(key.as_str()),
+            "keyed by the window key"
+        );
+        let start = value["window_start"].as_i64().unwrap();
+        let total = value["total"].as_i64().unwrap();
+        let n = value["n"].as_i64().unwrap();
+        got.entry((key, start)).or_default().push((total, n));
+    }
+    let late = tokio::task::block_in_place(|| broker.read_all("late", false));
+    let dead = tokio::task::block_in_place(|| broker.read_all("dlq", false));
+    let mut missing = Vec::new();
+    let (mut repeated, mut partial) = (0, 0);
+    for (window, exact) in &expected {
+        let Some(emitted) = got.get(window) else {
+            missing.push(window.clone());
+            continue;
+        };
+        if !emitted.contains(exact) {
+            missing.push(window.clone());
+        }
+        repeated += emitted.iter().filter(|v| *v == exact).count() - 1;
+        partial += emitted.iter().filter(|v| *v != exact).count();
+    }
+    let unexpected: Vec<_> = got.keys().filter(|w| !expected.contains_key(*w)).collect();
+    eprintln!(
+        "{} windows, {} results: {repeated} exact repeats, {partial} partial repeats \
+         (replayed records of a window that had fired)",
+        expected.len(),
+        results.len(),
+    );
+    assert!(
+        missing.is_empty(),
+        "{} windows missing or never with their exact figures, e.g. {:?} ({} late events, {} dead letters)",
+        missing.len(),
+        &missing[..missing.len().min(5)],
+        late.len(),
+        dead.len(),
+    );
+    assert!(
+        unexpected.is_empty(),
+        "results for no window: {unexpected:?}"
+    );
+    let late = tokio::task::block_in_place(|| broker.read_all("late", false));
+    assert!(
+        late.is_empty(),
+        "{} events late after a restart",
+        late.len()
+    );
+    assert!(dead.is_empty(), "{} dead letters", dead.len());
+}

@@ -450,7 +450,7 @@ impl Pipeline {
             transaction,
             unflushed_sent: 0,
             deferred: None,
-            window: window.map(|spec| WindowStage::new(spec, metrics.clone())),
+            window: window.map(|spec| WindowStage::new(spec, source.backlog(), metrics.clone())),
             drained: drained.clone(),
         };
         let mut writer = tokio::spawn(writer.run(from_lanes));

@@ -4,6 +4,9 @@
 //! come window results (on the default route), late records (on the late
 //! route) and dead letters for records the window cannot use.
 //!
+//! A source that can say which partitions it still has records of (Kafka)
+//! keeps the watermark from passing them while it works through a backlog.
+//!
 //! Delivery stays at-least-once without state checkpoints: a source
 //! position is committed only as far as no open window still holds a record
 //! at or after it, so after a crash the records of every unfired window are
@@ -21,7 +24,7 @@ use super::dead_letter::{DeadLetter, Stage};
 use crate::batch::Batch;
 use crate::metrics::PipelineMetrics;
 use crate::metrics::events::BatchWindowed;
-use crate::source::Checkpoint;
+use crate::source::{Backlog, Checkpoint};
 use crate::window::{WindowOperator, WindowOutput, WindowSpec};
 
 /// The topic window results say they come from.
@@ -33,6 +36,9 @@ pub(super) struct WindowStage {
     late_route: String,
     /// Every source position read so far.
     read: Checkpoint,
+    /// The source's report of what it is behind on, and the last one read.
+    backlog: Option<Backlog>,
+    reported: Option<Arc<[(Arc<str>, i32)]>>,
     /// The last positions handed out to commit.
     committed: Option<Checkpoint>,
     /// Result records made so far (their offsets).
@@ -41,10 +47,22 @@ pub(super) struct WindowStage {
 }
 
 impl WindowStage {
-    pub(super) fn new(spec: WindowSpec, metrics: Arc<PipelineMetrics>) -> Self {
+    /// `backlog`: what the source says it has still to deliver, if it can.
+    pub(super) fn new(
+        spec: WindowSpec,
+        backlog: Option<Backlog>,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Self {
+        let late_route = spec.late_route.clone();
+        let mut operator = WindowOperator::new(spec);
+        if backlog.is_some() {
+            operator.backlog(None, Instant::now(), &mut WindowOutput::default());
+        }
         WindowStage {
-            late_route: spec.late_route.clone(),
-            operator: WindowOperator::new(spec),
+            late_route,
+            operator,
+            backlog,
+            reported: None,
             read: Checkpoint::default(),
             committed: None,
             results: 0,
@@ -56,7 +74,9 @@ impl WindowStage {
     /// records to write, adding dead letters to `dead`.
     pub(super) fn apply(&mut self, records: Batch, dead: &mut Vec<DeadLetter>) -> Batch {
         let mut out = WindowOutput::default();
-        self.operator.push(&records, Instant::now(), &mut out);
+        let now = Instant::now();
+        self.read_backlog(now, &mut out);
+        self.operator.push(&records, now, &mut out);
         let windowed = records.len() - out.late.len() - out.dead.len();
         self.emit(out, Some(&records), dead, windowed as u64)
     }
@@ -64,8 +84,25 @@ impl WindowStage {
     /// Time passed: idle partitions stop holding the watermark back.
     pub(super) fn tick(&mut self) -> Batch {
         let mut out = WindowOutput::default();
-        self.operator.tick(Instant::now(), &mut out);
+        let now = Instant::now();
+        self.read_backlog(now, &mut out);
+        self.operator.tick(now, &mut out);
         self.emit(out, None, &mut Vec::new(), 0)
+    }
+
+    /// Tells the window what the source last said it is behind on, if
+    /// that changed.
+    fn read_backlog(&mut self, now: Instant, out: &mut WindowOutput) {
+        let Some(backlog) = &self.backlog else { return };
+        let latest = backlog.latest();
+        let same = match (&latest, &self.reported) {
+            (Some(new), Some(old)) => Arc::ptr_eq(new, old),
+            (new, old) => new.is_none() && old.is_none(),
+        };
+        if !same {
+            self.operator.backlog(latest.as_deref(), now, out);
+            self.reported = latest;
+        }
     }
 
     /// The input ended: every open window fires.

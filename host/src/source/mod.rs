@@ -177,10 +177,38 @@ pub trait Source: Send {
         Spread::Batches
     }
 
+    /// What the source has not delivered yet, per partition, if it knows:
+    /// a window's watermark waits for a partition with records still to
+    /// come, however long since its last one (a consumer working through a
+    /// backlog reads some partitions long before others).
+    fn backlog(&self) -> Option<Backlog> {
+        None
+    }
+
     /// What the pipeline calls, concurrently with `next_batch`, once every
     /// sink has durably written everything up to a checkpoint.
     fn committer(&self) -> Arc<dyn Committer> {
         Arc::new(NothingToCommit)
+    }
+}
+
+/// The partitions a source has records of still to deliver, as it last
+/// reported them; shared between the source, which reports, and a window,
+/// which reads. While there is no report, every partition may be behind.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<std::sync::Mutex<Option<Arc<[(Arc<str>, i32)]>>>>);
+
+impl Backlog {
+    /// The source's partitions with records still to come are `behind`;
+    /// `None`: the source cannot tell now.
+    pub fn report(&self, behind: Option<Vec<(Arc<str>, i32)>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = behind.map(Arc::from);
+    }
+
+    /// The last report: `None` before the first one, or when the source
+    /// could not tell. A report not changed since is the same `Arc`.
+    pub fn latest(&self) -> Option<Arc<[(Arc<str>, i32)]>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

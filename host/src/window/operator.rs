@@ -214,6 +214,26 @@ impl WindowOperator {
         }
     }
 
+    /// What the source says is behind (see [`Watermarks`]): `None` until
+    /// it has said, `Some` with the partitions it has records of still to
+    /// deliver. Fires what a watermark that moved completes.
+    pub fn backlog(
+        &mut self,
+        behind: Option<&[(std::sync::Arc<str>, i32)]>,
+        now: Instant,
+        out: &mut WindowOutput,
+    ) {
+        let Some(behind) = behind else {
+            self.watermarks.hold();
+            return;
+        };
+        let ids: Vec<PartitionId> = (behind.iter())
+            .map(|(topic, partition)| self.partition(topic, *partition))
+            .collect();
+        let watermark = self.watermarks.behind(&ids, now);
+        self.fire(watermark, out);
+    }
+
     /// The watermark now.
     pub fn watermark(&self) -> i64 {
         self.watermarks.current()

@@ -1,16 +1,25 @@
 //! Watermarks: per source partition (a Kafka partition, a file), the latest
 //! event time seen minus the allowed out-of-orderness; the pipeline's is
 //! the lowest over the partitions that are not idle, and never goes back.
+//!
+//! A source may say which partitions still have records to deliver (a
+//! consumer working through a backlog reads some partitions long before
+//! others): such a partition is never idle, and one not heard from yet
+//! holds the watermark where it is. Until a source that can say has said,
+//! the watermark does not move.
 
 use std::time::{Duration, Instant};
 
 /// A partition, numbered by the window operator.
 pub type PartitionId = u32;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Partition {
-    latest: i64,
-    last_seen: Instant,
+    /// The latest event time, once the partition has had an event.
+    latest: Option<i64>,
+    last_seen: Option<Instant>,
+    /// The source has records of it still to deliver.
+    behind: bool,
 }
 
 /// The watermarks of one pipeline's window.
@@ -22,6 +31,8 @@ pub struct Watermarks {
     current: i64,
     /// When idleness was last looked at.
     looked: Option<Instant>,
+    /// The source has yet to say which partitions are behind.
+    held: bool,
 }
 
 impl Watermarks {
@@ -33,7 +44,36 @@ impl Watermarks {
             partitions: Vec::new(),
             current: i64::MIN,
             looked: None,
+            held: false,
         }
+    }
+
+    /// The source cannot say yet which partitions are behind: the
+    /// watermark stays where it is until [`Watermarks::behind`].
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// The source has records still to deliver of exactly the partitions
+    /// `behind`, as seen `now`; gives the watermark after it.
+    pub fn behind(&mut self, behind: &[PartitionId], now: Instant) -> i64 {
+        self.held = false;
+        for partition in self.partitions.iter_mut().flatten() {
+            partition.behind = false;
+        }
+        for &id in behind {
+            self.entry(id).behind = true;
+        }
+        self.recompute(now);
+        self.current
+    }
+
+    fn entry(&mut self, partition: PartitionId) -> &mut Partition {
+        let at = partition as usize;
+        if at >= self.partitions.len() {
+            self.partitions.resize(at + 1, None);
+        }
+        self.partitions[at].get_or_insert_with(Partition::default)
     }
 
     /// The watermark: every event earlier than it is expected to have come.
@@ -45,18 +85,11 @@ impl Watermarks {
     /// after it.
     #[inline]
     pub fn observe(&mut self, partition: PartitionId, time: i64, now: Instant) -> i64 {
-        let at = partition as usize;
-        if at >= self.partitions.len() {
-            self.partitions.resize(at + 1, None);
-        }
-        let entry = self.partitions[at].get_or_insert(Partition {
-            latest: time,
-            last_seen: now,
-        });
-        entry.last_seen = now;
-        let raised = time > entry.latest;
+        let entry = self.entry(partition);
+        entry.last_seen = Some(now);
+        let raised = entry.latest.is_none_or(|latest| time > latest);
         if raised {
-            entry.latest = time;
+            entry.latest = Some(time);
         }
         // Only a later event, or time making a partition idle, can raise
         // the mark (records of one batch share their `now`).
@@ -75,13 +108,25 @@ impl Watermarks {
 
     fn recompute(&mut self, now: Instant) {
         self.looked = Some(now);
+        if self.held {
+            return;
+        }
         let mut lowest_active: Option<i64> = None;
         let mut highest: Option<i64> = None;
         for partition in self.partitions.iter().flatten() {
-            highest = Some(highest.map_or(partition.latest, |h| h.max(partition.latest)));
-            if now.saturating_duration_since(partition.last_seen) < self.idle {
-                lowest_active =
-                    Some(lowest_active.map_or(partition.latest, |l| l.min(partition.latest)));
+            let recent = (partition.last_seen)
+                .is_some_and(|seen| now.saturating_duration_since(seen) < self.idle);
+            let active = partition.behind || recent;
+            let Some(latest) = partition.latest else {
+                if active {
+                    // Records are coming from a partition not heard from.
+                    return;
+                }
+                continue;
+            };
+            highest = Some(highest.map_or(latest, |h| h.max(latest)));
+            if active {
+                lowest_active = Some(lowest_active.map_or(latest, |l| l.min(latest)));
             }
         }
         // Every partition idle: the latest event anywhere sets the mark.
@@ -116,5 +161,26 @@ mod tests {
         );
         // Both quiet: the latest event anywhere.
         assert_eq!(marks.tick(start + Duration::from_secs(60)), 3_900);
+    }
+
+    #[test]
+    fn a_partition_the_source_is_behind_on_holds_the_watermark_however_quiet() {
+        let start = Instant::now();
+        let idle = Duration::from_secs(5);
+        let mut marks = Watermarks::new(100, idle);
+        marks.hold();
+        assert_eq!(
+            marks.observe(0, 10_000, start),
+            i64::MIN,
+            "nothing said yet"
+        );
+        // The source has records of partition 1, not heard from yet.
+        assert_eq!(marks.behind(&[1], start), i64::MIN, "held by partition 1");
+        let much_later = start + idle * 10;
+        assert_eq!(marks.tick(much_later), i64::MIN, "behind is never idle");
+        assert_eq!(marks.observe(1, 2_000, much_later), 1_900, "not late");
+        // Caught up, partition 1 goes idle like any other.
+        assert_eq!(marks.behind(&[], much_later), 1_900);
+        assert_eq!(marks.tick(much_later + idle), 9_900);
     }
 }

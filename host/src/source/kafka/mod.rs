@@ -26,8 +26,10 @@ pub async fn open(
 ) -> Result<OpenSource, SourceError> {
     let name = pipeline.name.get_ref();
     let max_record = pipeline.limits().max_record_bytes;
+    // A window waits for partitions with records still to come.
+    let backlog = pipeline.window.is_some();
     if pipeline.delivery != Delivery::ExactlyOnce {
-        let source = KafkaSource::new(config, name, &pipeline.batch, max_record, false)?;
+        let source = KafkaSource::new(config, name, &pipeline.batch, max_record, false, backlog)?;
         return Ok(OpenSource {
             source: Box::new(source),
             transaction: None,
@@ -59,7 +61,7 @@ pub async fn open(
         })
         .next()
         .unwrap_or_else(|| config.connection());
-    let source = KafkaSource::new(config, name, &pipeline.batch, max_record, true)?;
+    let source = KafkaSource::new(config, name, &pipeline.batch, max_record, true, backlog)?;
     let id = format!("{}-{worker}", config.group_for(name));
     let consumer = source.consumer();
     let started =

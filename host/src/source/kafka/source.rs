@@ -17,7 +17,7 @@ use crate::batch::Batch;
 use crate::config::BatchConfig;
 use crate::kafka::pack_message;
 use crate::source::{
-    Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError, Spread,
+    Backlog, Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError, Spread,
 };
 
 /// Per partition: the last offset handed to the pipeline and the last one
@@ -168,6 +168,8 @@ pub struct RebalanceLog {
     group: String,
     start: Offset,
     progress: Arc<Progress>,
+    /// Reported from librdkafka's statistics, when a window needs it.
+    backlog: Option<Backlog>,
 }
 
 impl ClientContext for RebalanceLog {
@@ -194,6 +196,35 @@ impl ClientContext for RebalanceLog {
             }
             _ => tracing::trace!(group = %self.group, facility, "librdkafka: {message}"),
         }
+    }
+
+    /// A partition of ours is behind while librdkafka has records of it
+    /// queued, records past its fetch position, or does not know yet.
+    /// (Statistics come through the consumer's queue, so behind queued
+    /// records: a stale report errs on the side of behind.)
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(backlog) = &self.backlog else { return };
+        let (mut behind, mut owned) = (Vec::new(), false);
+        for (name, topic) in &statistics.topics {
+            let name: Arc<str> = name.as_str().into();
+            for partition in topic.partitions.values() {
+                // -1 is librdkafka's internal unassigned partition.
+                if partition.partition < 0 || !partition.desired || partition.unknown {
+                    continue;
+                }
+                owned = true;
+                let unknown = partition.next_offset < 0 || partition.hi_offset < 0;
+                if unknown
+                    || partition.fetchq_cnt > 0
+                    || partition.next_offset < partition.hi_offset
+                {
+                    behind.push((name.clone(), partition.partition));
+                }
+            }
+        }
+        // Owning nothing (not yet joined, or between rebalances), there is
+        // nothing to go by: a window waits rather than guess.
+        backlog.report(owned.then_some(behind));
     }
 }
 
@@ -294,6 +325,7 @@ impl KafkaSource {
         batch: &BatchConfig,
         max_record_bytes: usize,
         read_committed: bool,
+        track_backlog: bool,
     ) -> Result<Self, SourceError> {
         let group = config.group_for(pipeline);
         let what = format!(
@@ -326,11 +358,15 @@ impl KafkaSource {
                 client.set("group.instance.id", format!("{group}-{worker}"));
             }
         }
+        if track_backlog {
+            client.set("statistics.interval.ms", "100");
+        }
         let progress = Arc::new(Progress::default());
         let consumer: GroupConsumer = client
             .create_with_context(RebalanceLog {
                 group: group.clone(),
                 progress: progress.clone(),
+                backlog: track_backlog.then(Backlog::default),
                 start: match config.start {
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => Offset::End,
@@ -478,6 +514,10 @@ impl Source for KafkaSource {
         }
         self.progress.handed_over(&batch.checkpoint);
         Ok(Some(batch))
+    }
+
+    fn backlog(&self) -> Option<Backlog> {
+        self.consumer.context().backlog.clone()
     }
 
     fn spread(&self) -> Spread {
