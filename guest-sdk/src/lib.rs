@@ -14,7 +14,14 @@ pub use abi::{Headers, RecordView};
 pub use error::{Error, Result};
 
 #[cfg(feature = "bindings")]
+mod aggregate;
+#[cfg(feature = "bindings")]
 mod guest;
+#[cfg(feature = "bindings")]
+pub use aggregate::{
+    Aggregate, EncodedState, accumulate_batch, configure_aggregate, create_state, finish_state,
+    merge_states,
+};
 #[cfg(feature = "bindings")]
 pub use guest::{Emit, Output, Transform, configure, counter, log, process_batch};
 
@@ -34,9 +41,33 @@ pub mod bindings {
     });
 }
 
+/// The generated bindings of the `aggregator` world; its host imports are
+/// the transformer's (one `weir:plugin/host`).
+#[cfg(feature = "bindings")]
+#[doc(hidden)]
+#[allow(missing_docs, reason = "generated code")]
+pub mod aggregator_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "aggregator",
+        default_bindings_module: "weir_guest::aggregator_bindings",
+        runtime_path: "weir_guest::__private::wit_bindgen::rt",
+        pub_export_macro: true,
+        export_macro_name: "__export_weir_aggregator",
+        with: {
+            "weir:plugin/host@0.1.0": crate::bindings::weir::plugin::host,
+            "weir:plugin/transform@0.1.0": generate,
+        },
+    });
+}
+
 #[cfg(feature = "bindings")]
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::aggregate::{init_aggregate_exported, with_aggregate};
+    pub use crate::aggregator_bindings::exports::weir::plugin::aggregate::{
+        Guest as AggregateGuest, PluginInfo as AggregateInfo, State as AggregateState,
+    };
     pub use crate::bindings::exports::weir::plugin::transform::{Guest, PluginInfo};
     pub use crate::guest::{init_exported, process_exported};
     pub use wit_bindgen;
@@ -79,6 +110,84 @@ macro_rules! export_transform {
             }
 
             $crate::bindings::__export_weir_transformer!(WeirTransformExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// Exports an [`Aggregate`] as the plugin's component (the `aggregator`
+/// world).
+///
+/// ```rust,ignore
+/// export_aggregate!(TopN);
+/// ```
+///
+/// `TopN` must implement [`Aggregate`] (and so `serde::Deserialize`). The
+/// plugin's name and version are the crate's, from `Cargo.toml`.
+#[cfg(feature = "bindings")]
+#[macro_export]
+macro_rules! export_aggregate {
+    ($aggregate:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            use $crate::__private::{AggregateGuest, AggregateInfo, AggregateState};
+            use ::std::string::String;
+            use ::std::vec::Vec;
+
+            struct WeirAggregateExport;
+
+            fn from_wit(state: AggregateState) -> $crate::EncodedState {
+                $crate::EncodedState { version: state.version, bytes: state.bytes }
+            }
+
+            fn to_wit(state: $crate::EncodedState) -> AggregateState {
+                AggregateState { version: state.version, bytes: state.bytes }
+            }
+
+            impl AggregateGuest for WeirAggregateExport {
+                fn describe() -> AggregateInfo {
+                    AggregateInfo {
+                        name: ::core::env!("CARGO_PKG_NAME").into(),
+                        version: ::core::env!("CARGO_PKG_VERSION").into(),
+                    }
+                }
+
+                fn init(config: String) -> ::core::result::Result<(), String> {
+                    $crate::__private::init_aggregate_exported::<$aggregate>(&config)
+                }
+
+                fn create_state() -> AggregateState {
+                    match $crate::create_state::<$aggregate>() {
+                        Ok(state) => to_wit(state),
+                        Err(err) => panic!("cannot encode an empty state: {err}"),
+                    }
+                }
+
+                fn accumulate(
+                    state: AggregateState,
+                    batch: Vec<u8>,
+                ) -> ::core::result::Result<AggregateState, String> {
+                    let state = from_wit(state);
+                    $crate::__private::with_aggregate::<$aggregate, _>(|aggregate| {
+                        $crate::accumulate_batch(aggregate, &state, &batch).map(to_wit)
+                    })
+                }
+
+                fn merge(states: Vec<AggregateState>) -> ::core::result::Result<AggregateState, String> {
+                    let states: Vec<_> = states.into_iter().map(from_wit).collect();
+                    $crate::__private::with_aggregate::<$aggregate, _>(|aggregate| {
+                        $crate::merge_states(aggregate, &states).map(to_wit)
+                    })
+                }
+
+                fn finish(state: AggregateState) -> ::core::result::Result<String, String> {
+                    let state = from_wit(state);
+                    $crate::__private::with_aggregate::<$aggregate, _>(|aggregate| {
+                        $crate::finish_state(aggregate, &state)
+                    })
+                }
+            }
+
+            $crate::aggregator_bindings::__export_weir_aggregator!(WeirAggregateExport with_types_in $crate::aggregator_bindings);
         };
     };
 }

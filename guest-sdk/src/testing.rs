@@ -190,7 +190,25 @@ pub fn run<T: crate::Transform>(plugin: &mut T, records: &[TestRecord]) -> Vec<T
 }
 
 #[cfg(feature = "bindings")]
-pub use crate::configure;
+pub use crate::{configure, configure_aggregate};
+
+/// Runs `aggregate` natively the way the host does: each group of records
+/// folded into its own state (one packed batch per group), the states
+/// merged, the result finished. Gives the result's JSON text, or the error
+/// a call returned.
+#[cfg(feature = "bindings")]
+pub fn aggregate<A: crate::Aggregate>(
+    aggregate: &mut A,
+    groups: &[&[TestRecord]],
+) -> Result<String, String> {
+    let mut states = Vec::with_capacity(groups.len());
+    for group in groups {
+        let empty = crate::create_state::<A>()?;
+        states.push(crate::accumulate_batch(aggregate, &empty, &pack(group))?);
+    }
+    let merged = crate::merge_states(aggregate, &states)?;
+    crate::finish_state(aggregate, &merged)
+}
 
 thread_local! {
     static NATIVE_COUNTERS: RefCell<HashMap<String, u64>> = RefCell::new(HashMap::new());
