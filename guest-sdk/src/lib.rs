@@ -56,7 +56,6 @@ pub mod aggregator_bindings {
         export_macro_name: "__export_weir_aggregator",
         with: {
             "weir:plugin/host@0.1.0": crate::bindings::weir::plugin::host,
-            "weir:plugin/transform@0.1.0": generate,
         },
     });
 }

@@ -32,7 +32,7 @@ pub fn timed(command: &mut Command, output: PathBuf) -> Run {
     let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).expect("a log file"))
         .spawn()
         .expect("starts");
     let mut status = 0;

@@ -19,6 +19,7 @@ const PLUGINS: &[&str] = &[
     "tag-b",
     "every-tenth",
     "fail-half",
+    "top-n",
 ];
 
 pub fn workspace() -> PathBuf {

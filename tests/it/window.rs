@@ -10,7 +10,7 @@ use weir::config::PipelineFile;
 use weir::engine::{EngineOptions, PluginEngine};
 use weir::pipeline::Pipeline;
 
-use crate::support::Scratch;
+use crate::support::{Scratch, plugin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tumbling_window_over_a_file_gives_exactly_the_model_s_results() {
@@ -374,4 +374,193 @@ topic = "dlq"
         late.len()
     );
     assert!(dead.is_empty(), "{} dead letters", dead.len());
+}
+
+/// The window test kit's random streams against its reference model, with
+/// a plugin aggregate (top-n, the three largest `v`) beside a built-in
+/// count, for every window kind.
+#[test]
+fn a_plugin_aggregate_gives_exactly_the_model_s_windows() {
+    use weir::engine::Limits;
+    use weir::testkit::windows::{Taken, check, random_stream, spec_for};
+    use weir::window::{AggregateFn, AggregateSpec, PluginAggregate, WindowKind, WindowOperator};
+
+    let engine = PluginEngine::new(EngineOptions::default()).unwrap();
+    let loaded = engine.load_aggregate(&plugin("top-n")).unwrap();
+    let config = r#"{"field":"v","n":3}"#;
+    let aggregates = vec![
+        AggregateSpec {
+            function: AggregateFn::Count,
+            field: None,
+            name: "n".into(),
+            plugin: None,
+        },
+        AggregateSpec {
+            function: AggregateFn::Plugin,
+            field: None,
+            name: "top".into(),
+            plugin: Some((
+                weir::config::PluginSource::Wasm(plugin("top-n")),
+                config.into(),
+            )),
+        },
+    ];
+    let expected = |events: &[Taken]| {
+        let mut values: Vec<i64> = events.iter().map(|e| e.2).collect();
+        values.sort_unstable_by(|a, b| b.cmp(a));
+        values.truncate(3);
+        serde_json::json!({ "n": events.len(), "top": values })
+    };
+    let kinds = [
+        WindowKind::Tumbling { size: 1000 },
+        WindowKind::Hopping {
+            size: 1500,
+            slide: 500,
+        },
+        WindowKind::Session { gap: 800 },
+    ];
+    let (mut late, mut updates, mut windows) = (0, 0, 0);
+    for kind in kinds {
+        for seed in 0..60 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (delay, lateness) = (rng.i64(0..1500), [0, rng.i64(0..1500)][seed as usize % 2]);
+            let spec = spec_for(kind, delay, lateness, aggregates.clone());
+            let top = PluginAggregate::start(loaded.clone(), Limits::default(), config.into());
+            let operator = WindowOperator::with_plugins(spec.clone(), vec![top.unwrap()]);
+            let steps = random_stream(seed);
+            let seen = check(&spec, &steps, operator, expected, &format!("seed {seed}"));
+            (late, updates, windows) = (
+                late + seen.late,
+                updates + seen.updates,
+                windows + seen.windows,
+            );
+        }
+    }
+    assert!(
+        late > 20 && updates > 20 && windows > 300,
+        "the cases exercised too little: {late} late, {updates} updates, {windows} windows"
+    );
+}
+
+/// A plugin aggregate in a pipeline: results carry its JSON; a window it
+/// fails on is written with it `null` and dead-lettered with the reason; a
+/// transformer is refused where an aggregator is wanted, and the other way
+/// round, at the line that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_aggregate_runs_in_a_pipeline_and_its_failures_are_dead_lettered() {
+    let scratch = Scratch::new();
+    let mut lines = Vec::new();
+    for i in 0..40 {
+        let user = ["a", "b"][i % 2];
+        lines.push(format!(
+            r#"{{"user":"{user}","ts":{},"amount":{i}}}"#,
+            i * 100
+        ));
+    }
+    // User c's only window has an amount top-n cannot rank.
+    lines.push(r#"{"user":"c","ts":3950,"amount":"lots"}"#.into());
+    std::fs::write(scratch.path("events.jsonl"), lines.join("\n") + "\n").unwrap();
+    let pipeline = |aggregate: &str, plugins: &str| {
+        scratch.pipeline(&format!(
+            r#"
+[[pipeline]]
+name = "top"
+source = {{ type = "file", path = "{{dir}}/events.jsonl" }}
+{plugins}
+[pipeline.window]
+kind = "tumbling"
+size = "2s"
+key = "user"
+time = "ts"
+aggregates = [ {{ fn = "count", as = "n" }}, {aggregate} ]
+
+[[pipeline.sink]]
+type = "file"
+path = "{{dir}}/windows.jsonl"
+
+[pipeline.dead_letter]
+type = "file"
+path = "{{dir}}/dead.jsonl"
+"#
+        ))
+    };
+    let top = r#"{ wasm = "{plugin:top-n}", as = "top2", config = { field = "amount", n = 2 } }"#;
+    let path = pipeline(top, "");
+    let engine = PluginEngine::new(EngineOptions {
+        cache_dir: Some(scratch.path("cache")),
+    })
+    .unwrap();
+    let file = PipelineFile::load(&path).unwrap();
+    let built = Pipeline::build(&file, &file.pipelines[0], &engine)
+        .await
+        .unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let summary = built.run(shutdown).await.unwrap();
+    let got: Vec<String> = (scratch.json_lines("windows.jsonl").iter())
+        .map(|w| {
+            format!(
+                "{} {} {} {}",
+                w["key"], w["window_start"], w["n"], w["top2"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            r#""a" 0 10 [18,16]"#,
+            r#""b" 0 10 [19,17]"#,
+            r#""a" 2000 10 [38,36]"#,
+            r#""b" 2000 10 [39,37]"#,
+            r#""c" 2000 1 null"#,
+        ]
+    );
+    let dead = scratch.json_lines("dead.jsonl");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0]["headers"]["weir.error.reason"].as_str().unwrap();
+    assert!(
+        reason.contains("aggregate \"top2\" (top-n 0.1.0: record at offset")
+            && reason.contains("`amount` is not a number"),
+        "{reason}"
+    );
+    assert_eq!(dead[0]["headers"]["weir.error.stage"], "window");
+    // The copy is the result as written: the key's window, `top2` null.
+    let copy = &dead[0]["value"];
+    assert_eq!(
+        (&copy["key"], &copy["n"], &copy["top2"]),
+        (&"c".into(), &1.into(), &serde_json::Value::Null),
+        "{copy}"
+    );
+    assert_eq!(summary.window_results, 5);
+
+    // The wrong world on either side, refused at its line.
+    let path = pipeline(r#"{ wasm = "{plugin:identity}", as = "x" }"#, "");
+    let file = PipelineFile::load(&path).unwrap();
+    let err = Pipeline::build(&file, &file.pipelines[0], &engine)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pipeline.toml:6:")
+            && err.contains(
+                "is a weir:plugin/transformer plugin, but a weir:plugin/aggregator is wanted here"
+            ),
+        "{err}"
+    );
+    let path = pipeline(
+        "{ fn = \"count\", as = \"m\" }",
+        "[[pipeline.plugin]]\nwasm = \"{plugin:top-n}\"\n",
+    );
+    let file = PipelineFile::load(&path).unwrap();
+    let err = Pipeline::build(&file, &file.pipelines[0], &engine)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(
+            "is a weir:plugin/aggregator plugin, but a weir:plugin/transformer is wanted here"
+        ),
+        "{err}"
+    );
 }

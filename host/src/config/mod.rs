@@ -850,6 +850,11 @@ impl PipelineFile {
             if let SourceConfig::File { path, .. } = pipeline.source.get_mut() {
                 resolve(path);
             }
+            if let Some(window) = &mut pipeline.window {
+                for aggregate in &mut window.get_mut().aggregates {
+                    aggregate.resolve_paths(&base);
+                }
+            }
             for plugin in &mut pipeline.plugins {
                 if let Some(wasm) = &mut plugin.wasm {
                     resolve(wasm.get_mut());
@@ -908,7 +913,7 @@ fn file_identity(path: &Path) -> PathBuf {
 }
 
 /// A TOML value as JSON: the same shape, with dates and times as strings.
-fn toml_to_json(value: &toml::Value) -> serde_json::Value {
+pub(crate) fn toml_to_json(value: &toml::Value) -> serde_json::Value {
     use serde_json::Value as Json;
     match value {
         toml::Value::String(text) => Json::String(text.clone()),

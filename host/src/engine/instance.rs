@@ -11,10 +11,12 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, WasmBacktrace};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::aggregator_bindings::Aggregator;
+use super::bindings::Transformer;
 use super::bindings::weir::plugin::host::{Host, Level};
-use super::bindings::{Transformer, TransformerPre};
 use super::limits::InstanceBudget;
 use super::sandbox::{self, Captured, Drained, LogBudget};
+use super::{AggregateState, Pre};
 use super::{EPOCH_TICK, Limits};
 use crate::metrics::PluginCounters;
 
@@ -234,7 +236,7 @@ impl Host for StoreState {
 
 /// A running plugin: its own store, memory and deadline.
 pub struct Instance {
-    bindings: Option<Transformer>,
+    bindings: Option<Bindings>,
     store: Store<StoreState>,
     capture: Captured,
     name: String,
@@ -242,11 +244,17 @@ pub struct Instance {
     deadline_ticks: u64,
 }
 
+/// The exports of a running plugin, by its world.
+enum Bindings {
+    Transform(Transformer),
+    Aggregate(Aggregator),
+}
+
 impl Instance {
     /// Instantiates `pre` and asks it who it is, under `limits`.
     pub(super) fn start(
         engine: &Engine,
-        pre: &TransformerPre<StoreState>,
+        pre: &Pre,
         path: &Path,
         hash: [u8; 32],
         limits: &Limits,
@@ -284,15 +292,25 @@ impl Instance {
             deadline_ticks,
         };
         arm(&mut instance.store, instance.deadline_ticks);
-        let bindings = pre.instantiate(&mut instance.store);
+        let bindings = match pre {
+            Pre::Transform(pre) => pre
+                .instantiate(&mut instance.store)
+                .map(Bindings::Transform),
+            Pre::Aggregate(pre) => pre
+                .instantiate(&mut instance.store)
+                .map(Bindings::Aggregate),
+        };
         let bindings = instance.finish_call("instantiate", bindings)?;
         arm(&mut instance.store, instance.deadline_ticks);
-        let info = bindings
-            .weir_plugin_transform()
-            .call_describe(&mut instance.store);
-        let info = instance.finish_call("describe", info)?;
-        instance.name = info.name;
-        instance.version = info.version;
+        let info = match &bindings {
+            Bindings::Transform(b) => (b.weir_plugin_transform())
+                .call_describe(&mut instance.store)
+                .map(|info| (info.name, info.version)),
+            Bindings::Aggregate(b) => (b.weir_plugin_aggregate())
+                .call_describe(&mut instance.store)
+                .map(|info| (info.name, info.version)),
+        };
+        (instance.name, instance.version) = instance.finish_call("describe", info)?;
         instance.store.data_mut().plugin = format!("{} {}", instance.name, instance.version);
         instance.bindings = Some(bindings);
         Ok(instance)
@@ -304,9 +322,10 @@ impl Instance {
             return Err(self.stopped("init"));
         };
         arm(&mut self.store, self.deadline_ticks);
-        let result = bindings
-            .weir_plugin_transform()
-            .call_init(&mut self.store, config);
+        let result = match bindings {
+            Bindings::Transform(b) => b.weir_plugin_transform().call_init(&mut self.store, config),
+            Bindings::Aggregate(b) => b.weir_plugin_aggregate().call_init(&mut self.store, config),
+        };
         match self.finish_call("init", result)? {
             Ok(()) => Ok(()),
             Err(message) => Err(self.fail("init", PluginErrorKind::ConfigRejected(message))),
@@ -338,7 +357,7 @@ impl Instance {
     /// Runs one packed batch and returns the packed reply. After an error the
     /// instance is unusable: make a new one.
     pub fn process(&mut self, batch: &[u8]) -> Result<Vec<u8>, PluginError> {
-        let Some(bindings) = &self.bindings else {
+        let Some(Bindings::Transform(bindings)) = &self.bindings else {
             return Err(self.stopped("process"));
         };
         arm(&mut self.store, self.deadline_ticks);
@@ -346,6 +365,71 @@ impl Instance {
             .weir_plugin_transform()
             .call_process(&mut self.store, batch);
         let reply = self.finish_call("process", result)?;
+        let state = self.store.data_mut();
+        state.counters.absorb(&mut state.pending);
+        Ok(reply)
+    }
+
+    /// An aggregator's state for a window with no record yet.
+    pub fn create_state(&mut self) -> Result<AggregateState, PluginError> {
+        let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
+            return Err(self.stopped("create-state"));
+        };
+        arm(&mut self.store, self.deadline_ticks);
+        let result = (bindings.weir_plugin_aggregate()).call_create_state(&mut self.store);
+        self.finish_aggregate_call("create-state", result)
+    }
+
+    /// An aggregator folds the packed `batch` into `state`. The `Err` of
+    /// the outer result stopped the instance; of the inner one, the plugin
+    /// gave (the instance goes on).
+    pub fn accumulate(
+        &mut self,
+        state: &AggregateState,
+        batch: &[u8],
+    ) -> Result<Result<AggregateState, String>, PluginError> {
+        let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
+            return Err(self.stopped("accumulate"));
+        };
+        arm(&mut self.store, self.deadline_ticks);
+        let result =
+            (bindings.weir_plugin_aggregate()).call_accumulate(&mut self.store, state, batch);
+        self.finish_aggregate_call("accumulate", result)
+    }
+
+    /// An aggregator merges `states` into one.
+    pub fn merge(
+        &mut self,
+        states: &[AggregateState],
+    ) -> Result<Result<AggregateState, String>, PluginError> {
+        let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
+            return Err(self.stopped("merge"));
+        };
+        arm(&mut self.store, self.deadline_ticks);
+        let result = (bindings.weir_plugin_aggregate()).call_merge(&mut self.store, states);
+        self.finish_aggregate_call("merge", result)
+    }
+
+    /// An aggregator's result for `state`: one JSON value, as text.
+    pub fn finish(
+        &mut self,
+        state: &AggregateState,
+    ) -> Result<Result<String, String>, PluginError> {
+        let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
+            return Err(self.stopped("finish"));
+        };
+        arm(&mut self.store, self.deadline_ticks);
+        let result = (bindings.weir_plugin_aggregate()).call_finish(&mut self.store, state);
+        self.finish_aggregate_call("finish", result)
+    }
+
+    /// Ends an aggregator's call, keeping the counters it bumped.
+    fn finish_aggregate_call<T>(
+        &mut self,
+        export: &'static str,
+        result: wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        let reply = self.finish_call(export, result)?;
         let state = self.store.data_mut();
         state.counters.absorb(&mut state.pending);
         Ok(reply)

@@ -53,12 +53,54 @@ mod bindings {
     });
 }
 
+/// The `aggregator` world; its host imports are the transformer's.
+mod aggregator_bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "aggregator",
+        imports: { default: trappable },
+        with: { "weir:plugin/host": super::bindings::weir::plugin::host },
+    });
+}
+
+/// A window aggregate's state for one key and window, as the plugin
+/// encoded it: its encoding's version and bytes.
+pub use aggregator_bindings::exports::weir::plugin::aggregate::State as AggregateState;
+
+use aggregator_bindings::AggregatorPre;
 use bindings::TransformerPre;
 
 /// The `weir:plugin` version this host speaks.
 pub const WIT_VERSION: &str = "0.1.0";
 /// The export a transformer must have.
 pub const TRANSFORM_EXPORT: &str = "weir:plugin/transform@0.1.0";
+/// The export an aggregator must have.
+pub const AGGREGATE_EXPORT: &str = "weir:plugin/aggregate@0.1.0";
+
+/// What a plugin is: a record transform or a window aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    /// `weir:plugin/transformer`: exports `transform`.
+    Transformer,
+    /// `weir:plugin/aggregator`: exports `aggregate`.
+    Aggregator,
+}
+
+impl World {
+    fn export(self) -> &'static str {
+        match self {
+            World::Transformer => TRANSFORM_EXPORT,
+            World::Aggregator => AGGREGATE_EXPORT,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            World::Transformer => "weir:plugin/transformer",
+            World::Aggregator => "weir:plugin/aggregator",
+        }
+    }
+}
 
 /// How often the epoch ticks; a deadline is never shorter than asked and at
 /// most one tick longer.
@@ -91,9 +133,29 @@ pub enum LoadError {
     WrongVersion { path: PathBuf, found: String },
     #[error(
         "`{path}` is a component but not a weir plugin: it exports [{exports}], \
-         expected `{TRANSFORM_EXPORT}` (world `weir:plugin/transformer`)"
+         expected `{export}` (world `{world}`)",
+        export = wanted.export(),
+        world = wanted.name(),
     )]
-    WrongWorld { path: PathBuf, exports: String },
+    WrongWorld {
+        path: PathBuf,
+        exports: String,
+        wanted: World,
+    },
+    #[error(
+        "`{path}` is a {found} plugin, but a {wanted} is wanted here ({hint})",
+        found = found.name(),
+        wanted = wanted.name(),
+        hint = match wanted {
+            World::Transformer => "an aggregator goes in `[pipeline.window]` `aggregates`",
+            World::Aggregator => "a transformer goes in `[[pipeline.plugin]]`",
+        }
+    )]
+    OtherWorld {
+        path: PathBuf,
+        found: World,
+        wanted: World,
+    },
     #[error("`{path}` needs imports weir does not provide: {reason}")]
     Imports { path: PathBuf, reason: String },
 }
@@ -166,6 +228,24 @@ impl PluginEngine {
     /// As [`PluginEngine::load`], for a component already in memory (an
     /// upload); `origin` names it in errors and logs.
     pub fn load_bytes(&self, bytes: &[u8], origin: &Path) -> Result<LoadedPlugin, LoadError> {
+        self.load_world(bytes, origin, World::Transformer)
+    }
+
+    /// Loads `path` and checks that it is a `weir:plugin` aggregator.
+    pub fn load_aggregate(&self, path: &Path) -> Result<LoadedPlugin, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_world(&bytes, path, World::Aggregator)
+    }
+
+    fn load_world(
+        &self,
+        bytes: &[u8],
+        origin: &Path,
+        wanted: World,
+    ) -> Result<LoadedPlugin, LoadError> {
         let path = origin;
         let path_buf = || path.to_owned();
         match bytes.get(..8) {
@@ -186,11 +266,21 @@ impl PluginEngine {
             })?;
 
         let ty = component.component_type();
-        if ty.get_export(&inner.engine, TRANSFORM_EXPORT).is_none() {
+        if ty.get_export(&inner.engine, wanted.export()).is_none() {
             let exports: Vec<&str> = ty.exports(&inner.engine).map(|(name, _)| name).collect();
+            for other in [World::Transformer, World::Aggregator] {
+                if other != wanted && exports.contains(&other.export()) {
+                    return Err(LoadError::OtherWorld {
+                        path: path_buf(),
+                        found: other,
+                        wanted,
+                    });
+                }
+            }
+            let prefix = wanted.export().split('@').next().unwrap_or_default();
             if let Some(found) = exports
                 .iter()
-                .find_map(|name| name.strip_prefix("weir:plugin/transform@"))
+                .find_map(|name| name.strip_prefix(prefix)?.strip_prefix('@'))
             {
                 return Err(LoadError::WrongVersion {
                     path: path_buf(),
@@ -204,6 +294,7 @@ impl PluginEngine {
                     .map(|e| format!("`{e}`"))
                     .collect::<Vec<_>>()
                     .join(", "),
+                wanted,
             });
         }
         let pre = inner
@@ -213,10 +304,15 @@ impl PluginEngine {
                 path: path_buf(),
                 reason: format!("{err:#}"),
             })?;
-        let pre = TransformerPre::new(pre).map_err(|err| LoadError::WrongWorld {
+        let wrong = |err: wasmtime::Error| LoadError::WrongWorld {
             path: path_buf(),
             exports: format!("{err:#}"),
-        })?;
+            wanted,
+        };
+        let pre = match wanted {
+            World::Transformer => Pre::Transform(TransformerPre::new(pre).map_err(wrong)?),
+            World::Aggregator => Pre::Aggregate(AggregatorPre::new(pre).map_err(wrong)?),
+        };
         Ok(LoadedPlugin {
             engine: self.clone(),
             pre,
@@ -272,9 +368,16 @@ fn spawn_epoch_ticker(engine: Weak<EngineInner>) {
 #[derive(Clone)]
 pub struct LoadedPlugin {
     engine: PluginEngine,
-    pre: TransformerPre<StoreState>,
+    pre: Pre,
     path: PathBuf,
     hash: [u8; 32],
+}
+
+/// A checked component, ready to instantiate as what it is.
+#[derive(Clone)]
+enum Pre {
+    Transform(TransformerPre<StoreState>),
+    Aggregate(AggregatorPre<StoreState>),
 }
 
 impl LoadedPlugin {

@@ -59,6 +59,7 @@ use crate::plugin::{PluginSlot, VersionStore, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
+use crate::window::{PluginAggregate, WindowSpec};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
 use windowing::WindowStage;
@@ -169,6 +170,47 @@ fn blame(
     )
 }
 
+/// The window of `pipeline`, if it has one, with its plugin aggregates
+/// started (crates built first).
+fn prepare_window(
+    file: &PipelineFile,
+    pipeline: &PipelineConfig,
+    engine: &PluginEngine,
+) -> Result<Option<(WindowSpec, Vec<PluginAggregate>)>, ConfigError> {
+    let Some(window) = &pipeline.window else {
+        return Ok(None);
+    };
+    let at = window.span().start;
+    let blame = |message: String| {
+        let name = pipeline.name.get_ref();
+        file.error_at(at, format!("pipeline `{name}`, window: {message}"))
+    };
+    // `PipelineFile::load` checked it at its line.
+    let spec = window.get_ref().spec().map_err(&blame)?;
+    let limits = pipeline.limits().to_limits();
+    let mut plugins = Vec::new();
+    for aggregate in &spec.aggregates {
+        let Some((source, config)) = &aggregate.plugin else {
+            continue;
+        };
+        let name = &aggregate.name;
+        let wasm = locate(source).map_err(|e| blame(format!("aggregate `{name}`: {e}")))?;
+        let loaded = (engine.load_aggregate(&wasm))
+            .map_err(|e| blame(format!("aggregate `{name}`: {e}")))?;
+        let plugin = PluginAggregate::start(loaded, limits.clone(), config.clone())
+            .map_err(|e| blame(format!("aggregate `{name}`: {e}")))?;
+        tracing::info!(
+            pipeline = %pipeline.name.get_ref(),
+            aggregate = %name,
+            plugin = %plugin.label(),
+            wasm = %wasm.display(),
+            "Aggregate plugin loaded."
+        );
+        plugins.push(plugin);
+    }
+    Ok(Some((spec, plugins)))
+}
+
 /// The chains of `pipeline`'s lanes, each plugin started from `wasm`: the
 /// first as [`prepare_chain`] makes it, the others with their own plugin
 /// instances (compiled once).
@@ -236,7 +278,7 @@ pub struct Pipeline {
     controller: Controller,
     handle: PipelineHandle,
     watching: Vec<Option<PathBuf>>,
-    window: Option<crate::window::WindowSpec>,
+    window: Option<(WindowSpec, Vec<PluginAggregate>)>,
 }
 
 impl Pipeline {
@@ -261,7 +303,7 @@ impl Pipeline {
             })?),
             None => None,
         };
-        let (lanes, named) = {
+        let (lanes, named, window) = {
             // On a blocking worker: building may run cargo and compile.
             let (file, config, engine) = (file.clone(), pipeline.clone(), engine.clone());
             let store = store.clone();
@@ -277,7 +319,8 @@ impl Pipeline {
                     })
                     .collect();
                 let lanes = prepare_lanes(&file, &config, &engine, &wasm)?;
-                Ok::<_, ConfigError>((lanes, named))
+                let window = prepare_window(&file, &config, &engine)?;
+                Ok::<_, ConfigError>((lanes, named, window))
             });
             match prepared.await {
                 Ok(prepared) => prepared?,
@@ -351,13 +394,6 @@ impl Pipeline {
             },
             metrics.clone(),
         );
-        // `PipelineFile::load` checked it at its line.
-        let window = match &pipeline.window {
-            Some(window) => Some(window.get_ref().spec().map_err(|message| {
-                PipelineError::Setup(file.error_at(window.span().start, message))
-            })?),
-            None => None,
-        };
         Ok(Pipeline {
             window,
             metrics,
@@ -450,7 +486,9 @@ impl Pipeline {
             transaction,
             unflushed_sent: 0,
             deferred: None,
-            window: window.map(|spec| WindowStage::new(spec, source.backlog(), metrics.clone())),
+            window: window.map(|(spec, plugins)| {
+                WindowStage::new(spec, plugins, source.backlog(), metrics.clone())
+            }),
             drained: drained.clone(),
         };
         let mut writer = tokio::spawn(writer.run(from_lanes));
@@ -727,9 +765,10 @@ impl SinkWriter {
                 }
                 _ = window_tick.tick(), if self.window.is_some() => {
                     if let Some(window) = &mut self.window {
-                        let results = window.tick();
-                        if !results.is_empty() {
-                            self.write_out(results, Vec::new()).await?;
+                        let mut dead = Vec::new();
+                        let results = window.tick(&mut dead);
+                        if !results.is_empty() || !dead.is_empty() {
+                            self.write_out(results, dead).await?;
                         }
                     }
                 }
@@ -738,8 +777,9 @@ impl SinkWriter {
         if self.drained.load(Ordering::Acquire)
             && let Some(window) = &mut self.window
         {
-            let results = window.finish();
-            self.write_out(results, Vec::new()).await?;
+            let mut dead = Vec::new();
+            let results = window.finish(&mut dead);
+            self.write_out(results, dead).await?;
         }
         self.commit(pending.take()).await?;
         if self.deferred.is_some() {

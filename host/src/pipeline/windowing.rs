@@ -24,8 +24,8 @@ use super::dead_letter::{DeadLetter, Stage};
 use crate::batch::Batch;
 use crate::metrics::PipelineMetrics;
 use crate::metrics::events::BatchWindowed;
-use crate::source::{Backlog, Checkpoint};
-use crate::window::{WindowOperator, WindowOutput, WindowSpec};
+use crate::source::{Backlog, Behind, Checkpoint};
+use crate::window::{PluginAggregate, WindowOperator, WindowOutput, WindowSpec};
 
 /// The topic window results say they come from.
 pub const RESULT_TOPIC: &str = "window";
@@ -38,7 +38,7 @@ pub(super) struct WindowStage {
     read: Checkpoint,
     /// The source's report of what it is behind on, and the last one read.
     backlog: Option<Backlog>,
-    reported: Option<Arc<[(Arc<str>, i32)]>>,
+    reported: Option<Behind>,
     /// The last positions handed out to commit.
     committed: Option<Checkpoint>,
     /// Result records made so far (their offsets).
@@ -50,11 +50,12 @@ impl WindowStage {
     /// `backlog`: what the source says it has still to deliver, if it can.
     pub(super) fn new(
         spec: WindowSpec,
+        plugins: Vec<PluginAggregate>,
         backlog: Option<Backlog>,
         metrics: Arc<PipelineMetrics>,
     ) -> Self {
         let late_route = spec.late_route.clone();
-        let mut operator = WindowOperator::new(spec);
+        let mut operator = WindowOperator::with_plugins(spec, plugins);
         if backlog.is_some() {
             operator.backlog(None, Instant::now(), &mut WindowOutput::default());
         }
@@ -82,12 +83,12 @@ impl WindowStage {
     }
 
     /// Time passed: idle partitions stop holding the watermark back.
-    pub(super) fn tick(&mut self) -> Batch {
+    pub(super) fn tick(&mut self, dead: &mut Vec<DeadLetter>) -> Batch {
         let mut out = WindowOutput::default();
         let now = Instant::now();
         self.read_backlog(now, &mut out);
         self.operator.tick(now, &mut out);
-        self.emit(out, None, &mut Vec::new(), 0)
+        self.emit(out, None, dead, 0)
     }
 
     /// Tells the window what the source last said it is behind on, if
@@ -106,10 +107,10 @@ impl WindowStage {
     }
 
     /// The input ended: every open window fires.
-    pub(super) fn finish(&mut self) -> Batch {
+    pub(super) fn finish(&mut self, dead: &mut Vec<DeadLetter>) -> Batch {
         let mut out = WindowOutput::default();
         self.operator.finish(&mut out);
-        self.emit(out, None, &mut Vec::new(), 0)
+        self.emit(out, None, dead, 0)
     }
 
     fn emit(
@@ -133,6 +134,15 @@ impl WindowStage {
                 std::iter::empty(),
             );
             self.results += 1;
+            // A plugin aggregate that failed is `null` in the result; a
+            // copy of it goes to the dead letters with the reason.
+            if !result.errors.is_empty() {
+                dead.push(DeadLetter {
+                    record: batch.to_record(batch.len() - 1),
+                    reason: format!("window: {}", result.errors.join("; ")),
+                    stage: Stage::Window,
+                });
+            }
         }
         let mut late = 0;
         if let Some(input) = input {

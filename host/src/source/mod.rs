@@ -196,7 +196,10 @@ pub trait Source: Send {
 /// reported them; shared between the source, which reports, and a window,
 /// which reads. While there is no report, every partition may be behind.
 #[derive(Debug, Clone, Default)]
-pub struct Backlog(Arc<std::sync::Mutex<Option<Arc<[(Arc<str>, i32)]>>>>);
+pub struct Backlog(Arc<std::sync::Mutex<Option<Behind>>>);
+
+/// The (topic, partition)s a source has records of still to deliver.
+pub type Behind = Arc<[(Arc<str>, i32)]>;
 
 impl Backlog {
     /// The source's partitions with records still to come are `behind`;
@@ -207,7 +210,7 @@ impl Backlog {
 
     /// The last report: `None` before the first one, or when the source
     /// could not tell. A report not changed since is the same `Arc`.
-    pub fn latest(&self) -> Option<Arc<[(Arc<str>, i32)]>> {
+    pub fn latest(&self) -> Option<Behind> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

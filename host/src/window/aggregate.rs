@@ -7,6 +7,8 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use super::config::{AggregateFn, AggregateSpec};
+use super::plugin::PluginState;
+use crate::batch::RecordRef;
 
 /// What one aggregate has seen so far.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +29,8 @@ pub enum Accumulator {
     Last(Option<Ordered>),
     /// The distinct raw values.
     Distinct(HashSet<Box<[u8]>>),
+    /// A plugin's state, and the records it has not seen yet.
+    Plugin(Box<PluginState>),
 }
 
 /// A value with where it stands in time: event time, then arrival order.
@@ -38,11 +42,13 @@ pub struct Ordered {
 }
 
 /// What one record gives an aggregate: its field's raw JSON value
-/// (`None`: absent), its event time and its arrival number.
+/// (`None`: absent), its event time and its arrival number, and (for a
+/// plugin) the record itself.
 pub struct Input<'a> {
     pub raw: Option<&'a [u8]>,
     pub time: i64,
     pub arrival: u64,
+    pub record: Option<&'a RecordRef<'a>>,
 }
 
 impl Accumulator {
@@ -57,6 +63,7 @@ impl Accumulator {
             AggregateFn::First => Accumulator::First(None),
             AggregateFn::Last => Accumulator::Last(None),
             AggregateFn::CountDistinct => Accumulator::Distinct(HashSet::new()),
+            AggregateFn::Plugin => Accumulator::Plugin(Box::default()),
         }
     }
 
@@ -66,6 +73,12 @@ impl Accumulator {
     /// [`check`]).
     #[inline]
     pub fn add(&mut self, input: &Input<'_>) {
+        if let Accumulator::Plugin(state) = self {
+            if let Some(record) = input.record {
+                state.add(record, input.time);
+            }
+            return;
+        }
         let raw = match input.raw {
             None => {
                 if let Accumulator::Count(n) = self {
@@ -112,6 +125,7 @@ impl Accumulator {
                     seen.insert(raw.into());
                 }
             }
+            Accumulator::Plugin(_) => {}
         }
     }
 
@@ -148,11 +162,12 @@ impl Accumulator {
                 }
             }
             (Accumulator::Distinct(a), Accumulator::Distinct(b)) => a.extend(b),
+            (Accumulator::Plugin(a), Accumulator::Plugin(b)) => a.merge(*b),
             (a, b) => unreachable!("merging different aggregates: {a:?} and {b:?}"),
         }
     }
 
-    /// Appends its result as a JSON value.
+    /// Appends its result as a JSON value (a plugin's as last settled).
     pub fn write_json(&self, out: &mut String) {
         match self {
             Accumulator::Count(n) => {
@@ -169,6 +184,7 @@ impl Accumulator {
             Accumulator::Distinct(seen) => {
                 let _ = write!(out, "{}", seen.len());
             }
+            Accumulator::Plugin(state) => out.push_str(state.settled().unwrap_or("null")),
         }
     }
 }
@@ -229,6 +245,7 @@ mod tests {
             function,
             field: Some("v".into()),
             name: "out".into(),
+            plugin: None,
         }
     }
 
@@ -241,6 +258,7 @@ mod tests {
                 raw,
                 time: *time,
                 arrival: arrival as u64,
+                record: None,
             });
         }
         let mut out = String::new();
@@ -301,6 +319,7 @@ mod tests {
                     raw: Some(raw.as_bytes()),
                     time: *time,
                     arrival: arrival as u64,
+                    record: None,
                 });
             }
             let [mut a, b] = halves;

@@ -1,9 +1,12 @@
 //! `[pipeline.window]`: the window kind and its sizes, where the key and the
 //! event time come from, watermarks, lateness and the aggregates.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::config::PluginSource;
 
 /// A pipeline's event-time window, as the file gives it.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,18 +69,29 @@ pub enum WindowKindName {
     Session,
 }
 
-/// One aggregate: `{ fn = "sum", field = "amount", as = "sum_amount" }`.
+/// One aggregate: built in, `{ fn = "sum", field = "amount", as =
+/// "sum_amount" }`, or a plugin, `{ wasm = "top_n.wasm", as = "top3",
+/// config = { field = "amount", n = 3 } }` (or `crate = "plugins/top-n"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregateConfig {
-    /// The function.
+    /// A built-in function.
     #[serde(rename = "fn")]
-    pub function: AggregateFn,
+    pub function: Option<AggregateFn>,
     /// The top-level JSON field it reads; `count` counts records without one.
     pub field: Option<String>,
-    /// The name of its output field; `FN_FIELD` (or `count`) by default.
+    /// The name of its output field; `FN_FIELD` (or `count`) by default,
+    /// required for a plugin.
     #[serde(rename = "as")]
     pub name: Option<String>,
+    /// A plugin aggregate's component (world `weir:plugin/aggregator`),
+    /// relative to the pipeline file.
+    pub wasm: Option<PathBuf>,
+    /// A plugin aggregate's crate, built for `wasm32-wasip2` before the run.
+    #[serde(rename = "crate")]
+    pub crate_dir: Option<PathBuf>,
+    /// A plugin aggregate's settings, passed to its `init` as JSON.
+    pub config: Option<toml::Table>,
 }
 
 /// The built-in aggregate functions.
@@ -100,6 +114,9 @@ pub enum AggregateFn {
     Last,
     /// How many distinct values the field takes (exact).
     CountDistinct,
+    /// A plugin's (never named in a file: a `wasm` or `crate` says it).
+    #[serde(skip)]
+    Plugin,
 }
 
 impl AggregateFn {
@@ -113,6 +130,7 @@ impl AggregateFn {
             AggregateFn::First => "first",
             AggregateFn::Last => "last",
             AggregateFn::CountDistinct => "count_distinct",
+            AggregateFn::Plugin => "plugin",
         }
     }
 }
@@ -142,12 +160,14 @@ pub enum WindowKind {
 /// One aggregate, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AggregateSpec {
-    /// The function.
+    /// The function ([`AggregateFn::Plugin`] for a plugin).
     pub function: AggregateFn,
     /// The field it reads.
     pub field: Option<String>,
     /// Its output field.
     pub name: String,
+    /// A plugin aggregate: where it comes from and its settings as JSON.
+    pub plugin: Option<(PluginSource, String)>,
 }
 
 /// A window, checked: what the operator runs.
@@ -188,6 +208,35 @@ fn positive_millis(text: Option<&str>, what: &str, kind: &str) -> Result<i64, St
     match millis(text, what)? {
         0 => Err(format!("`{what}` must be at least 1ms")),
         ms => Ok(ms),
+    }
+}
+
+impl AggregateConfig {
+    /// A plugin aggregate's source and settings (JSON), if it is one.
+    fn plugin(&self) -> Result<Option<(PluginSource, String)>, String> {
+        let source = match (&self.wasm, &self.crate_dir) {
+            (Some(_), Some(_)) => {
+                return Err("a plugin aggregate has `wasm` or `crate`, not both".into());
+            }
+            (Some(wasm), None) => PluginSource::Wasm(wasm.clone()),
+            (None, Some(dir)) => PluginSource::Crate(dir.clone()),
+            (None, None) => return Ok(None),
+        };
+        let config = toml::Value::Table(self.config.clone().unwrap_or_default());
+        Ok(Some((
+            source,
+            crate::config::toml_to_json(&config).to_string(),
+        )))
+    }
+
+    /// Makes a plugin aggregate's relative path relative to `base` (the
+    /// pipeline file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        for path in [&mut self.wasm, &mut self.crate_dir].into_iter().flatten() {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
     }
 }
 
@@ -242,8 +291,30 @@ impl WindowConfig {
         }
         let mut aggregates = Vec::with_capacity(self.aggregates.len());
         for aggregate in &self.aggregates {
-            let function = aggregate.function;
-            if function != AggregateFn::Count && aggregate.field.is_none() {
+            let plugin = aggregate.plugin()?;
+            let function = match (aggregate.function, &plugin) {
+                (Some(function), None) => function,
+                (None, Some(_)) => AggregateFn::Plugin,
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "an aggregate is built in (`fn`) or a plugin (`wasm` or `crate`), not both"
+                            .into(),
+                    );
+                }
+                (None, None) => {
+                    return Err("an aggregate needs `fn` (a built-in: count, sum, min, max, avg, first, last, count_distinct) or `wasm`/`crate` (a plugin)".into());
+                }
+            };
+            if plugin.is_some() && (aggregate.field.is_some() || aggregate.name.is_none()) {
+                return Err("a plugin aggregate needs `as` (its output field) and takes no `field`: its `config` says what it reads".into());
+            }
+            if plugin.is_none() && aggregate.config.is_some() {
+                return Err(format!(
+                    "built-in aggregate `{}` takes no `config`",
+                    function.name()
+                ));
+            }
+            if function != AggregateFn::Count && plugin.is_none() && aggregate.field.is_none() {
                 return Err(format!("aggregate `{}` needs a `field`", function.name()));
             }
             let name = match (&aggregate.name, &aggregate.field) {
@@ -265,6 +336,7 @@ impl WindowConfig {
                 function,
                 field: aggregate.field.clone(),
                 name,
+                plugin,
             });
         }
         Ok(WindowSpec {

@@ -1,16 +1,18 @@
 //! Event-time windows: tumbling, hopping and session windows over keyed
 //! records, with per-partition watermarks, idle partitions, allowed
-//! lateness and a late output, and built-in aggregates computed from the
-//! raw JSON of each record.
+//! lateness and a late output; built-in aggregates computed from the raw
+//! JSON of each record, and plugin aggregates.
 //!
 //! - `config`: `[pipeline.window]`, checked into a [`WindowSpec`].
 //! - `watermark`: per-partition watermarks.
 //! - `aggregate`: the built-in aggregates' accumulators.
+//! - `plugin`: plugin aggregates' states and the calls that settle them.
 //! - `operator`: the [`WindowOperator`] that ties them together.
 
 mod aggregate;
 mod config;
 mod operator;
+mod plugin;
 mod watermark;
 
 pub use config::{
@@ -18,6 +20,7 @@ pub use config::{
     WindowSpec, parse_duration,
 };
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
+pub use plugin::PluginAggregate;
 
 #[cfg(test)]
 mod tests;

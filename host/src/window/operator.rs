@@ -18,7 +18,8 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use super::aggregate::{Accumulator, Input, check};
-use super::config::{WindowKind, WindowSpec};
+use super::config::{AggregateFn, WindowKind, WindowSpec};
+use super::plugin::PluginAggregate;
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
 
@@ -37,6 +38,9 @@ pub struct WindowResult {
     /// An update of a result already emitted (a late record within
     /// `allowed_lateness` changed it).
     pub update: bool,
+    /// Plugin aggregates that could not give their part (written `null`),
+    /// and why.
+    pub errors: Vec<String>,
 }
 
 /// What a batch (or time passing) made.
@@ -104,16 +108,35 @@ struct Results {
     names: Vec<String>,
     /// The key is a JSON field's raw text (else the record key's bytes).
     key_is_json: bool,
+    /// Each plugin aggregate's plugin, by the aggregate's place.
+    plugins: Vec<Option<PluginAggregate>>,
 }
 
 impl Results {
     fn result(
-        &self,
+        &mut self,
         (window_start, window_end): (i64, i64),
         key: &[u8],
-        accumulators: &[Accumulator],
+        accumulators: &mut [Accumulator],
         update: bool,
     ) -> WindowResult {
+        let mut errors = Vec::new();
+        for (at, accumulator) in accumulators.iter_mut().enumerate() {
+            let Accumulator::Plugin(state) = accumulator else {
+                continue;
+            };
+            let settled = match self.plugins.get_mut(at).and_then(Option::as_mut) {
+                Some(plugin) => plugin
+                    .settle(state)
+                    .map(drop)
+                    .map_err(|err| format!("{}: {err}", plugin.label())),
+                None => Err("no plugin instance".to_owned()),
+            };
+            if let Err(err) = settled {
+                let name = self.names[at].trim_start_matches(',').trim_end_matches(':');
+                errors.push(format!("aggregate {name} ({err})"));
+            }
+        }
         let mut value = String::with_capacity(64 + 24 * accumulators.len());
         let _ = write!(
             value,
@@ -141,6 +164,7 @@ impl Results {
             key: record_key,
             value,
             update,
+            errors,
         }
     }
 }
@@ -173,8 +197,22 @@ pub struct WindowOperator {
 }
 
 impl WindowOperator {
-    /// An operator with no state yet.
+    /// An operator with no state yet, for a spec with built-in aggregates
+    /// only (see [`WindowOperator::with_plugins`]).
     pub fn new(spec: WindowSpec) -> Self {
+        Self::with_plugins(spec, Vec::new())
+    }
+
+    /// An operator with no state yet; `plugins` are the spec's plugin
+    /// aggregates, started, in the order of the spec.
+    pub fn with_plugins(spec: WindowSpec, plugins: Vec<PluginAggregate>) -> Self {
+        let mut plugins = plugins.into_iter();
+        let plugins = (spec.aggregates.iter())
+            .map(|a| match a.function {
+                AggregateFn::Plugin => plugins.next(),
+                _ => None,
+            })
+            .collect();
         let mut fields: Vec<String> = Vec::new();
         let mut index_of = |name: &str| match fields.iter().position(|f| f == name) {
             Some(at) => at,
@@ -193,6 +231,7 @@ impl WindowOperator {
                 .map(|a| format!(",{}:", serde_json::Value::from(a.name.as_str())))
                 .collect(),
             key_is_json: key_field.is_some(),
+            plugins,
         };
         WindowOperator {
             watermarks: Watermarks::new(spec.watermark_delay, spec.idle_timeout),
@@ -335,6 +374,7 @@ impl WindowOperator {
         let watermark = self.watermarks.current();
         self.arrivals += 1;
         let input = Entry {
+            record,
             found,
             value,
             fields: &self.aggregate_fields,
@@ -350,7 +390,7 @@ impl WindowOperator {
                 add_to_panes(
                     &mut self.panes,
                     &self.spec,
-                    &self.results,
+                    &mut self.results,
                     [start].into_iter(),
                     size,
                     key,
@@ -371,7 +411,7 @@ impl WindowOperator {
                 add_to_panes(
                     &mut self.panes,
                     &self.spec,
-                    &self.results,
+                    &mut self.results,
                     starts,
                     size,
                     key,
@@ -388,7 +428,7 @@ impl WindowOperator {
                         sessions: &mut self.sessions,
                         deadlines: &mut self.deadlines,
                         spec: &self.spec,
-                        results: &self.results,
+                        results: &mut self.results,
                     };
                     state.add(key, gap, &input, watermark, out);
                     Taken::Windowed
@@ -431,13 +471,13 @@ impl WindowOperator {
                 while let Some((&start, pane)) = self.panes.range_mut(self.fired_before..).next()
                     && start.saturating_add(size) <= watermark
                 {
-                    let mut keys: Vec<&Box<[u8]>> = pane.groups.keys().collect();
-                    keys.sort_unstable();
-                    for key in keys {
+                    let mut groups: Vec<_> = pane.groups.iter_mut().collect();
+                    groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                    for (key, accumulators) in groups {
                         out.results.push(self.results.result(
                             (start, start + size),
                             key,
-                            &pane.groups[key],
+                            accumulators,
                             false,
                         ));
                     }
@@ -469,7 +509,7 @@ impl WindowOperator {
                         out.results.push(self.results.result(
                             (session.start, session.end),
                             &key,
-                            &session.accumulators,
+                            &mut session.accumulators,
                             session.emitted,
                         ));
                         session.pending = false;
@@ -495,7 +535,7 @@ struct SessionState<'a> {
     sessions: &'a mut HashMap<Box<[u8]>, Vec<Session>>,
     deadlines: &'a mut BTreeSet<(i64, Box<[u8]>, i64)>,
     spec: &'a WindowSpec,
-    results: &'a Results,
+    results: &'a mut Results,
 }
 
 impl SessionState<'_> {
@@ -544,7 +584,7 @@ impl SessionState<'_> {
             out.results.push(self.results.result(
                 (merged.start, merged.end),
                 key,
-                &merged.accumulators,
+                &mut merged.accumulators,
                 true,
             ));
             merged.end.saturating_add(self.spec.allowed_lateness)
@@ -558,6 +598,7 @@ impl SessionState<'_> {
 
 /// One record's part in the windows it goes to.
 struct Entry<'a> {
+    record: RecordRef<'a>,
     found: &'a [Option<(usize, usize)>],
     value: &'a [u8],
     fields: &'a [Option<usize>],
@@ -578,6 +619,7 @@ impl Entry<'_> {
                 raw,
                 time: self.time,
                 arrival: self.arrival,
+                record: Some(&self.record),
             });
         }
         held.note(self.partition, self.offset);
@@ -593,7 +635,7 @@ impl Entry<'_> {
 fn add_to_panes(
     panes: &mut BTreeMap<i64, Pane>,
     spec: &WindowSpec,
-    results: &Results,
+    results: &mut Results,
     starts: impl Iterator<Item = i64>,
     size: i64,
     key: &[u8],

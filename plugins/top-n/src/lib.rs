@@ -123,7 +123,10 @@ mod tests {
         let mut top: TopN = configure_aggregate(r#"{"field":"amount"}"#).unwrap();
         let bad = amounts(&["1", "\"lots\""]);
         let err = aggregate(&mut top, &[&bad]).unwrap_err();
-        assert!(err.contains("offset 1") && err.contains("not a number"), "{err}");
+        assert!(
+            err.contains("offset 1") && err.contains("not a number"),
+            "{err}"
+        );
         let err = configure_aggregate::<TopN>(r#"{"field":"amount","n":0}"#).err();
         assert_eq!(err.as_deref(), Some("`n` must be at least 1"));
     }

@@ -1,5 +1,7 @@
 //! A test kit for plugin authors: load a built `.wasm` into the real engine,
-//! feed it records, and assert on what comes out.
+//! feed it records, and assert on what comes out; and, in [`windows`],
+//! random out-of-order streams and a reference model to check a window
+//! (with built-in or plugin aggregates) against.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -10,6 +12,8 @@
 //! assert!(outcomes[0].is_dropped());
 //! # Ok(()) }
 //! ```
+
+pub mod windows;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
