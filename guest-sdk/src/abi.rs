@@ -1015,3 +1015,124 @@ mod tests {
         assert!(outputs.iter().next().unwrap().is_err());
     }
 }
+
+/// Entries of the aggregator's calls: a list of states (or of results) in
+/// one buffer, each entry a state (version and bytes) or a failure with its
+/// reason. Layout in `wit/README.md`:
+///
+/// ```text
+/// u32 count
+/// count × entry:
+///     u8  tag        0: ok, 1: failed
+///     u32 version    the state's encoding (0 for a result or a failure)
+///     u32 len
+///     len bytes      the state, the result's JSON, or the reason
+/// ```
+#[derive(Debug, Clone)]
+pub struct EntryWriter {
+    buf: Vec<u8>,
+    count: u32,
+}
+
+impl Default for EntryWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EntryWriter {
+    /// An empty list.
+    pub fn new() -> Self {
+        EntryWriter {
+            buf: vec![0; 4],
+            count: 0,
+        }
+    }
+
+    /// Entries written so far.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Adds a state, or a result (`version` 0).
+    pub fn push(&mut self, version: u32, bytes: &[u8]) {
+        self.entry(TAG_EMIT, version, bytes);
+    }
+
+    /// Adds a failure.
+    pub fn push_failure(&mut self, reason: &str) {
+        self.entry(TAG_FAIL, 0, reason.as_bytes());
+    }
+
+    fn entry(&mut self, tag: u8, version: u32, bytes: &[u8]) {
+        let bytes = &bytes[..len_u32(bytes.len()) as usize];
+        self.buf.push(tag);
+        self.buf.extend_from_slice(&version.to_le_bytes());
+        self.buf.extend_from_slice(&len_u32(bytes.len()).to_le_bytes());
+        self.buf.extend_from_slice(bytes);
+        self.count += 1;
+    }
+
+    /// The buffer, count written.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
+        self.buf
+    }
+}
+
+/// One entry of an [`EntryWriter`]'s list, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry<'a> {
+    /// A state (or a result: version 0).
+    Ok {
+        /// The state's encoding.
+        version: u32,
+        /// The state, or the result's JSON.
+        bytes: &'a [u8],
+    },
+    /// A failure, and why.
+    Failed(&'a str),
+}
+
+/// Reads a list an [`EntryWriter`] wrote.
+pub fn read_entries(buf: &[u8]) -> Result<Vec<Entry<'_>>, AbiError> {
+    let mut cursor = Cursor { buf, pos: 0 };
+    let count = cursor.u32("entry count")?;
+    // Each entry takes at least 9 bytes: a count past that is a lie.
+    let mut entries = Vec::with_capacity((count as usize).min(buf.len() / 9));
+    for _ in 0..count {
+        let tag = cursor.u8("entry tag")?;
+        let version = cursor.u32("entry version")?;
+        let len = cursor.u32("entry length")? as usize;
+        entries.push(match tag {
+            TAG_EMIT => Entry::Ok {
+                version,
+                bytes: cursor.take(len, "entry bytes")?,
+            },
+            TAG_FAIL => Entry::Failed(cursor.str(len, "failure reason")?),
+            _ => {
+                return Err(AbiError {
+                    what: "entry tag",
+                    at: cursor.pos - 9,
+                });
+            }
+        });
+    }
+    if cursor.pos != buf.len() {
+        return Err(AbiError {
+            what: "bytes after the last entry",
+            at: cursor.pos,
+        });
+    }
+    Ok(entries)
+}

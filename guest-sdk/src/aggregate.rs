@@ -4,9 +4,9 @@
 //!
 //! The host keeps every state as bytes with a version (it stores them per
 //! key and window, and will checkpoint them), so a state crosses the
-//! boundary once per call, encoded by [`Aggregate::encode`]. The default
-//! encoding is JSON, which any `serde` state gets for free; an aggregate
-//! whose state is large or hot can write its own.
+//! boundary encoded by [`Aggregate::encode`], many states to a call. The
+//! default encoding is JSON, which any `serde` state gets for free; an
+//! aggregate whose state is large or hot can write its own.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::abi::{BatchReader, RecordView};
+use crate::abi::{BatchReader, Entry, EntryWriter, RecordView, read_entries};
 use crate::{Error, Result};
 
 /// A window aggregate. Implement it on a struct that deserialises from the
@@ -86,10 +86,6 @@ fn encode<A: Aggregate>(state: &A::State) -> Result<EncodedState> {
     })
 }
 
-fn decode<A: Aggregate>(state: &EncodedState) -> Result<A::State> {
-    A::decode(state.version, &state.bytes)
-}
-
 /// Builds an aggregate from its settings (JSON) the way the host's `init`
 /// does: deserialise, then [`Aggregate::validate`].
 pub fn configure_aggregate<A: Aggregate>(config: &str) -> Result<A, String> {
@@ -104,56 +100,94 @@ pub fn create_state<A: Aggregate>() -> std::result::Result<EncodedState, String>
     encode::<A>(&A::State::default()).map_err(|e| e.to_string())
 }
 
-/// Folds a packed batch into `state`: what the exported `accumulate` does.
+fn malformed(err: impl std::fmt::Display) -> ! {
+    panic!("weir host sent a malformed buffer: {err}")
+}
+
+/// The states of an entries list, decoded: each, or why it could not be.
+fn decode_entries<A: Aggregate>(states: &[u8]) -> Vec<std::result::Result<A::State, String>> {
+    let entries = read_entries(states).unwrap_or_else(|err| malformed(err));
+    (entries.into_iter())
+        .map(|entry| match entry {
+            Entry::Ok { version, bytes } => A::decode(version, bytes).map_err(|e| e.to_string()),
+            Entry::Failed(reason) => Err(reason.to_owned()),
+        })
+        .collect()
+}
+
+/// Folds a packed batch into states, each record into the state `groups`
+/// names: what the exported `accumulate` does. Returns one entry per state.
 ///
 /// # Panics
 ///
-/// If `batch` does not follow the layout: the host never sends one.
-pub fn accumulate_batch<A: Aggregate>(
+/// If a buffer does not follow the layout, or a group names no state: the
+/// host never sends one.
+pub fn accumulate_states<A: Aggregate>(
     aggregate: &mut A,
-    state: &EncodedState,
+    states: &[u8],
     batch: &[u8],
-) -> std::result::Result<EncodedState, String> {
-    let reader = match BatchReader::new(batch) {
-        Ok(reader) => reader,
-        Err(err) => panic!("weir host sent a malformed batch: {err}"),
-    };
-    let mut decoded = decode::<A>(state).map_err(|e| e.to_string())?;
-    for record in reader {
-        let record = match record {
-            Ok(record) => record,
-            Err(err) => panic!("weir host sent a malformed batch: {err}"),
-        };
-        let offset = record.offset();
-        aggregate
-            .accumulate(&mut decoded, record)
-            .map_err(|e| format!("record at offset {offset}: {e}"))?;
+    groups: &[u32],
+) -> Vec<u8> {
+    let mut decoded = decode_entries::<A>(states);
+    let reader = BatchReader::new(batch).unwrap_or_else(|err| malformed(err));
+    if reader.remaining() as usize != groups.len() {
+        malformed("a group per record");
     }
-    encode::<A>(&decoded).map_err(|e| e.to_string())
+    for (record, &group) in reader.zip(groups) {
+        let record = record.unwrap_or_else(|err| malformed(err));
+        let Some(slot) = decoded.get_mut(group as usize) else {
+            malformed(format!("group {group} names no state"));
+        };
+        if let Ok(state) = slot {
+            let offset = record.offset();
+            if let Err(err) = aggregate.accumulate(state, record) {
+                *slot = Err(format!("record at offset {offset}: {err}"));
+            }
+        }
+    }
+    let mut out = EntryWriter::new();
+    for state in &decoded {
+        let encoded = state.as_ref().map_err(Clone::clone).and_then(|state| {
+            let mut bytes = Vec::new();
+            A::encode(state, &mut bytes).map_err(|e| e.to_string())?;
+            Ok(bytes)
+        });
+        match encoded {
+            Ok(bytes) => out.push(A::STATE_VERSION, &bytes),
+            Err(reason) => out.push_failure(&reason),
+        }
+    }
+    out.finish()
 }
 
-/// One state holding what all of `states` hold: what the exported `merge`
-/// does.
+/// One state holding what all of `states` (entries) hold: what the
+/// exported `merge` does.
 pub fn merge_states<A: Aggregate>(
     aggregate: &mut A,
-    states: &[EncodedState],
+    states: &[u8],
 ) -> std::result::Result<EncodedState, String> {
     let mut merged = A::State::default();
-    for state in states {
-        let state = decode::<A>(state).map_err(|e| e.to_string())?;
-        aggregate.merge(&mut merged, state);
+    for state in decode_entries::<A>(states) {
+        aggregate.merge(&mut merged, state?);
     }
     encode::<A>(&merged).map_err(|e| e.to_string())
 }
 
-/// The result of `state` as JSON text: what the exported `finish` does.
-pub fn finish_state<A: Aggregate>(
-    aggregate: &mut A,
-    state: &EncodedState,
-) -> std::result::Result<String, String> {
-    let state = decode::<A>(state).map_err(|e| e.to_string())?;
-    let output = aggregate.finish(&state).map_err(|e| e.to_string())?;
-    serde_json::to_string(&output).map_err(|e| e.to_string())
+/// The results of `states` (entries) as JSON text, one entry each: what
+/// the exported `finish` does.
+pub fn finish_states<A: Aggregate>(aggregate: &mut A, states: &[u8]) -> Vec<u8> {
+    let mut out = EntryWriter::new();
+    for state in decode_entries::<A>(states) {
+        let result = state.and_then(|state| {
+            let output = aggregate.finish(&state).map_err(|e| e.to_string())?;
+            serde_json::to_string(&output).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(json) => out.push(0, json.as_bytes()),
+            Err(reason) => out.push_failure(&reason),
+        }
+    }
+    out.finish()
 }
 
 thread_local! {

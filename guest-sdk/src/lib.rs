@@ -19,7 +19,7 @@ mod aggregate;
 mod guest;
 #[cfg(feature = "bindings")]
 pub use aggregate::{
-    Aggregate, EncodedState, accumulate_batch, configure_aggregate, create_state, finish_state,
+    Aggregate, EncodedState, accumulate_states, configure_aggregate, create_state, finish_states,
     merge_states,
 };
 #[cfg(feature = "bindings")]
@@ -134,10 +134,6 @@ macro_rules! export_aggregate {
 
             struct WeirAggregateExport;
 
-            fn from_wit(state: AggregateState) -> $crate::EncodedState {
-                $crate::EncodedState { version: state.version, bytes: state.bytes }
-            }
-
             fn to_wit(state: $crate::EncodedState) -> AggregateState {
                 AggregateState { version: state.version, bytes: state.bytes }
             }
@@ -161,27 +157,21 @@ macro_rules! export_aggregate {
                     }
                 }
 
-                fn accumulate(
-                    state: AggregateState,
-                    batch: Vec<u8>,
-                ) -> ::core::result::Result<AggregateState, String> {
-                    let state = from_wit(state);
+                fn accumulate(states: Vec<u8>, batch: Vec<u8>, groups: Vec<u32>) -> Vec<u8> {
                     $crate::__private::with_aggregate::<$aggregate, _>(|aggregate| {
-                        $crate::accumulate_batch(aggregate, &state, &batch).map(to_wit)
+                        $crate::accumulate_states(aggregate, &states, &batch, &groups)
                     })
                 }
 
-                fn merge(states: Vec<AggregateState>) -> ::core::result::Result<AggregateState, String> {
-                    let states: Vec<_> = states.into_iter().map(from_wit).collect();
+                fn merge(states: Vec<u8>) -> ::core::result::Result<AggregateState, String> {
                     $crate::__private::with_aggregate::<$aggregate, _>(|aggregate| {
                         $crate::merge_states(aggregate, &states).map(to_wit)
                     })
                 }
 
-                fn finish(state: AggregateState) -> ::core::result::Result<String, String> {
-                    let state = from_wit(state);
+                fn finish(states: Vec<u8>) -> Vec<u8> {
                     $crate::__private::with_aggregate::<$aggregate, _>(|aggregate| {
-                        $crate::finish_state(aggregate, &state)
+                        $crate::finish_states(aggregate, &states)
                     })
                 }
             }

@@ -193,21 +193,40 @@ pub fn run<T: crate::Transform>(plugin: &mut T, records: &[TestRecord]) -> Vec<T
 pub use crate::{configure, configure_aggregate};
 
 /// Runs `aggregate` natively the way the host does: each group of records
-/// folded into its own state (one packed batch per group), the states
-/// merged, the result finished. Gives the result's JSON text, or the error
-/// a call returned.
+/// folded into its own state (all groups in one `accumulate`, one packed
+/// batch), the states merged, the result finished. Gives the result's JSON
+/// text, or the error a call returned.
 #[cfg(feature = "bindings")]
 pub fn aggregate<A: crate::Aggregate>(
     aggregate: &mut A,
     groups: &[&[TestRecord]],
 ) -> Result<String, String> {
-    let mut states = Vec::with_capacity(groups.len());
-    for group in groups {
-        let empty = crate::create_state::<A>()?;
-        states.push(crate::accumulate_batch(aggregate, &empty, &pack(group))?);
+    use crate::abi::{Entry, EntryWriter, read_entries};
+    let empty = crate::create_state::<A>()?;
+    let mut states = EntryWriter::new();
+    let (mut records, mut owners) = (Vec::new(), Vec::new());
+    for (at, group) in groups.iter().enumerate() {
+        states.push(empty.version, &empty.bytes);
+        records.extend(group.iter().cloned());
+        owners.extend(std::iter::repeat_n(at as u32, group.len()));
     }
-    let merged = crate::merge_states(aggregate, &states)?;
-    crate::finish_state(aggregate, &merged)
+    let folded = crate::accumulate_states(aggregate, &states.finish(), &pack(&records), &owners);
+    let mut merged = EntryWriter::new();
+    for entry in read_entries(&folded).map_err(|e| e.to_string())? {
+        match entry {
+            Entry::Ok { version, bytes } => merged.push(version, bytes),
+            Entry::Failed(reason) => return Err(reason.to_owned()),
+        }
+    }
+    let state = crate::merge_states(aggregate, &merged.finish())?;
+    let mut one = EntryWriter::new();
+    one.push(state.version, &state.bytes);
+    let finished = crate::finish_states(aggregate, &one.finish());
+    match read_entries(&finished).map_err(|e| e.to_string())?.first() {
+        Some(Entry::Ok { bytes, .. }) => Ok(String::from_utf8_lossy(bytes).into_owned()),
+        Some(Entry::Failed(reason)) => Err((*reason).to_owned()),
+        None => Err("finish gave no entry".into()),
+    }
 }
 
 thread_local! {

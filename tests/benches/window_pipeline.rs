@@ -5,7 +5,9 @@
 //! and a HashMap) built into this binary and run as a process in the same
 //! invocation. The native program's windows are the reference: weir's must
 //! be the same, exactly (the jitter is within the delay, so no event is
-//! late). Goals: weir <= 0.5x the native time, peak RSS <= 64 MB.
+//! late). Goals: weir <= 0.5x the native time, peak RSS <= 64 MB. Then the
+//! same sum and count as a plugin aggregate (the `sum-count` fixture):
+//! goal <= 1.5x the built-in's time.
 //!
 //! Run: `cargo bench -p weir-tests --bench window_pipeline`
 //! (`WEIR_BENCH_EVENTS`, `WEIR_BENCH_RUNS`). Prints a table, then one JSON
@@ -60,8 +62,10 @@ fn main() {
         timed(&mut command, output)
     });
     let mut summary = serde_json::Map::new();
+    let builtin = r#"{ fn = "sum", field = "amount", as = "sum_amount" }, { fn = "count", as = "cnt" }"#;
+    let mut builtin_lines = None;
     for (name, format) in [("window-lines", "lines"), ("window-json", "json")] {
-        let weir = best_of(runs, || weir_window(&scratch, name, &input, format));
+        let weir = best_of(runs, || weir_window(&scratch, name, &input, format, builtin));
         let (got, want) = (windows(&weir.output), windows(&native.output));
         assert!(
             got == want,
@@ -88,7 +92,36 @@ fn main() {
                 "windows": got.len(),
             }),
         );
+        builtin_lines.get_or_insert(weir.seconds);
     }
+    let plugin = support::plugin("sum-count");
+    let aggregate = format!(
+        r#"{{ wasm = {:?}, as = "agg", config = {{ field = "amount" }} }}"#,
+        plugin.display().to_string()
+    );
+    let name = "window-wasm";
+    let weir = best_of(runs, || weir_window(&scratch, name, &input, "lines", &aggregate));
+    let (got, want) = (windows(&weir.output), windows(&native.output));
+    assert!(got == want, "{name}: the plugin's windows differ from the reference's");
+    let builtin = builtin_lines.unwrap();
+    let ratio = weir.seconds / builtin;
+    println!(
+        "  {name:<13} weir {:.3} s, {:>3} MiB | built-in sum + count (lines) {builtin:.3} s | {ratio:.2}x (goal <= 1.5x) | {:.2}x native | {} windows, exact",
+        weir.seconds,
+        weir.peak_rss_mib,
+        weir.seconds / native.seconds,
+        got.len()
+    );
+    summary.insert(
+        name.into(),
+        serde_json::json!({
+            "weir_s": weir.seconds,
+            "builtin_s": builtin,
+            "ratio_to_builtin": ratio,
+            "peak_rss_mib": weir.peak_rss_mib,
+            "windows": got.len(),
+        }),
+    );
     summary.insert("bench".into(), "window_pipeline".into());
     println!("{}", serde_json::Value::Object(summary));
 }
@@ -100,7 +133,13 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn weir_window(scratch: &support::Scratch, name: &str, input: &Path, format: &str) -> Run {
+fn weir_window(
+    scratch: &support::Scratch,
+    name: &str,
+    input: &Path,
+    format: &str,
+    aggregates: &str,
+) -> Run {
     let output = scratch.path(&format!("{name}.jsonl"));
     let _ = std::fs::remove_file(&output);
     let pipeline = scratch.path(&format!("{name}.toml"));
@@ -118,7 +157,7 @@ size = "10s"
 key = "user_id"
 time = "ts"
 watermark_delay = "1s"
-aggregates = [ {{ fn = "sum", field = "amount", as = "sum_amount" }}, {{ fn = "count", as = "cnt" }} ]
+aggregates = [ {aggregates} ]
 
 [[pipeline.sink]]
 type = "file"
@@ -133,17 +172,22 @@ path = {output:?}
     timed(&mut command, output)
 }
 
-/// (user, window start, sum, count) of every window in a results file.
+/// (user, window start, sum, count) of every window in a results file
+/// (the built-ins' `sum_amount` and `cnt`, or the plugin's `agg`).
 fn windows(path: &Path) -> BTreeSet<(String, i64, i64, u64)> {
     let text = std::fs::read_to_string(path).unwrap();
     text.lines()
         .map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (sum, count) = match v.get("agg") {
+                Some(agg) => (&agg["sum"], &agg["count"]),
+                None => (&v["sum_amount"], &v["cnt"]),
+            };
             (
                 v["key"].as_str().unwrap().to_owned(),
                 v["window_start"].as_i64().unwrap(),
-                v["sum_amount"].as_i64().unwrap(),
-                v["cnt"].as_u64().unwrap(),
+                sum.as_i64().unwrap(),
+                count.as_u64().unwrap(),
             )
         })
         .collect()

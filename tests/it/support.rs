@@ -20,6 +20,7 @@ const PLUGINS: &[&str] = &[
     "every-tenth",
     "fail-half",
     "top-n",
+    "sum-count",
 ];
 
 pub fn workspace() -> PathBuf {

@@ -380,28 +380,28 @@ impl Instance {
         self.finish_aggregate_call("create-state", result)
     }
 
-    /// An aggregator folds the packed `batch` into `state`. The `Err` of
-    /// the outer result stopped the instance; of the inner one, the plugin
-    /// gave (the instance goes on).
+    /// An aggregator folds the packed `batch` into `states` (entries),
+    /// each record into the state `groups` names; gives the entries it
+    /// returned (checked by the caller).
     pub fn accumulate(
         &mut self,
-        state: &AggregateState,
+        states: &[u8],
         batch: &[u8],
-    ) -> Result<Result<AggregateState, String>, PluginError> {
+        groups: &[u32],
+    ) -> Result<Vec<u8>, PluginError> {
         let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
             return Err(self.stopped("accumulate"));
         };
         arm(&mut self.store, self.deadline_ticks);
-        let result =
-            (bindings.weir_plugin_aggregate()).call_accumulate(&mut self.store, state, batch);
+        let result = (bindings.weir_plugin_aggregate())
+            .call_accumulate(&mut self.store, states, batch, groups);
         self.finish_aggregate_call("accumulate", result)
     }
 
-    /// An aggregator merges `states` into one.
-    pub fn merge(
-        &mut self,
-        states: &[AggregateState],
-    ) -> Result<Result<AggregateState, String>, PluginError> {
+    /// An aggregator merges `states` (entries) into one. The `Err` of the
+    /// outer result stopped the instance; of the inner one, the plugin
+    /// gave (the instance goes on).
+    pub fn merge(&mut self, states: &[u8]) -> Result<Result<AggregateState, String>, PluginError> {
         let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
             return Err(self.stopped("merge"));
         };
@@ -410,16 +410,13 @@ impl Instance {
         self.finish_aggregate_call("merge", result)
     }
 
-    /// An aggregator's result for `state`: one JSON value, as text.
-    pub fn finish(
-        &mut self,
-        state: &AggregateState,
-    ) -> Result<Result<String, String>, PluginError> {
+    /// An aggregator's results for `states` (entries): entries of JSON text.
+    pub fn finish(&mut self, states: &[u8]) -> Result<Vec<u8>, PluginError> {
         let Some(Bindings::Aggregate(bindings)) = &self.bindings else {
             return Err(self.stopped("finish"));
         };
         arm(&mut self.store, self.deadline_ticks);
-        let result = (bindings.weir_plugin_aggregate()).call_finish(&mut self.store, state);
+        let result = (bindings.weir_plugin_aggregate()).call_finish(&mut self.store, states);
         self.finish_aggregate_call("finish", result)
     }
 

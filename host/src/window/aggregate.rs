@@ -184,7 +184,10 @@ impl Accumulator {
             Accumulator::Distinct(seen) => {
                 let _ = write!(out, "{}", seen.len());
             }
-            Accumulator::Plugin(state) => out.push_str(state.settled().unwrap_or("null")),
+            Accumulator::Plugin(state) => match state.settled() {
+                Some(Ok(json)) => out.push_str(json),
+                _ => out.push_str("null"),
+            },
         }
     }
 }

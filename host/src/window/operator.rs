@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::aggregate::{Accumulator, Input, check};
 use super::config::{AggregateFn, WindowKind, WindowSpec};
-use super::plugin::PluginAggregate;
+use super::plugin::{PluginAggregate, PluginState};
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
 
@@ -113,6 +113,22 @@ struct Results {
 }
 
 impl Results {
+    /// Settles the plugin aggregates of every group in `groups` at once
+    /// (a window firing): one call per plugin for all of them, not one per
+    /// key.
+    fn settle_all<K>(&mut self, groups: &mut [(K, &mut Vec<Accumulator>)]) {
+        for (at, plugin) in self.plugins.iter_mut().enumerate() {
+            let Some(plugin) = plugin else { continue };
+            let mut states: Vec<&mut PluginState> = (groups.iter_mut())
+                .filter_map(|(_, accumulators)| match &mut accumulators[at] {
+                    Accumulator::Plugin(state) => Some(&mut **state),
+                    _ => None,
+                })
+                .collect();
+            plugin.settle(&mut states);
+        }
+    }
+
     fn result(
         &mut self,
         (window_start, window_end): (i64, i64),
@@ -125,16 +141,14 @@ impl Results {
             let Accumulator::Plugin(state) = accumulator else {
                 continue;
             };
-            let settled = match self.plugins.get_mut(at).and_then(Option::as_mut) {
-                Some(plugin) => plugin
-                    .settle(state)
-                    .map(drop)
-                    .map_err(|err| format!("{}: {err}", plugin.label())),
-                None => Err("no plugin instance".to_owned()),
+            let name = self.names[at].trim_start_matches(',').trim_end_matches(':');
+            let Some(plugin) = self.plugins.get_mut(at).and_then(Option::as_mut) else {
+                errors.push(format!("aggregate {name} (no plugin instance)"));
+                continue;
             };
-            if let Err(err) = settled {
-                let name = self.names[at].trim_start_matches(',').trim_end_matches(':');
-                errors.push(format!("aggregate {name} ({err})"));
+            plugin.settle(&mut [&mut **state]);
+            if let Some(Err(reason)) = state.settled() {
+                errors.push(format!("aggregate {name} ({}: {reason})", plugin.label()));
             }
         }
         let mut value = String::with_capacity(64 + 24 * accumulators.len());
@@ -473,6 +487,7 @@ impl WindowOperator {
                 {
                     let mut groups: Vec<_> = pane.groups.iter_mut().collect();
                     groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                    self.results.settle_all(&mut groups);
                     for (key, accumulators) in groups {
                         out.results.push(self.results.result(
                             (start, start + size),
