@@ -1078,7 +1078,8 @@ impl EntryWriter {
         let bytes = &bytes[..len_u32(bytes.len()) as usize];
         self.buf.push(tag);
         self.buf.extend_from_slice(&version.to_le_bytes());
-        self.buf.extend_from_slice(&len_u32(bytes.len()).to_le_bytes());
+        self.buf
+            .extend_from_slice(&len_u32(bytes.len()).to_le_bytes());
         self.buf.extend_from_slice(bytes);
         self.count += 1;
     }

@@ -62,10 +62,13 @@ fn main() {
         timed(&mut command, output)
     });
     let mut summary = serde_json::Map::new();
-    let builtin = r#"{ fn = "sum", field = "amount", as = "sum_amount" }, { fn = "count", as = "cnt" }"#;
+    let builtin =
+        r#"{ fn = "sum", field = "amount", as = "sum_amount" }, { fn = "count", as = "cnt" }"#;
     let mut builtin_lines = None;
     for (name, format) in [("window-lines", "lines"), ("window-json", "json")] {
-        let weir = best_of(runs, || weir_window(&scratch, name, &input, format, builtin));
+        let weir = best_of(runs, || {
+            weir_window(&scratch, name, &input, format, builtin)
+        });
         let (got, want) = (windows(&weir.output), windows(&native.output));
         assert!(
             got == want,
@@ -100,9 +103,14 @@ fn main() {
         plugin.display().to_string()
     );
     let name = "window-wasm";
-    let weir = best_of(runs, || weir_window(&scratch, name, &input, "lines", &aggregate));
+    let weir = best_of(runs, || {
+        weir_window(&scratch, name, &input, "lines", &aggregate)
+    });
     let (got, want) = (windows(&weir.output), windows(&native.output));
-    assert!(got == want, "{name}: the plugin's windows differ from the reference's");
+    assert!(
+        got == want,
+        "{name}: the plugin's windows differ from the reference's"
+    );
     let builtin = builtin_lines.unwrap();
     let ratio = weir.seconds / builtin;
     println!(

@@ -416,3 +416,42 @@ type = "stdout"
     assert!(ok, "{err}");
     assert!(!scratch.path("fresh").exists(), "check created nothing");
 }
+
+/// `weir plugin build` builds a window aggregate as it does a transform,
+/// and `weir check` starts the aggregates a window names.
+#[test]
+fn plugin_build_and_check_know_a_window_aggregate() {
+    let scratch = Scratch::new();
+    let cache = scratch.path("cache");
+    let dir = workspace().join("plugins/top-n");
+    let built = weir(&["plugin", "build", dir.to_str().unwrap()], &cache);
+    assert!(built.status.success(), "{}", stderr(&built));
+    assert!(
+        stdout(&built).contains("built top-n 0.1.0 (window aggregate)"),
+        "{}",
+        stdout(&built)
+    );
+    std::fs::write(scratch.path("in.jsonl"), "").unwrap();
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "ranked"
+source = { type = "file", path = "{dir}/in.jsonl" }
+[pipeline.window]
+kind = "tumbling"
+size = "1s"
+aggregates = [ { crate = "PLUGIN", as = "top", config = { field = "v" } } ]
+[[pipeline.sink]]
+type = "stdout"
+"#
+        .replace("PLUGIN", dir.to_str().unwrap())
+        .as_str(),
+    );
+    let checked = weir(&["check", path.to_str().unwrap()], &cache);
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    assert!(
+        stdout(&checked).contains("window with aggregate plugin(s): top-n 0.1.0"),
+        "{}",
+        stdout(&checked)
+    );
+}

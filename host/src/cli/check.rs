@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::{PipelineFile, SourceConfig};
-use crate::engine::{EngineOptions, Limits, PluginEngine};
-use crate::pipeline::prepare_chain;
+use crate::engine::{EngineOptions, Limits, LoadError, PluginEngine};
+use crate::pipeline::{prepare_chain, prepare_window};
 use crate::plugin::build_crate;
 
 pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
@@ -53,9 +53,17 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 )
             })
             .collect();
+        let aggregates = match prepare_window(&file, pipeline, &engine)? {
+            Some((_, plugins)) if !plugins.is_empty() => {
+                let labels: Vec<&str> = plugins.iter().map(|p| p.label()).collect();
+                format!(", window with aggregate plugin(s): {}", labels.join(", "))
+            }
+            Some(_) => ", window".to_owned(),
+            None => String::new(),
+        };
         say!(
             stdout,
-            "ok: pipeline `{}`: {} plugin(s){}{}, {} sink(s)",
+            "ok: pipeline `{}`: {} plugin(s){}{}{aggregates}, {} sink(s)",
             pipeline.name.get_ref(),
             plugins.len(),
             if plugins.is_empty() { "" } else { ": " },
@@ -69,7 +77,11 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
 pub fn build_plugin(dir: &Path) -> anyhow::Result<ExitCode> {
     let wasm = build_crate(dir)?;
     let engine = PluginEngine::new(EngineOptions::default())?;
-    let plugin = engine.load(&wasm)?;
+    // A transformer or a window aggregate: either is a plugin to build.
+    let (plugin, kind) = match engine.load(&wasm) {
+        Err(LoadError::OtherWorld { .. }) => (engine.load_aggregate(&wasm)?, " (window aggregate)"),
+        loaded => (loaded?, ""),
+    };
     let described = plugin.describe(&Limits::default())?;
     let cached = match engine.cache().dir() {
         Some(dir) => format!("precompiled into {}", dir.display()),
@@ -77,7 +89,7 @@ pub fn build_plugin(dir: &Path) -> anyhow::Result<ExitCode> {
     };
     say!(
         stdout,
-        "built {} {}: {} ({cached})",
+        "built {} {}{kind}: {} ({cached})",
         described.name(),
         described.version(),
         wasm.display(),

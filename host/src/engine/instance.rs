@@ -393,8 +393,12 @@ impl Instance {
             return Err(self.stopped("accumulate"));
         };
         arm(&mut self.store, self.deadline_ticks);
-        let result = (bindings.weir_plugin_aggregate())
-            .call_accumulate(&mut self.store, states, batch, groups);
+        let result = (bindings.weir_plugin_aggregate()).call_accumulate(
+            &mut self.store,
+            states,
+            batch,
+            groups,
+        );
         self.finish_aggregate_call("accumulate", result)
     }
 

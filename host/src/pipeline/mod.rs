@@ -172,7 +172,7 @@ fn blame(
 
 /// The window of `pipeline`, if it has one, with its plugin aggregates
 /// started (crates built first).
-fn prepare_window(
+pub fn prepare_window(
     file: &PipelineFile,
     pipeline: &PipelineConfig,
     engine: &PluginEngine,

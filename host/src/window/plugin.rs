@@ -134,7 +134,8 @@ impl PluginAggregate {
         }
         let empty = (self.empty.version, &self.empty.bytes[..]);
         let current = entries(states.iter().map(|s| s.current().unwrap_or(empty)));
-        let mut batch = Vec::with_capacity(4 + states.iter().map(|s| s.pending.len() - 4).sum::<usize>());
+        let mut batch =
+            Vec::with_capacity(4 + states.iter().map(|s| s.pending.len() - 4).sum::<usize>());
         batch.extend_from_slice(&(pending as u32).to_le_bytes());
         let mut groups = Vec::with_capacity(pending);
         for (at, state) in states.iter().enumerate() {

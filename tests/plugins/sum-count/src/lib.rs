@@ -28,7 +28,9 @@ impl Aggregate for SumCount {
         for field in weir_guest::json::fields(record.value()) {
             let (name, raw) = field.map_err(|e| Error::new(format!("not a JSON object: {e}")))?;
             if name.is(&self.field) {
-                let value = std::str::from_utf8(raw).ok().and_then(|t| t.parse::<i64>().ok());
+                let value = std::str::from_utf8(raw)
+                    .ok()
+                    .and_then(|t| t.parse::<i64>().ok());
                 totals.sum += value.ok_or_else(|| Error::new("not an integer"))?;
                 break;
             }
