@@ -279,9 +279,10 @@ impl Batch {
     pub fn get(&self, index: usize) -> RecordRef<'_> {
         let slot = self.index[index];
         // The host packed every byte of the batch itself.
-        let (view, _) = record_at(&self.wire, slot.at).expect("a batch the host packed parses");
+        let (view, end) = record_at(&self.wire, slot.at).expect("a batch the host packed parses");
         RecordRef {
             view,
+            packed: &self.wire[slot.at..end],
             route: match slot.route {
                 0 => None,
                 id => Some(&self.routes[usize::from(id) - 1]),
@@ -305,6 +306,8 @@ impl Batch {
 #[derive(Clone, Copy, Debug)]
 pub struct RecordRef<'a> {
     view: RecordView<'a>,
+    /// Its bytes in the batch layout.
+    packed: &'a [u8],
     route: Option<&'a Arc<str>>,
     tombstone: bool,
 }
@@ -320,6 +323,13 @@ impl<'a> RecordRef<'a> {
     #[inline]
     pub fn value(&self) -> &'a [u8] {
         self.view.value()
+    }
+
+    /// The record in the batch layout (`wit/README.md`), headers included:
+    /// what a plugin would be sent for it.
+    #[inline]
+    pub fn packed(&self) -> &'a [u8] {
+        self.packed
     }
 
     /// Event time, ms since the Unix epoch.

@@ -9,10 +9,13 @@
 //! carries up to [`CALL_BYTES`] of records or states, so the boundary costs
 //! a few nanoseconds a record, not a call per key.
 
-use weir_guest::abi::{Entry, EntryWriter, RecordParts, pack_record, read_entries};
+use weir_guest::abi::{Entry, EntryWriter, read_entries};
 
 use crate::batch::RecordRef;
 use crate::engine::{AggregateState, Instance, Limits, LoadedPlugin, PluginError};
+
+/// Where a packed record's timestamp is (`wit/README.md`).
+const TIMESTAMP_AT: usize = 8;
 
 /// How many bytes of records (or states) one call carries at most.
 pub const CALL_BYTES: usize = 4 << 20;
@@ -281,17 +284,12 @@ impl PluginState {
         self.parts.first().map_or(0, |p| p.bytes.len()) + 9
     }
 
-    /// Takes one record, stamped with its event time.
+    /// Takes one record, stamped with its event time: its packed bytes as
+    /// they are in its batch, the timestamp replaced.
     pub fn add(&mut self, record: &RecordRef<'_>, time: i64) {
-        let parts = RecordParts {
-            key: record.key(),
-            value: record.value(),
-            timestamp: Some(time),
-            topic: record.topic(),
-            partition: record.partition(),
-            offset: record.offset(),
-        };
-        pack_record(&mut self.pending, parts, record.headers());
+        let at = self.pending.len();
+        self.pending.extend_from_slice(record.packed());
+        self.pending[at + TIMESTAMP_AT..at + TIMESTAMP_AT + 8].copy_from_slice(&time.to_le_bytes());
         self.count += 1;
         self.outcome = None;
     }
