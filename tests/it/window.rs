@@ -187,6 +187,31 @@ type = "stdout"
         err.contains("pipeline.toml:6:") && err.contains("would skip events"),
         "{err}"
     );
+
+    // Exactly-once is not promised for windows yet: said, not weakened.
+    let path = scratch.pipeline(
+        r#"
+[[pipeline]]
+name = "exact"
+delivery = "exactly_once"
+source = { type = "kafka", brokers = "127.0.0.1:9", topics = ["in"] }
+
+[pipeline.window]
+kind = "tumbling"
+size = "1s"
+aggregates = [ { fn = "count" } ]
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "127.0.0.1:9"
+topic = "out"
+"#,
+    );
+    let err = PipelineFile::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("pipeline.toml:7:") && err.contains("use `delivery = \"at_least_once\"`"),
+        "{err}"
+    );
 }
 
 /// Kafka -> window -> Kafka, the worker killed with SIGKILL three times
