@@ -16,7 +16,7 @@ pub enum Accumulator {
     /// Records counted.
     Count(u64),
     /// A running sum; `None` until a value comes.
-    Sum(Option<f64>),
+    Sum(Option<Sum>),
     /// The smallest value so far.
     Min(Option<f64>),
     /// The largest value so far.
@@ -91,7 +91,7 @@ impl Accumulator {
         };
         match self {
             Accumulator::Count(n) => *n += 1,
-            Accumulator::Sum(sum) => *sum = Some(sum.unwrap_or(0.0) + number(raw)),
+            Accumulator::Sum(sum) => sum.get_or_insert_with(Sum::default).add(raw),
             Accumulator::Min(min) => {
                 let value = number(raw);
                 *min = Some(min.map_or(value, |m| m.min(value)));
@@ -134,8 +134,11 @@ impl Accumulator {
         match (self, other) {
             (Accumulator::Count(a), Accumulator::Count(b)) => *a += b,
             (Accumulator::Sum(a), Accumulator::Sum(b)) => {
-                *a = match (*a, b) {
-                    (Some(a), Some(b)) => Some(a + b),
+                *a = match (a.take(), b) {
+                    (Some(mut a), Some(b)) => {
+                        a.merge(b);
+                        Some(a)
+                    }
                     (a, b) => a.or(b),
                 }
             }
@@ -173,9 +176,9 @@ impl Accumulator {
             Accumulator::Count(n) => {
                 let _ = write!(out, "{n}");
             }
-            Accumulator::Sum(value) | Accumulator::Min(value) | Accumulator::Max(value) => {
-                write_number(*value, out);
-            }
+            Accumulator::Sum(None) => out.push_str("null"),
+            Accumulator::Sum(Some(sum)) => sum.write_json(out),
+            Accumulator::Min(value) | Accumulator::Max(value) => write_number(*value, out),
             Accumulator::Avg(sum, n) => write_number((*n > 0).then(|| sum / *n as f64), out),
             Accumulator::First(value) | Accumulator::Last(value) => match value {
                 Some(value) => out.push_str(&String::from_utf8_lossy(&value.raw)),
@@ -190,6 +193,95 @@ impl Accumulator {
             },
         }
     }
+}
+
+/// A sum, exact while every value is a plain decimal (`12`, `-3.75`: no
+/// exponent, at most [`Sum::MAX_SCALE`] decimals) and it fits: money adds
+/// up to `13371.2`, not `13371.200000000003`. A value it cannot hold
+/// exactly, or an overflow, makes it a float sum from then on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sum {
+    /// The sum times `10^scale`, while exact.
+    exact: Option<(i128, u32)>,
+    /// The float sum, kept beside it.
+    float: f64,
+}
+
+impl Sum {
+    const MAX_SCALE: u32 = 18;
+
+    fn add(&mut self, raw: &[u8]) {
+        self.float += number(raw);
+        self.exact = self.exact.and_then(|sum| add_exact(sum, decimal(raw)?));
+    }
+
+    fn merge(&mut self, other: Sum) {
+        self.float += other.float;
+        self.exact = match (self.exact, other.exact) {
+            (Some(a), Some(b)) => add_exact(a, b),
+            _ => None,
+        };
+    }
+
+    fn write_json(&self, out: &mut String) {
+        let Some((mantissa, scale)) = self.exact else {
+            return write_number(Some(self.float), out);
+        };
+        let digits = mantissa.unsigned_abs().to_string();
+        let scale = scale as usize;
+        let (whole, fraction) = match digits.len() > scale {
+            true => digits.split_at(digits.len() - scale),
+            false => ("", digits.as_str()),
+        };
+        let fraction = format!("{fraction:0>scale$}");
+        let fraction = fraction.trim_end_matches('0');
+        if mantissa < 0 {
+            out.push('-');
+        }
+        out.push_str(if whole.is_empty() { "0" } else { whole });
+        if !fraction.is_empty() {
+            out.push('.');
+            out.push_str(fraction);
+        }
+    }
+}
+
+impl Default for Sum {
+    fn default() -> Self {
+        Sum {
+            exact: Some((0, 0)),
+            float: 0.0,
+        }
+    }
+}
+
+/// A plain decimal's mantissa and scale (`-3.75` is `(-375, 2)`).
+fn decimal(raw: &[u8]) -> Option<(i128, u32)> {
+    let (negative, digits) = match raw {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, raw),
+    };
+    let (mut mantissa, mut scale, mut dot) = (0i128, 0u32, false);
+    for &byte in digits {
+        match byte {
+            b'0'..=b'9' => {
+                mantissa = mantissa
+                    .checked_mul(10)?
+                    .checked_add(i128::from(byte - b'0'))?;
+                scale += u32::from(dot);
+            }
+            b'.' if !dot => dot = true,
+            _ => return None,
+        }
+    }
+    (scale <= Sum::MAX_SCALE).then_some((if negative { -mantissa } else { mantissa }, scale))
+}
+
+fn add_exact((a, a_scale): (i128, u32), (b, b_scale): (i128, u32)) -> Option<(i128, u32)> {
+    let scale = a_scale.max(b_scale);
+    let a = a.checked_mul(10i128.checked_pow(scale - a_scale)?)?;
+    let b = b.checked_mul(10i128.checked_pow(scale - b_scale)?)?;
+    Some((a.checked_add(b)?, scale))
 }
 
 /// Whether `raw` suits aggregate `function`: numeric ones need a number
@@ -297,6 +389,17 @@ mod tests {
             run(AggregateFn::Last, &[("\"a\"", 1), ("\"b\"", 1)]),
             "\"b\""
         );
+    }
+
+    #[test]
+    fn a_sum_of_decimals_is_exact_until_it_cannot_be() {
+        let money = [("13371.19", 1), ("0.01", 2), ("-0.5", 3), ("100", 4)];
+        assert_eq!(run(AggregateFn::Sum, &money), "13470.7");
+        assert_eq!(run(AggregateFn::Sum, &[("0.1", 1), ("0.2", 2)]), "0.3");
+        assert_eq!(run(AggregateFn::Sum, &[("-0.25", 1), ("0.05", 2)]), "-0.2");
+        assert_eq!(run(AggregateFn::Sum, &[("1.5", 1), ("-1.5", 2)]), "0");
+        // An exponent: a float sum from then on.
+        assert_eq!(run(AggregateFn::Sum, &[("1e2", 1), ("0.5", 2)]), "100.5");
     }
 
     #[test]
