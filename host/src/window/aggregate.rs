@@ -203,24 +203,38 @@ impl Accumulator {
 pub struct Sum {
     /// The sum times `10^scale`, while exact.
     exact: Option<(i128, u32)>,
-    /// The float sum, kept beside it.
+    /// The float sum, once it is not exact.
     float: f64,
 }
 
 impl Sum {
     const MAX_SCALE: u32 = 18;
 
+    #[inline]
     fn add(&mut self, raw: &[u8]) {
+        if let Some(sum) = self.exact {
+            self.exact = decimal(raw).and_then(|value| add_exact(sum, value));
+            if self.exact.is_some() {
+                return;
+            }
+            self.float = as_float(sum);
+        }
         self.float += number(raw);
-        self.exact = self.exact.and_then(|sum| add_exact(sum, decimal(raw)?));
     }
 
     fn merge(&mut self, other: Sum) {
-        self.float += other.float;
         self.exact = match (self.exact, other.exact) {
             (Some(a), Some(b)) => add_exact(a, b),
             _ => None,
         };
+        if self.exact.is_none() {
+            self.float = self.value() + other.value();
+        }
+    }
+
+    /// The sum as a float.
+    fn value(&self) -> f64 {
+        self.exact.map_or(self.float, as_float)
     }
 
     fn write_json(&self, out: &mut String) {
@@ -275,6 +289,10 @@ fn decimal(raw: &[u8]) -> Option<(i128, u32)> {
         }
     }
     (scale <= Sum::MAX_SCALE).then_some((if negative { -mantissa } else { mantissa }, scale))
+}
+
+fn as_float((mantissa, scale): (i128, u32)) -> f64 {
+    mantissa as f64 / 10f64.powi(scale as i32)
 }
 
 fn add_exact((a, a_scale): (i128, u32), (b, b_scale): (i128, u32)) -> Option<(i128, u32)> {
