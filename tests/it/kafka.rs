@@ -234,7 +234,7 @@ path = "dead.jsonl"
 }
 
 /// A `weir run` child process whose log goes to the test's output.
-pub(crate) fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
+fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
     spawn(path, cache, worker, Stdio::inherit())
 }
 
@@ -314,7 +314,7 @@ fn spawn(path: &std::path::Path, cache: &std::path::Path, worker: &str, stderr: 
         .unwrap()
 }
 
-pub(crate) fn stop_gracefully(mut child: Child) {
+fn stop_gracefully(mut child: Child) {
     // A worker signalled before it has installed its handlers (the first
     // milliseconds of its life) dies of the signal, as any process would.
     std::thread::sleep(Duration::from_secs(1));
@@ -379,14 +379,14 @@ impl Watcher {
 
 /// Fails the test at once if the worker has exited: it must ride out
 /// whatever the test does to the broker.
-pub(crate) fn still_running(worker: &mut Child) -> bool {
+fn still_running(worker: &mut Child) -> bool {
     if let Ok(Some(status)) = worker.try_wait() {
         panic!("the worker exited ({status}) instead of riding out the outage; its log is above");
     }
     true
 }
 
-pub(crate) fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(
@@ -395,6 +395,47 @@ pub(crate) fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> b
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Runs `weir run path` as a worker and kills it with SIGKILL three times,
+/// each time once it has written `outputs` more records to `out` (checking
+/// that not every one of the `inputs` on `in` was committed by then: the
+/// kill came mid-stream); then runs it until every input is committed and
+/// stops it cleanly.
+pub(crate) fn kill_three_times_then_finish(
+    path: &std::path::Path,
+    cache: &std::path::Path,
+    watch: &Watcher,
+    inputs: i64,
+    outputs: i64,
+) {
+    tokio::task::block_in_place(|| {
+        for kill in 1..=3 {
+            let before = watch.size("out");
+            let mut worker = spawn_worker(path, cache, "1");
+            wait_for("new output before a kill", Duration::from_secs(90), || {
+                still_running(&mut worker) && watch.size("out") > before + outputs
+            });
+            worker.kill().unwrap();
+            worker.wait().unwrap();
+            let committed = watch.committed("in");
+            eprintln!(
+                "kill {kill}: {} outputs written, {committed} inputs committed",
+                watch.size("out"),
+            );
+            assert!(
+                committed < inputs,
+                "kill {kill} came after every input was committed: it tested nothing"
+            );
+        }
+        let worker = spawn_worker(path, cache, "1");
+        wait_for(
+            "every input offset committed",
+            Duration::from_secs(180),
+            || watch.committed("in") >= inputs,
+        );
+        stop_gracefully(worker);
+    });
 }
 
 /// Kills a worker running `lanes` lanes with SIGKILL three times as soon as
@@ -416,33 +457,7 @@ async fn kill_and_restart(
     let path = paced_survivor_pipeline(&scratch, &broker, delivery, 50, Some(lanes));
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
-    tokio::task::block_in_place(|| {
-        for kill in 1..=3 {
-            let before = watch.size("out");
-            let mut worker = spawn_worker(&path, &cache, "1");
-            wait_for("new output before a kill", Duration::from_secs(60), || {
-                still_running(&mut worker) && watch.size("out") > before + 2_000
-            });
-            worker.kill().unwrap();
-            worker.wait().unwrap();
-            let committed = watch.committed("in");
-            eprintln!(
-                "kill {kill}: {} outputs written, {committed} inputs committed",
-                watch.size("out"),
-            );
-            assert!(
-                committed < RECORDS as i64,
-                "kill {kill} came after every input was committed: it tested nothing"
-            );
-        }
-        let worker = spawn_worker(&path, &cache, "1");
-        wait_for(
-            "every input offset committed",
-            Duration::from_secs(120),
-            || watch.committed("in") >= RECORDS as i64,
-        );
-        stop_gracefully(worker);
-    });
+    kill_three_times_then_finish(&path, &cache, &watch, RECORDS as i64, 2_000);
 
     (
         (0..RECORDS).collect(),

@@ -221,8 +221,7 @@ topic = "out"
 /// watermark waits for every partition the consumer is still behind on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_windows_survive_sigkill_with_every_window_present() {
-    use crate::kafka::{Watcher, spawn_worker, still_running, stop_gracefully, wait_for};
-    use std::time::Duration;
+    use crate::kafka::{Watcher, kill_three_times_then_finish};
 
     const EVENTS: usize = 60_000;
     const PARTITIONS: i32 = 6;
@@ -307,33 +306,7 @@ topic = "dlq"
     ));
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "windowers", PARTITIONS);
-    tokio::task::block_in_place(|| {
-        for kill in 1..=3 {
-            let before = watch.size("out");
-            let mut worker = spawn_worker(&path, &cache, "1");
-            wait_for("new results before a kill", Duration::from_secs(90), || {
-                still_running(&mut worker) && watch.size("out") > before + 1_500
-            });
-            worker.kill().unwrap();
-            worker.wait().unwrap();
-            let committed = watch.committed("in");
-            eprintln!(
-                "kill {kill}: {} results written, {committed} events committed",
-                watch.size("out"),
-            );
-            assert!(
-                committed < EVENTS as i64,
-                "kill {kill} came after every event was committed: it tested nothing"
-            );
-        }
-        let worker = spawn_worker(&path, &cache, "1");
-        wait_for(
-            "every event's offset committed",
-            Duration::from_secs(180),
-            || watch.committed("in") >= EVENTS as i64,
-        );
-        stop_gracefully(worker);
-    });
+    kill_three_times_then_finish(&path, &cache, &watch, EVENTS as i64, 1_500);
 
     let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
     for (user, ts, amount) in &events {
