@@ -11,7 +11,8 @@ use weir::source::generator::{EventGenerator, EventKind, GeneratorConfig};
 
 use crate::support::Scratch;
 
-async fn run_pipelines(path: &std::path::Path) -> Vec<MetricsSnapshot> {
+/// Runs every pipeline of `path` in process, to its end; their summaries.
+pub(crate) async fn run_pipelines(path: &std::path::Path) -> Vec<MetricsSnapshot> {
     let file = PipelineFile::load(path).unwrap();
     let engine = PluginEngine::new(EngineOptions::default()).unwrap();
     let (_stop, shutdown) = tokio::sync::watch::channel(false);

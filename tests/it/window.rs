@@ -68,16 +68,7 @@ type = "file"
 path = "{dir}/dead.jsonl"
 "#,
     );
-    let file = PipelineFile::load(&path).unwrap();
-    let engine = PluginEngine::new(EngineOptions {
-        cache_dir: Some(scratch.path("cache")),
-    })
-    .unwrap();
-    let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine)
-        .await
-        .unwrap();
-    let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    let summary = pipeline.run(shutdown).await.unwrap();
+    let summary = crate::pipeline::run_pipelines(&path).await.remove(0);
 
     // The model: one partition (the file), the watermark the latest time
     // so far minus 500 ms; an event is late if its window ended by then.
@@ -483,17 +474,13 @@ path = "{{dir}}/dead.jsonl"
         ))
     };
     let top = r#"{ wasm = "{plugin:top-n}", as = "top2", config = { field = "amount", n = 2 } }"#;
-    let path = pipeline(top, "");
+    let summary = crate::pipeline::run_pipelines(&pipeline(top, ""))
+        .await
+        .remove(0);
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: Some(scratch.path("cache")),
     })
     .unwrap();
-    let file = PipelineFile::load(&path).unwrap();
-    let built = Pipeline::build(&file, &file.pipelines[0], &engine)
-        .await
-        .unwrap();
-    let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    let summary = built.run(shutdown).await.unwrap();
     let got: Vec<String> = (scratch.json_lines("windows.jsonl").iter())
         .map(|w| {
             format!(
