@@ -23,6 +23,7 @@ use super::trial::Change;
 use crate::batch::Batch;
 use crate::engine::{Instance, PluginError};
 use crate::source::{Checkpoint, Rejected, SourceBatch, Spread, Validate};
+use crate::window::{FieldReader, ReadBatch};
 
 /// Batches a lane takes ahead of the one it processes.
 pub(super) const IN_FLIGHT: usize = 2;
@@ -74,6 +75,8 @@ pub(super) struct Processed {
     lane: usize,
     parts: usize,
     pub records: Batch,
+    /// What the pipeline's window reads of `records`, if it has one.
+    pub read: Option<ReadBatch>,
     pub dead: Vec<DeadLetter>,
     pub dropped: u64,
     pub faults: u64,
@@ -207,11 +210,13 @@ impl FanOut {
     }
 }
 
-/// One lane: runs each job through `chain` and sends what it became on.
-/// Stops when the jobs end, the sinks stop listening, or the pipeline is
-/// quarantined (by this lane or another).
+/// One lane: runs each job through `chain`, reads what the pipeline's
+/// window needs of its outputs (with `window`, if it has one) and sends
+/// them on. Stops when the jobs end, the sinks stop listening, or the
+/// pipeline is quarantined (by this lane or another).
 pub(super) fn run_lane(
     mut chain: Chain,
+    window: Option<FieldReader>,
     mut orders: mpsc::Receiver<Order>,
     processed: mpsc::Sender<Processed>,
 ) -> Result<(), ChainStop> {
@@ -244,11 +249,13 @@ pub(super) fn run_lane(
             .collect();
         let output = chain.process(records).map_err(ChainStop::Plugin)?;
         dead.extend(output.dead);
+        let read = window.as_ref().map(|reader| reader.read(&output.records));
         let part = Processed {
             seq: job.seq,
             lane: job.lane,
             parts: job.parts,
             records: output.records,
+            read,
             dead,
             dropped: output.dropped,
             faults: output.faults,

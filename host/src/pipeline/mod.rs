@@ -59,7 +59,7 @@ use crate::plugin::{PluginSlot, VersionStore, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
-use crate::window::{PluginAggregate, WindowSpec};
+use crate::window::{PluginAggregate, ReadBatch, WindowSpec};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
 use windowing::WindowStage;
@@ -451,11 +451,15 @@ impl Pipeline {
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
         let mut running = tokio::task::JoinSet::new();
+        let window = window.map(|(spec, plugins)| {
+            WindowStage::new(spec, plugins, source.backlog(), metrics.clone())
+        });
         for chain in lanes {
             let (to_lane, orders) = mpsc::channel(IN_FLIGHT);
             senders.push(to_lane);
             let processed = to_sinks.clone();
-            running.spawn_blocking(move || run_lane(chain, orders, processed));
+            let reader = window.as_ref().map(WindowStage::reader);
+            running.spawn_blocking(move || run_lane(chain, reader, orders, processed));
         }
         drop(to_sinks);
         let mut fan_out = FanOut::new(senders, source.spread());
@@ -486,9 +490,7 @@ impl Pipeline {
             transaction,
             unflushed_sent: 0,
             deferred: None,
-            window: window.map(|(spec, plugins)| {
-                WindowStage::new(spec, plugins, source.backlog(), metrics.clone())
-            }),
+            window,
             drained: drained.clone(),
         };
         let mut writer = tokio::spawn(writer.run(from_lanes));
@@ -748,7 +750,7 @@ impl SinkWriter {
                                 dropped: part.dropped,
                                 faults: part.faults,
                             };
-                            self.write(part.records, part.dead, counts).await?;
+                            self.write(part.records, part.read, part.dead, counts).await?;
                             let Some(done) = part.checkpoint else { continue };
                             let checkpoint = pending.get_or_insert_with(Checkpoint::default);
                             for position in &done.positions {
@@ -788,14 +790,16 @@ impl SinkWriter {
         Ok(())
     }
 
+    /// Writes a processed part (`read`: what the window read of it).
     async fn write(
         &mut self,
         records: Batch,
+        read: Option<ReadBatch>,
         mut dead: Vec<DeadLetter>,
         counts: BatchProcessed,
     ) -> Result<(), SinkError> {
         let records = match &mut self.window {
-            Some(window) => window.apply(records, &mut dead),
+            Some(window) => window.apply(records, read, &mut dead),
             None => records,
         };
         self.write_out(records, dead).await?;

@@ -12,8 +12,9 @@
 //! at or after it, so after a crash the records of every unfired window are
 //! read again (and their windows fire, maybe twice).
 //!
-//! The aggregation runs on the sink writer's task, a batch at a time (a
-//! few hundred microseconds for a thousand records).
+//! The lanes read each record's key, time and aggregate arguments in
+//! parallel ([`WindowStage::reader`]); the grouping and adding runs on the
+//! sink writer's task, a batch at a time.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +26,9 @@ use crate::batch::Batch;
 use crate::metrics::PipelineMetrics;
 use crate::metrics::events::BatchWindowed;
 use crate::source::{Backlog, Behind, Checkpoint};
-use crate::window::{PluginAggregate, WindowOperator, WindowOutput, WindowSpec};
+use crate::window::{
+    FieldReader, PluginAggregate, ReadBatch, WindowOperator, WindowOutput, WindowSpec,
+};
 
 /// The topic window results say they come from.
 pub const RESULT_TOPIC: &str = "window";
@@ -71,13 +74,27 @@ impl WindowStage {
         }
     }
 
-    /// Runs `records` through the window: gives the results and late
-    /// records to write, adding dead letters to `dead`.
-    pub(super) fn apply(&mut self, records: Batch, dead: &mut Vec<DeadLetter>) -> Batch {
+    /// A reader of what the window needs of each record, for a lane.
+    pub(super) fn reader(&self) -> FieldReader {
+        self.operator.reader()
+    }
+
+    /// Runs `records` through the window (`read`: what a lane read of
+    /// them; read here if `None`): gives the results and late records to
+    /// write, adding dead letters to `dead`.
+    pub(super) fn apply(
+        &mut self,
+        records: Batch,
+        read: Option<ReadBatch>,
+        dead: &mut Vec<DeadLetter>,
+    ) -> Batch {
         let mut out = WindowOutput::default();
         let now = Instant::now();
         self.read_backlog(now, &mut out);
-        self.operator.push(&records, now, &mut out);
+        match read {
+            Some(read) => self.operator.push_read(&records, &read, now, &mut out),
+            None => self.operator.push(&records, now, &mut out),
+        }
         let windowed = records.len() - out.late.len() - out.dead.len();
         self.emit(out, Some(&records), dead, windowed as u64)
     }

@@ -24,11 +24,11 @@ pub enum Accumulator {
     /// Sum and count, for the mean.
     Avg(f64, u64),
     /// The earliest value: (event time, arrival, raw JSON).
-    First(Option<Ordered>),
+    First(Option<Box<Ordered>>),
     /// The latest value: (event time, arrival, raw JSON).
-    Last(Option<Ordered>),
+    Last(Option<Box<Ordered>>),
     /// The distinct raw values.
-    Distinct(HashSet<Box<[u8]>>),
+    Distinct(Box<HashSet<Box<[u8]>>>),
     /// A plugin's state, and the records it has not seen yet.
     Plugin(Box<PluginState>),
 }
@@ -41,11 +41,144 @@ pub struct Ordered {
     raw: Box<[u8]>,
 }
 
-/// What one record gives an aggregate: its field's raw JSON value
-/// (`None`: absent), its event time and its arrival number, and (for a
-/// plugin) the record itself.
+/// What one record gives an aggregate, read from its value beforehand
+/// (in a lane, see `fields`): nothing, `null`, a number parsed once, or
+/// the field's raw JSON text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// The field is absent (or the aggregate reads none).
+    Absent,
+    /// The field is `null`.
+    Null,
+    /// A numeric aggregate's number.
+    Number(Number),
+    /// The raw JSON text, as a byte range of the value.
+    Raw(Span),
+}
+
+/// A number as read: exactly if it is a short plain decimal (most are),
+/// else as a float; small, so that a batch's arguments stay small.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Number {
+    /// The value times `10^scale`, if a plain decimal of at most 18 digits.
+    mantissa: i64,
+    /// [`Number::NOT_SHORT`]: not such a decimal (see `raw`).
+    scale: u8,
+    /// The value as a float, or NaN: not worked out yet (a short decimal
+    /// that a sum adds exactly needs none).
+    float: f64,
+    /// Its text in the value.
+    raw: Span,
+}
+
+impl Number {
+    const NOT_SHORT: u8 = u8::MAX;
+
+    /// Exactly, if it is a plain decimal (of up to 38 digits, at most
+    /// [`Sum::MAX_SCALE`] decimals); `value` is the record's value.
+    #[inline]
+    fn exact(&self, value: &[u8]) -> Option<(i128, u32)> {
+        match self.scale {
+            Self::NOT_SHORT => decimal(self.raw.of(value)),
+            scale => Some((i128::from(self.mantissa), u32::from(scale))),
+        }
+    }
+
+    /// As a float; `value` is the record's value.
+    #[inline]
+    fn float(&self, value: &[u8]) -> f64 {
+        if !self.float.is_nan() {
+            return self.float;
+        }
+        Self::float_of(self.mantissa, self.scale, self.raw.of(value))
+    }
+
+    /// The float that `raw` parses to, quickly for a short decimal.
+    #[inline]
+    fn float_of(mantissa: i64, scale: u8, raw: &[u8]) -> f64 {
+        if scale <= 22 && mantissa.unsigned_abs() < 1 << 53 {
+            // Both exact in an f64: one correctly rounded division gives
+            // the same float as parsing the text.
+            return mantissa as f64 / 10f64.powi(i32::from(scale));
+        }
+        weir_guest::json::number(raw).unwrap_or(f64::NAN)
+    }
+}
+
+/// A byte range of a record's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    from: u32,
+    to: u32,
+}
+
+impl Span {
+    /// The range `from..to`.
+    pub fn new(from: usize, to: usize) -> Self {
+        // Values are far below 4 GiB (`max_record_bytes`).
+        Span {
+            from: from as u32,
+            to: to as u32,
+        }
+    }
+
+    /// Its bytes in `value`.
+    #[inline]
+    pub fn of(self, value: &[u8]) -> &[u8] {
+        &value[self.from as usize..self.to as usize]
+    }
+}
+
+impl Arg {
+    /// Reads the field `raw` (at `span` of the value; `None`: absent) for
+    /// aggregate `function`: numeric ones need a finite number (or `null`).
+    #[inline]
+    pub fn read(
+        function: AggregateFn,
+        raw: Option<&[u8]>,
+        span: Span,
+    ) -> Result<Arg, &'static str> {
+        let raw = match raw {
+            None => return Ok(Arg::Absent),
+            Some(b"null") => return Ok(Arg::Null),
+            Some(raw) => raw,
+        };
+        let numeric = match function {
+            AggregateFn::Sum => false,
+            AggregateFn::Min | AggregateFn::Max | AggregateFn::Avg => true,
+            _ => return Ok(Arg::Raw(span)),
+        };
+        let number = match short_decimal(raw) {
+            Some((mantissa, scale)) => Number {
+                mantissa,
+                scale,
+                // A sum adds it exactly: no float needed, unless it is
+                // one for every record.
+                float: match numeric {
+                    true => Number::float_of(mantissa, scale, raw),
+                    false => f64::NAN,
+                },
+                raw: span,
+            },
+            None => Number {
+                mantissa: 0,
+                scale: Number::NOT_SHORT,
+                float: (weir_guest::json::number(raw))
+                    .filter(|n| n.is_finite())
+                    .ok_or("is not a finite number")?,
+                raw: span,
+            },
+        };
+        Ok(Arg::Number(number))
+    }
+}
+
+/// What one record gives an aggregate: its argument (raw text in
+/// `value`), its event time and its arrival number, and (for a plugin)
+/// the record itself.
 pub struct Input<'a> {
-    pub raw: Option<&'a [u8]>,
+    pub arg: &'a Arg,
+    pub value: &'a [u8],
     pub time: i64,
     pub arrival: u64,
     pub record: Option<&'a RecordRef<'a>>,
@@ -62,70 +195,72 @@ impl Accumulator {
             AggregateFn::Avg => Accumulator::Avg(0.0, 0),
             AggregateFn::First => Accumulator::First(None),
             AggregateFn::Last => Accumulator::Last(None),
-            AggregateFn::CountDistinct => Accumulator::Distinct(HashSet::new()),
+            AggregateFn::CountDistinct => Accumulator::Distinct(Box::default()),
             AggregateFn::Plugin => Accumulator::Plugin(Box::default()),
         }
     }
 
     /// Takes one record. An absent or `null` field is skipped (as SQL skips
-    /// NULL); a numeric aggregate over a value that is not a number is the
-    /// record's fault, reported before any accumulator of it changed (see
-    /// [`check`]).
+    /// NULL), but `count` counts a record whose field is absent.
     #[inline]
     pub fn add(&mut self, input: &Input<'_>) {
-        if let Accumulator::Plugin(state) = self {
-            if let Some(record) = input.record {
-                state.add(record, input.time);
-            }
-            return;
-        }
-        let raw = match input.raw {
-            None => {
-                if let Accumulator::Count(n) = self {
-                    *n += 1;
+        let number = match (&mut *self, input.arg) {
+            (Accumulator::Plugin(state), _) => {
+                if let Some(record) = input.record {
+                    state.add(record, input.time);
                 }
                 return;
             }
-            Some(b"null") => return,
-            Some(raw) => raw,
+            (Accumulator::Count(n), Arg::Absent | Arg::Number(_) | Arg::Raw(_)) => {
+                *n += 1;
+                return;
+            }
+            (_, Arg::Absent | Arg::Null) => return,
+            (_, Arg::Number(number)) => number,
+            (accumulator, Arg::Raw(span)) => {
+                let raw = span.of(input.value);
+                match accumulator {
+                    Accumulator::First(first) => {
+                        if (first.as_ref())
+                            .is_none_or(|f| (input.time, input.arrival) < (f.time, f.arrival))
+                        {
+                            *first = Some(ordered(input, raw));
+                        }
+                    }
+                    Accumulator::Last(last) => {
+                        if (last.as_ref())
+                            .is_none_or(|l| (input.time, input.arrival) > (l.time, l.arrival))
+                        {
+                            *last = Some(ordered(input, raw));
+                        }
+                    }
+                    Accumulator::Distinct(seen) => {
+                        if !seen.contains(raw) {
+                            seen.insert(raw.into());
+                        }
+                    }
+                    // `Arg::read` gives the numeric ones numbers.
+                    _ => {}
+                }
+                return;
+            }
         };
+        let value = input.value;
         match self {
-            Accumulator::Count(n) => *n += 1,
-            Accumulator::Sum(sum) => sum.get_or_insert_with(Sum::default).add(raw),
+            Accumulator::Sum(sum) => sum.get_or_insert_with(Sum::default).add(number, value),
             Accumulator::Min(min) => {
-                let value = number(raw);
-                *min = Some(min.map_or(value, |m| m.min(value)));
+                let float = number.float(value);
+                *min = Some(min.map_or(float, |m| m.min(float)));
             }
             Accumulator::Max(max) => {
-                let value = number(raw);
-                *max = Some(max.map_or(value, |m| m.max(value)));
+                let float = number.float(value);
+                *max = Some(max.map_or(float, |m| m.max(float)));
             }
             Accumulator::Avg(sum, n) => {
-                *sum += number(raw);
+                *sum += number.float(value);
                 *n += 1;
             }
-            Accumulator::First(first) => {
-                if first
-                    .as_ref()
-                    .is_none_or(|f| (input.time, input.arrival) < (f.time, f.arrival))
-                {
-                    *first = Some(ordered(input, raw));
-                }
-            }
-            Accumulator::Last(last) => {
-                if last
-                    .as_ref()
-                    .is_none_or(|l| (input.time, input.arrival) > (l.time, l.arrival))
-                {
-                    *last = Some(ordered(input, raw));
-                }
-            }
-            Accumulator::Distinct(seen) => {
-                if !seen.contains(raw) {
-                    seen.insert(raw.into());
-                }
-            }
-            Accumulator::Plugin(_) => {}
+            _ => {}
         }
     }
 
@@ -164,7 +299,7 @@ impl Accumulator {
                     *a = Some(b);
                 }
             }
-            (Accumulator::Distinct(a), Accumulator::Distinct(b)) => a.extend(b),
+            (Accumulator::Distinct(a), Accumulator::Distinct(b)) => a.extend(*b),
             (Accumulator::Plugin(a), Accumulator::Plugin(b)) => a.merge(*b),
             (a, b) => unreachable!("merging different aggregates: {a:?} and {b:?}"),
         }
@@ -201,8 +336,12 @@ impl Accumulator {
 /// exactly, or an overflow, makes it a float sum from then on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sum {
-    /// The sum times `10^scale`, while exact.
-    exact: Option<(i128, u32)>,
+    /// While exact, the sum times `10^scale`: an i128 cut in two halves,
+    /// so that a sum keeps to 8-byte alignment (and an accumulator to 32
+    /// bytes: a window's keys stay close in memory).
+    halves: [u64; 2],
+    /// `Some(scale)` while exact.
+    scale: Option<u8>,
     /// The float sum, once it is not exact.
     float: f64,
 }
@@ -211,34 +350,57 @@ impl Sum {
     const MAX_SCALE: u32 = 18;
 
     #[inline]
-    fn add(&mut self, raw: &[u8]) {
-        if let Some(sum) = self.exact {
-            self.exact = decimal(raw).and_then(|value| add_exact(sum, value));
-            if self.exact.is_some() {
+    fn exact(&self) -> Option<(i128, u32)> {
+        let [low, high] = self.halves;
+        let mantissa = (i128::from(high as i64) << 64) | i128::from(low);
+        self.scale.map(|scale| (mantissa, u32::from(scale)))
+    }
+
+    #[inline]
+    fn set_exact(&mut self, exact: Option<(i128, u32)>) {
+        match exact {
+            Some((mantissa, scale)) => {
+                self.halves = [mantissa as u64, (mantissa >> 64) as u64];
+                // `add_exact` keeps to `MAX_SCALE`.
+                self.scale = Some(scale as u8);
+            }
+            None => self.scale = None,
+        }
+    }
+
+    /// Adds `number` (of the record whose value is `value`).
+    #[inline]
+    fn add(&mut self, number: &Number, value: &[u8]) {
+        if let Some(sum) = self.exact() {
+            let added = number
+                .exact(value)
+                .and_then(|number| add_exact(sum, number));
+            self.set_exact(added);
+            if added.is_some() {
                 return;
             }
             self.float = as_float(sum);
         }
-        self.float += number(raw);
+        self.float += number.float(value);
     }
 
     fn merge(&mut self, other: Sum) {
-        self.exact = match (self.exact, other.exact) {
-            (Some(a), Some(b)) => add_exact(a, b),
-            _ => None,
-        };
-        if self.exact.is_none() {
-            self.float = self.value() + other.value();
+        if let (Some(a), Some(b)) = (self.exact(), other.exact())
+            && let Some(sum) = add_exact(a, b)
+        {
+            return self.set_exact(Some(sum));
         }
+        self.float = self.value() + other.value();
+        self.scale = None;
     }
 
     /// The sum as a float.
     fn value(&self) -> f64 {
-        self.exact.map_or(self.float, as_float)
+        self.exact().map_or(self.float, as_float)
     }
 
     fn write_json(&self, out: &mut String) {
-        let Some((mantissa, scale)) = self.exact else {
+        let Some((mantissa, scale)) = self.exact() else {
             return write_number(Some(self.float), out);
         };
         let digits = mantissa.unsigned_abs().to_string();
@@ -263,31 +425,77 @@ impl Sum {
 impl Default for Sum {
     fn default() -> Self {
         Sum {
-            exact: Some((0, 0)),
+            halves: [0; 2],
+            scale: Some(0),
             float: 0.0,
         }
     }
 }
 
-/// A plain decimal's mantissa and scale (`-3.75` is `(-375, 2)`).
-fn decimal(raw: &[u8]) -> Option<(i128, u32)> {
+/// A plain decimal of at most 18 digits: its mantissa and scale (`-3.75`
+/// is `(-375, 2)`), with no wide arithmetic.
+#[inline]
+fn short_decimal(raw: &[u8]) -> Option<(i64, u8)> {
     let (negative, digits) = match raw {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, raw),
     };
-    let (mut mantissa, mut scale, mut dot) = (0i128, 0u32, false);
+    if digits.len() > 19 {
+        return None;
+    }
+    let (mut mantissa, mut scale, mut dot, mut count) = (0i64, 0u8, false, 0);
     for &byte in digits {
         match byte {
-            b'0'..=b'9' => {
-                mantissa = mantissa
-                    .checked_mul(10)?
-                    .checked_add(i128::from(byte - b'0'))?;
-                scale += u32::from(dot);
+            b'0'..=b'9' if count < 18 => {
+                mantissa = mantissa * 10 + i64::from(byte - b'0');
+                scale += u8::from(dot);
+                count += 1;
             }
             b'.' if !dot => dot = true,
             _ => return None,
         }
     }
+    // 18 digits cannot overflow, and keep to `Sum::MAX_SCALE`.
+    Some((if negative { -mantissa } else { mantissa }, scale))
+}
+
+/// A plain decimal's mantissa and scale (`-3.75` is `(-375, 2)`).
+#[inline]
+fn decimal(raw: &[u8]) -> Option<(i128, u32)> {
+    let (negative, digits) = match raw {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, raw),
+    };
+    let (mantissa, scale) = if digits.len() <= 19 {
+        // At most 19 digits: no overflow in a u64, and no i128 arithmetic.
+        let (mut mantissa, mut scale, mut dot) = (0u64, 0u32, false);
+        for &byte in digits {
+            match byte {
+                b'0'..=b'9' => {
+                    mantissa = mantissa * 10 + u64::from(byte - b'0');
+                    scale += u32::from(dot);
+                }
+                b'.' if !dot => dot = true,
+                _ => return None,
+            }
+        }
+        (i128::from(mantissa), scale)
+    } else {
+        let (mut mantissa, mut scale, mut dot) = (0i128, 0u32, false);
+        for &byte in digits {
+            match byte {
+                b'0'..=b'9' => {
+                    mantissa = mantissa
+                        .checked_mul(10)?
+                        .checked_add(i128::from(byte - b'0'))?;
+                    scale += u32::from(dot);
+                }
+                b'.' if !dot => dot = true,
+                _ => return None,
+            }
+        }
+        (mantissa, scale)
+    };
     (scale <= Sum::MAX_SCALE).then_some((if negative { -mantissa } else { mantissa }, scale))
 }
 
@@ -295,38 +503,23 @@ fn as_float((mantissa, scale): (i128, u32)) -> f64 {
     mantissa as f64 / 10f64.powi(scale as i32)
 }
 
+#[inline]
 fn add_exact((a, a_scale): (i128, u32), (b, b_scale): (i128, u32)) -> Option<(i128, u32)> {
+    if a_scale == b_scale {
+        return Some((a.checked_add(b)?, a_scale));
+    }
     let scale = a_scale.max(b_scale);
     let a = a.checked_mul(10i128.checked_pow(scale - a_scale)?)?;
     let b = b.checked_mul(10i128.checked_pow(scale - b_scale)?)?;
     Some((a.checked_add(b)?, scale))
 }
 
-/// Whether `raw` suits aggregate `function`: numeric ones need a number
-/// (or `null`). Checked for every aggregate of a record before any takes it.
-#[inline]
-pub fn check(function: AggregateFn, raw: Option<&[u8]>) -> Result<(), &'static str> {
-    match (function, raw) {
-        (AggregateFn::Sum | AggregateFn::Min | AggregateFn::Max | AggregateFn::Avg, Some(raw))
-            if raw != b"null" && weir_guest::json::number(raw).is_none_or(|n| !n.is_finite()) =>
-        {
-            Err("is not a finite number")
-        }
-        _ => Ok(()),
-    }
-}
-
-fn number(raw: &[u8]) -> f64 {
-    // `check` let only numbers through.
-    weir_guest::json::number(raw).unwrap_or(0.0)
-}
-
-fn ordered(input: &Input<'_>, raw: &[u8]) -> Ordered {
-    Ordered {
+fn ordered(input: &Input<'_>, raw: &[u8]) -> Box<Ordered> {
+    Box::new(Ordered {
         time: input.time,
         arrival: input.arrival,
         raw: raw.into(),
-    }
+    })
 }
 
 fn pick(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64> {
@@ -362,17 +555,23 @@ mod tests {
         }
     }
 
+    /// Adds `raw` (`-`: absent) as the value of a record's only field.
+    fn add(acc: &mut Accumulator, function: AggregateFn, raw: &str, time: i64, arrival: usize) {
+        let field = (raw != "-").then_some(raw.as_bytes());
+        let arg = Arg::read(function, field, Span::new(0, raw.len())).unwrap();
+        acc.add(&Input {
+            arg: &arg,
+            value: raw.as_bytes(),
+            time,
+            arrival: arrival as u64,
+            record: None,
+        });
+    }
+
     fn run(function: AggregateFn, values: &[(&str, i64)]) -> String {
         let mut acc = Accumulator::new(&spec(function));
         for (arrival, (raw, time)) in values.iter().enumerate() {
-            let raw = (*raw != "-").then_some(raw.as_bytes());
-            check(function, raw).unwrap();
-            acc.add(&Input {
-                raw,
-                time: *time,
-                arrival: arrival as u64,
-                record: None,
-            });
+            add(&mut acc, function, raw, *time, arrival);
         }
         let mut out = String::new();
         acc.write_json(&mut out);
@@ -418,6 +617,21 @@ mod tests {
         assert_eq!(run(AggregateFn::Sum, &[("1.5", 1), ("-1.5", 2)]), "0");
         // An exponent: a float sum from then on.
         assert_eq!(run(AggregateFn::Sum, &[("1e2", 1), ("0.5", 2)]), "100.5");
+        assert_eq!(
+            run(
+                AggregateFn::Sum,
+                &[("170141183460469231731687303715884105727", 1), ("1", 2)]
+            ),
+            "170141183460469230000000000000000000000",
+            "an overflow: a float sum"
+        );
+        assert_eq!(
+            run(
+                AggregateFn::Sum,
+                &[("-170141183460469231731687303715884105727", 1), ("-0.5", 2)]
+            ),
+            "-170141183460469230000000000000000000000"
+        );
     }
 
     #[test]
@@ -439,15 +653,23 @@ mod tests {
                 Accumulator::new(&spec(function)),
             ];
             for (arrival, (raw, time)) in values.iter().enumerate() {
-                halves[arrival % 2].add(&Input {
-                    raw: Some(raw.as_bytes()),
-                    time: *time,
-                    arrival: arrival as u64,
-                    record: None,
-                });
+                add(&mut halves[arrival % 2], function, raw, *time, arrival);
             }
             let [mut a, b] = halves;
             a.merge(b);
+            // A float half merges into an exact one, and the other way round.
+            let mut exact = Accumulator::new(&spec(AggregateFn::Sum));
+            let mut float = Accumulator::new(&spec(AggregateFn::Sum));
+            add(&mut exact, AggregateFn::Sum, "0.5", 1, 0);
+            add(&mut float, AggregateFn::Sum, "1e2", 1, 1);
+            let mut both = [exact.clone(), float.clone()];
+            both[0].merge(float);
+            both[1].merge(exact);
+            for sum in both {
+                let mut text = String::new();
+                sum.write_json(&mut text);
+                assert_eq!(text, "100.5");
+            }
             let mut merged = String::new();
             a.write_json(&mut merged);
             assert_eq!(merged, whole, "{function:?}");
@@ -456,9 +678,52 @@ mod tests {
 
     #[test]
     fn a_value_that_is_not_a_number_is_refused_by_numeric_aggregates_only() {
-        assert!(check(AggregateFn::Sum, Some(b"\"12\"")).is_err());
-        assert!(check(AggregateFn::Avg, Some(b"1e400")).is_err());
-        assert!(check(AggregateFn::Sum, Some(b"null")).is_ok());
-        assert!(check(AggregateFn::CountDistinct, Some(b"\"12\"")).is_ok());
+        let read = |function, raw: &str| Arg::read(function, Some(raw.as_bytes()), Span::new(0, 0));
+        assert!(read(AggregateFn::Sum, "\"12\"").is_err());
+        assert!(read(AggregateFn::Avg, "1e400").is_err());
+        assert_eq!(read(AggregateFn::Sum, "null"), Ok(Arg::Null));
+        assert!(read(AggregateFn::CountDistinct, "\"12\"").is_ok());
+    }
+
+    #[test]
+    fn a_number_reads_as_the_float_its_text_parses_to() {
+        for text in [
+            "0.1",
+            "-3.75",
+            "12345678.9",
+            "9007199254740993",
+            "1.000000000000000001",
+            "123456789012345678901234",
+            "1e-7",
+            "0",
+        ] {
+            let Ok(Arg::Number(number)) =
+                Arg::read(AggregateFn::Min, Some(text.as_bytes()), Span::new(0, 0))
+            else {
+                panic!("{text} is a number");
+            };
+            assert_eq!(number.float, text.parse::<f64>().unwrap(), "{text}");
+        }
+        assert_eq!(decimal(b"-3.75"), Some((-375, 2)));
+        assert_eq!(
+            decimal(b"123456789012345678901234"),
+            Some((123456789012345678901234, 0))
+        );
+        assert_eq!(decimal(b"1.5e3"), None);
+        assert_eq!(short_decimal(b"-3.75"), Some((-375, 2)));
+        assert_eq!(
+            short_decimal(b"999999999999999999"),
+            Some((999_999_999_999_999_999, 0))
+        );
+        assert_eq!(short_decimal(b"9999999999999999999"), None, "19 digits");
+        let mut sum = Accumulator::new(&spec(AggregateFn::Sum));
+        add(&mut sum, AggregateFn::Sum, "9999999999999999999", 1, 0);
+        add(&mut sum, AggregateFn::Sum, "0.5", 1, 1);
+        let mut text = String::new();
+        sum.write_json(&mut text);
+        assert_eq!(
+            text, "9999999999999999999.5",
+            "a long decimal is still added exactly"
+        );
     }
 }

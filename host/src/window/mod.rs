@@ -5,12 +5,15 @@
 //!
 //! - `config`: `[pipeline.window]`, checked into a [`WindowSpec`].
 //! - `watermark`: per-partition watermarks.
+//! - `fields`: reads each record's key, time and aggregate arguments (in
+//!   the lanes, in parallel).
 //! - `aggregate`: the built-in aggregates' accumulators.
 //! - `plugin`: plugin aggregates' states and the calls that settle them.
 //! - `operator`: the [`WindowOperator`] that ties them together.
 
 mod aggregate;
 mod config;
+mod fields;
 mod operator;
 mod plugin;
 mod watermark;
@@ -19,6 +22,7 @@ pub use config::{
     AggregateConfig, AggregateFn, AggregateSpec, WindowConfig, WindowKind, WindowKindName,
     WindowSpec, parse_duration,
 };
+pub use fields::{FieldReader, ReadBatch};
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
 pub use plugin::PluginAggregate;
 

@@ -2,11 +2,11 @@
 //! windows on event time, fires each window once the watermark passes its
 //! end, and hands late records back.
 //!
-//! Fields are read from the raw JSON of each value with the scanner of
-//! `weir_guest::json` (no tree is built; the scan stops once the fields it
-//! needs are found). The watermark moves after every record, so what fires
-//! when depends on the records' order and on time passing, never on how
-//! they were batched.
+//! Each record's key, event time and aggregate arguments are read
+//! beforehand ([`FieldReader`], in the lanes, in parallel); the operator
+//! only groups and adds. The watermark moves after every record, so what
+//! fires when depends on the records' order and on time passing, never on
+//! how they were batched.
 //!
 //! State is kept per window: tumbling and hopping windows by their start,
 //! each holding its keys' accumulators; sessions per key. Each window also
@@ -15,13 +15,21 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::hash::BuildHasher as _;
 use std::time::Instant;
 
-use super::aggregate::{Accumulator, Input, check};
+use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use smallvec::SmallVec;
+
+use super::aggregate::{Accumulator, Arg, Input};
 use super::config::{AggregateFn, WindowKind, WindowSpec};
+use super::fields::{FieldReader, ReadBatch, Row};
 use super::plugin::{PluginAggregate, PluginState};
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
+
+/// Hashes keys: fast, and seeded per process.
+type KeyHasher = hashbrown::DefaultHashBuilder;
 
 /// A window's result for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,12 +82,75 @@ impl Held {
     }
 }
 
+/// One key's accumulators in a tumbling or hopping window, in line: a
+/// record touches one place in memory (two cache lines) for its window.
+#[derive(Debug)]
+struct Group {
+    hash: u64,
+    key: GroupKey,
+    accumulators: Accumulators,
+}
+
+/// A group's accumulators: up to two in line.
+type Accumulators = SmallVec<[Accumulator; 2]>;
+
+/// A key, held in line when short (most are): finding a group compares
+/// two arrays rather than following a pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GroupKey {
+    Inline { len: u8, bytes: [u8; 23] },
+    Heap(Box<[u8]>),
+}
+
+impl GroupKey {
+    #[inline]
+    fn new(key: &[u8]) -> Self {
+        match key.len() {
+            len @ 0..=23 => {
+                let mut bytes = [0; 23];
+                bytes[..len].copy_from_slice(key);
+                GroupKey::Inline {
+                    len: len as u8,
+                    bytes,
+                }
+            }
+            _ => GroupKey::Heap(key.into()),
+        }
+    }
+
+    #[inline]
+    fn get(&self) -> &[u8] {
+        match self {
+            GroupKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            GroupKey::Heap(key) => key,
+        }
+    }
+
+    /// The first 16 bytes, zero-padded, as a number that sorts as they
+    /// do: most keys sort without a byte-by-byte comparison.
+    fn prefix(&self) -> u128 {
+        let key = self.get();
+        let mut bytes = [0; 16];
+        let len = key.len().min(16);
+        bytes[..len].copy_from_slice(&key[..len]);
+        u128::from_be_bytes(bytes)
+    }
+}
+
 /// A tumbling or hopping window: every key's accumulators.
 #[derive(Debug, Default)]
 struct Pane {
-    groups: HashMap<Box<[u8]>, Vec<Accumulator>>,
+    groups: HashTable<Group>,
     held: Held,
     emitted: bool,
+}
+
+/// One key's sessions.
+#[derive(Debug)]
+struct KeySessions {
+    hash: u64,
+    key: Box<[u8]>,
+    sessions: Vec<Session>,
 }
 
 /// One session of one key.
@@ -116,11 +187,11 @@ impl Results {
     /// Settles the plugin aggregates of every group in `groups` at once
     /// (a window firing): one call per plugin for all of them, not one per
     /// key.
-    fn settle_all<K>(&mut self, groups: &mut [(K, &mut Vec<Accumulator>)]) {
+    fn settle_all(&mut self, groups: &mut [(u128, &mut Group)]) {
         for (at, plugin) in self.plugins.iter_mut().enumerate() {
             let Some(plugin) = plugin else { continue };
             let mut states: Vec<&mut PluginState> = (groups.iter_mut())
-                .filter_map(|(_, accumulators)| match &mut accumulators[at] {
+                .filter_map(|(_, group)| match &mut group.accumulators[at] {
                     Accumulator::Plugin(state) => Some(&mut **state),
                     _ => None,
                 })
@@ -186,12 +257,8 @@ impl Results {
 /// Runs one pipeline's window.
 pub struct WindowOperator {
     spec: WindowSpec,
-    /// The JSON fields read from each value, without repeats.
-    fields: Vec<String>,
-    /// Where the key, the time and each aggregate's field are in `fields`.
-    key_field: Option<usize>,
-    time_field: Option<usize>,
-    aggregate_fields: Vec<Option<usize>>,
+    reader: FieldReader,
+    hasher: KeyHasher,
     results: Results,
     watermarks: Watermarks,
     partitions: HashMap<Box<str>, Vec<(i32, PartitionId)>>,
@@ -201,12 +268,13 @@ pub struct WindowOperator {
     last_partition: Option<(i32, PartitionId)>,
     last_topic: String,
     panes: BTreeMap<i64, Pane>,
-    /// Panes starting before this have fired.
-    fired_before: i64,
-    sessions: HashMap<Box<[u8]>, Vec<Session>>,
+    sessions: HashTable<KeySessions>,
     /// Sessions by when they next need attention (their end, or once
     /// emitted their end plus the lateness): (deadline, key, start).
     deadlines: BTreeSet<(i64, Box<[u8]>, i64)>,
+    /// No window fires, and none is forgotten, before the watermark
+    /// reaches this (it may be early, never late).
+    next_due: i64,
     arrivals: u64,
 }
 
@@ -227,44 +295,35 @@ impl WindowOperator {
                 _ => None,
             })
             .collect();
-        let mut fields: Vec<String> = Vec::new();
-        let mut index_of = |name: &str| match fields.iter().position(|f| f == name) {
-            Some(at) => at,
-            None => {
-                fields.push(name.to_owned());
-                fields.len() - 1
-            }
-        };
-        let time_field = spec.time.as_deref().map(&mut index_of);
-        let key_field = spec.key.as_deref().map(&mut index_of);
-        let aggregate_fields = (spec.aggregates.iter())
-            .map(|a| a.field.as_deref().map(&mut index_of))
-            .collect();
         let results = Results {
             names: (spec.aggregates.iter())
                 .map(|a| format!(",{}:", serde_json::Value::from(a.name.as_str())))
                 .collect(),
-            key_is_json: key_field.is_some(),
+            key_is_json: spec.key.is_some(),
             plugins,
         };
         WindowOperator {
             watermarks: Watermarks::new(spec.watermark_delay, spec.idle_timeout),
+            reader: FieldReader::new(&spec),
+            hasher: KeyHasher::default(),
             spec,
-            fields,
-            key_field,
-            time_field,
-            aggregate_fields,
             results,
             partitions: HashMap::new(),
             partition_names: Vec::new(),
             last_partition: None,
             last_topic: String::new(),
             panes: BTreeMap::new(),
-            fired_before: i64::MIN,
-            sessions: HashMap::new(),
+            sessions: HashTable::new(),
             deadlines: BTreeSet::new(),
+            next_due: i64::MAX,
             arrivals: 0,
         }
+    }
+
+    /// A reader of the fields this window needs, to read batches with
+    /// before [`WindowOperator::push_read`] (on other threads).
+    pub fn reader(&self) -> FieldReader {
+        self.reader.clone()
     }
 
     /// What the source says is behind (see [`Watermarks`]): `None` until
@@ -295,17 +354,37 @@ impl WindowOperator {
     /// Open windows: keys in tumbling or hopping windows, sessions.
     pub fn open_windows(&self) -> usize {
         self.panes.values().map(|p| p.groups.len()).sum::<usize>()
-            + self.sessions.values().map(Vec::len).sum::<usize>()
+            + self
+                .sessions
+                .iter()
+                .map(|s| s.sessions.len())
+                .sum::<usize>()
     }
 
     /// Takes `batch`'s records in order, as seen at `now`.
     pub fn push(&mut self, batch: &Batch, now: Instant, out: &mut WindowOutput) {
-        let mut found: Vec<Option<(usize, usize)>> = vec![None; self.fields.len()];
+        let read = self.reader.read(batch);
+        self.push_read(batch, &read, now, out);
+    }
+
+    /// Takes `batch`'s records in order, as seen at `now`, with what
+    /// [`WindowOperator::reader`] read of them.
+    pub fn push_read(
+        &mut self,
+        batch: &Batch,
+        read: &ReadBatch,
+        now: Instant,
+        out: &mut WindowOutput,
+    ) {
+        debug_assert_eq!(batch.len(), read.len());
         for at in 0..batch.len() {
-            match self.take(batch.get(at), &mut found, now, out) {
-                Ok(Taken::Windowed) => {}
-                Ok(Taken::Late) => out.late.push(at),
-                Err(reason) => out.dead.push((at, reason)),
+            match read.get(at) {
+                Ok((row, args)) => {
+                    if let Taken::Late = self.take(batch.get(at), row, args, now, out) {
+                        out.late.push(at);
+                    }
+                }
+                Err(reason) => out.dead.push((at, reason.to_owned())),
             }
         }
     }
@@ -326,8 +405,12 @@ impl WindowOperator {
     /// window holds: a commit must not pass it.
     pub fn held(&self) -> Vec<(&str, i32, i64)> {
         let mut lowest: HashMap<PartitionId, i64> = HashMap::new();
-        let helds = (self.panes.values().map(|p| &p.held))
-            .chain(self.sessions.values().flatten().map(|s| &s.held));
+        let helds = (self.panes.values().map(|p| &p.held)).chain(
+            self.sessions
+                .iter()
+                .flat_map(|s| &s.sessions)
+                .map(|s| &s.held),
+        );
         for held in helds {
             for &(partition, offset) in &held.0 {
                 let entry = lowest.entry(partition).or_insert(offset);
@@ -344,54 +427,32 @@ impl WindowOperator {
         held
     }
 
+    #[inline]
     fn take(
         &mut self,
         record: RecordRef<'_>,
-        found: &mut [Option<(usize, usize)>],
+        row: Row,
+        args: &[Arg],
         now: Instant,
         out: &mut WindowOutput,
-    ) -> Result<Taken, String> {
+    ) -> Taken {
         let value = record.value();
-        if !self.fields.is_empty() {
-            read_fields(&self.fields, value, found)?;
-        }
-        let field = |index: Option<usize>| {
-            index
-                .and_then(|i| found[i])
-                .map(|(from, to)| &value[from..to])
-        };
-        let time = match self.time_field {
-            Some(at) => parse_time(field(Some(at)), &self.fields[at])?,
-            None => record.timestamp().ok_or(
-                "window: the record has no timestamp (set `time` to read the event time from a JSON field)",
-            )?,
-        };
-        let key: &[u8] = match self.key_field {
-            Some(at) => field(Some(at)).ok_or_else(|| {
-                format!(
-                    "window: the value has no `{}` field to group by",
-                    self.fields[at]
-                )
-            })?,
+        let time = row.time;
+        let key: &[u8] = match row.key {
+            Some(span) => span.of(value),
             None => record.key().unwrap_or_default(),
         };
-        for (aggregate, at) in self.spec.aggregates.iter().zip(&self.aggregate_fields) {
-            check(aggregate.function, field(*at)).map_err(|why| {
-                let name = at.map_or("", |at| self.fields[at].as_str());
-                format!(
-                    "window: field `{name}` {why} (aggregate `{}`)",
-                    aggregate.name
-                )
-            })?;
-        }
-        let partition = self.partition(record.topic(), record.partition());
+        let hash = self.hasher.hash_one(key);
+        let partition = match self.last_partition {
+            Some((_, id)) if row.same_source => id,
+            _ => self.partition(record.topic(), record.partition()),
+        };
         let watermark = self.watermarks.current();
         self.arrivals += 1;
         let input = Entry {
             record,
-            found,
+            args,
             value,
-            fields: &self.aggregate_fields,
             time,
             arrival: self.arrivals,
             partition,
@@ -401,13 +462,10 @@ impl WindowOperator {
         let taken = match self.spec.kind {
             WindowKind::Tumbling { size } => {
                 let start = time.div_euclid(size) * size;
-                add_to_panes(
-                    &mut self.panes,
-                    &self.spec,
-                    &mut self.results,
+                self.add_to_panes(
                     [start].into_iter(),
                     size,
-                    key,
+                    (hash, key),
                     &input,
                     watermark,
                     out,
@@ -422,17 +480,7 @@ impl WindowOperator {
                 }
                 let starts = std::iter::successors(Some(first), |start| Some(start + slide))
                     .take_while(|start| *start <= last);
-                add_to_panes(
-                    &mut self.panes,
-                    &self.spec,
-                    &mut self.results,
-                    starts,
-                    size,
-                    key,
-                    &input,
-                    watermark,
-                    out,
-                )
+                self.add_to_panes(starts, size, (hash, key), &input, watermark, out)
             }
             WindowKind::Session { gap } => {
                 if time.saturating_add(gap).saturating_add(lateness) <= watermark {
@@ -441,17 +489,68 @@ impl WindowOperator {
                     let state = SessionState {
                         sessions: &mut self.sessions,
                         deadlines: &mut self.deadlines,
+                        next_due: &mut self.next_due,
                         spec: &self.spec,
                         results: &mut self.results,
                     };
-                    state.add(key, gap, &input, watermark, out);
+                    state.add((hash, key), gap, &input, watermark, out);
                     Taken::Windowed
                 }
             }
         };
         let watermark = self.watermarks.observe(partition, time, now);
-        self.fire(watermark, out);
-        Ok(taken)
+        if watermark >= self.next_due {
+            self.fire(watermark, out);
+        }
+        taken
+    }
+
+    /// Adds a record to the panes starting at `starts` (earliest first)
+    /// that are not past their lateness; late if there is none.
+    #[inline]
+    fn add_to_panes(
+        &mut self,
+        starts: impl Iterator<Item = i64>,
+        size: i64,
+        (hash, key): (u64, &[u8]),
+        input: &Entry<'_>,
+        watermark: i64,
+        out: &mut WindowOutput,
+    ) -> Taken {
+        let mut taken = Taken::Late;
+        let (key, bytes) = (&GroupKey::new(key), key);
+        for start in starts {
+            let end = start.saturating_add(size);
+            if end.saturating_add(self.spec.allowed_lateness) <= watermark {
+                continue;
+            }
+            taken = Taken::Windowed;
+            let pane = self.panes.entry(start).or_insert_with(|| {
+                self.next_due = self.next_due.min(end);
+                Pane::default()
+            });
+            let aggregates = &self.spec.aggregates;
+            let (group, new) = match pane.groups.entry(hash, |g| g.key == *key, |g| g.hash) {
+                TableEntry::Occupied(group) => (group.into_mut(), false),
+                TableEntry::Vacant(vacant) => {
+                    let group = Group {
+                        hash,
+                        key: key.clone(),
+                        accumulators: aggregates.iter().map(Accumulator::new).collect(),
+                    };
+                    (vacant.insert(group).into_mut(), true)
+                }
+            };
+            input.add_to(&mut group.accumulators, &mut pane.held);
+            if pane.emitted {
+                // Within the lateness of a window already fired: the key's
+                // result goes out now (its first, if the key is new there).
+                let result =
+                    (self.results).result((start, end), bytes, &mut group.accumulators, !new);
+                out.results.push(result);
+            }
+        }
+        taken
     }
 
     fn partition(&mut self, topic: &str, partition: i32) -> PartitionId {
@@ -482,29 +581,52 @@ impl WindowOperator {
         let lateness = self.spec.allowed_lateness;
         match self.spec.kind {
             WindowKind::Tumbling { size } | WindowKind::Hopping { size, .. } => {
-                while let Some((&start, pane)) = self.panes.range_mut(self.fired_before..).next()
-                    && start.saturating_add(size) <= watermark
-                {
-                    let mut groups: Vec<_> = pane.groups.iter_mut().collect();
-                    groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                // Panes are in order of their start, so of their end too.
+                for (&start, pane) in &mut self.panes {
+                    let end = start.saturating_add(size);
+                    if end > watermark {
+                        break;
+                    }
+                    if pane.emitted {
+                        continue;
+                    }
+                    // In order of their keys, so that a run's output is
+                    // the same every time.
+                    let mut groups: Vec<(u128, &mut Group)> = pane
+                        .groups
+                        .iter_mut()
+                        .map(|g| (g.key.prefix(), g))
+                        .collect();
+                    groups.sort_unstable_by(|(a_prefix, a), (b_prefix, b)| {
+                        (a_prefix.cmp(b_prefix)).then_with(|| a.key.get().cmp(b.key.get()))
+                    });
                     self.results.settle_all(&mut groups);
-                    for (key, accumulators) in groups {
-                        out.results.push(self.results.result(
-                            (start, start + size),
+                    for (_, group) in groups {
+                        let key = group.key.get();
+                        let result = (self.results).result(
+                            (start, end),
                             key,
-                            accumulators,
+                            &mut group.accumulators,
                             false,
-                        ));
+                        );
+                        out.results.push(result);
                     }
                     pane.emitted = true;
-                    self.fired_before = start.saturating_add(1);
                 }
                 while let Some((&start, _)) = self.panes.first_key_value()
                     && start.saturating_add(size).saturating_add(lateness) <= watermark
-                    && start < self.fired_before
                 {
                     self.panes.pop_first();
                 }
+                // Every pane that ends by the watermark has fired (above):
+                // the next to fire is the first that has not, and the next
+                // to forget the first.
+                let first_forgotten = (self.panes.keys().next()).map_or(i64::MAX, |start| {
+                    start.saturating_add(size).saturating_add(lateness)
+                });
+                let first_fired = (self.panes.iter().find(|(_, pane)| !pane.emitted))
+                    .map_or(i64::MAX, |(start, _)| start.saturating_add(size));
+                self.next_due = first_forgotten.min(first_fired);
             }
             WindowKind::Session { .. } => {
                 while let Some(first) = self.deadlines.first()
@@ -513,9 +635,11 @@ impl WindowOperator {
                     let Some((_, key, start)) = self.deadlines.pop_first() else {
                         break;
                     };
-                    let Some(sessions) = self.sessions.get_mut(&key) else {
+                    let hash = self.hasher.hash_one(&*key);
+                    let Ok(mut entry) = self.sessions.find_entry(hash, |s| s.key == key) else {
                         continue;
                     };
+                    let sessions = &mut entry.get_mut().sessions;
                     let Some(at) = sessions.iter().position(|s| s.start == start) else {
                         continue;
                     };
@@ -534,12 +658,13 @@ impl WindowOperator {
                     if purge_at <= watermark {
                         sessions.swap_remove(at);
                         if sessions.is_empty() {
-                            self.sessions.remove(&key);
+                            entry.remove();
                         }
                     } else {
                         self.deadlines.insert((purge_at, key, start));
                     }
                 }
+                self.next_due = self.deadlines.first().map_or(i64::MAX, |first| first.0);
             }
         }
     }
@@ -547,8 +672,9 @@ impl WindowOperator {
 
 /// The session windows' state, borrowed apart from the rest.
 struct SessionState<'a> {
-    sessions: &'a mut HashMap<Box<[u8]>, Vec<Session>>,
+    sessions: &'a mut HashTable<KeySessions>,
     deadlines: &'a mut BTreeSet<(i64, Box<[u8]>, i64)>,
+    next_due: &'a mut i64,
     spec: &'a WindowSpec,
     results: &'a mut Results,
 }
@@ -556,9 +682,24 @@ struct SessionState<'a> {
 impl SessionState<'_> {
     /// Adds a record to its key's session, merging the sessions it
     /// touches; a session already complete emits its update at once.
-    fn add(self, key: &[u8], gap: i64, input: &Entry<'_>, watermark: i64, out: &mut WindowOutput) {
+    fn add(
+        self,
+        (hash, key): (u64, &[u8]),
+        gap: i64,
+        input: &Entry<'_>,
+        watermark: i64,
+        out: &mut WindowOutput,
+    ) {
         let (start, end) = (input.time, input.time.saturating_add(gap));
-        let sessions = self.sessions.entry(key.into()).or_default();
+        let sessions = &mut (self.sessions)
+            .entry(hash, |s| *s.key == *key, |s| s.hash)
+            .or_insert_with(|| KeySessions {
+                hash,
+                key: key.into(),
+                sessions: Vec::new(),
+            })
+            .into_mut()
+            .sessions;
         let mut merged = Session {
             start,
             end,
@@ -607,6 +748,7 @@ impl SessionState<'_> {
             merged.end
         };
         self.deadlines.insert((deadline, key.into(), merged.start));
+        *self.next_due = (*self.next_due).min(deadline);
         sessions.push(merged);
     }
 }
@@ -614,9 +756,8 @@ impl SessionState<'_> {
 /// One record's part in the windows it goes to.
 struct Entry<'a> {
     record: RecordRef<'a>,
-    found: &'a [Option<(usize, usize)>],
+    args: &'a [Arg],
     value: &'a [u8],
-    fields: &'a [Option<usize>],
     time: i64,
     arrival: u64,
     partition: PartitionId,
@@ -626,12 +767,10 @@ struct Entry<'a> {
 impl Entry<'_> {
     #[inline]
     fn add_to(&self, accumulators: &mut [Accumulator], held: &mut Held) {
-        for (accumulator, at) in accumulators.iter_mut().zip(self.fields) {
-            let raw = at
-                .and_then(|i| self.found[i])
-                .map(|(from, to)| &self.value[from..to]);
+        for (accumulator, arg) in accumulators.iter_mut().zip(self.args) {
             accumulator.add(&Input {
-                raw,
+                arg,
+                value: self.value,
                 time: self.time,
                 arrival: self.arrival,
                 record: Some(&self.record),
@@ -639,113 +778,4 @@ impl Entry<'_> {
         }
         held.note(self.partition, self.offset);
     }
-}
-
-/// Adds a record to the panes starting at `starts` (earliest first) that
-/// are not past their lateness; late if there is none.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the operator's fields, borrowed apart"
-)]
-fn add_to_panes(
-    panes: &mut BTreeMap<i64, Pane>,
-    spec: &WindowSpec,
-    results: &mut Results,
-    starts: impl Iterator<Item = i64>,
-    size: i64,
-    key: &[u8],
-    input: &Entry<'_>,
-    watermark: i64,
-    out: &mut WindowOutput,
-) -> Taken {
-    let mut taken = Taken::Late;
-    for start in starts {
-        let end = start.saturating_add(size);
-        if end.saturating_add(spec.allowed_lateness) <= watermark {
-            continue;
-        }
-        taken = Taken::Windowed;
-        let pane = panes.entry(start).or_default();
-        let (accumulators, new) = match pane.groups.get_mut(key) {
-            Some(accumulators) => (accumulators, false),
-            None => (
-                pane.groups
-                    .entry(key.into())
-                    .or_insert_with(|| spec.aggregates.iter().map(Accumulator::new).collect()),
-                true,
-            ),
-        };
-        input.add_to(accumulators, &mut pane.held);
-        if pane.emitted {
-            // Within the lateness of a window already fired: the key's
-            // result goes out now (its first, if the key is new there).
-            out.results
-                .push(results.result((start, end), key, accumulators, !new));
-        }
-    }
-    taken
-}
-
-/// Finds `fields` in a JSON object: each one's byte range in `value`.
-#[inline]
-fn read_fields(
-    fields: &[String],
-    value: &[u8],
-    found: &mut [Option<(usize, usize)>],
-) -> Result<(), String> {
-    found.fill(None);
-    let mut missing = fields.len();
-    let base = value.as_ptr() as usize;
-    for field in weir_guest::json::fields(value) {
-        let (name, raw) =
-            field.map_err(|err| format!("window: the value is not a JSON object: {err}"))?;
-        for (at, wanted) in fields.iter().enumerate() {
-            if found[at].is_none() && name.is(wanted) {
-                let from = raw.as_ptr() as usize - base;
-                found[at] = Some((from, from + raw.len()));
-                missing -= 1;
-                break;
-            }
-        }
-        if missing == 0 {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// An event time in epoch milliseconds from a JSON number.
-#[inline]
-fn parse_time(raw: Option<&[u8]>, field: &str) -> Result<i64, String> {
-    let raw =
-        raw.ok_or_else(|| format!("window: the value has no `{field}` field (the event time)"))?;
-    let integer = match raw {
-        [b'-', digits @ ..] => digits_value(digits).map(|v| -v),
-        digits => digits_value(digits),
-    };
-    if let Some(time) = integer {
-        return Ok(time);
-    }
-    match weir_guest::json::number(raw) {
-        Some(ms) if ms.is_finite() && ms.abs() < 9.0e15 => Ok(ms.floor() as i64),
-        _ => Err(format!(
-            "window: `{field}` is {}, not an event time in epoch milliseconds",
-            String::from_utf8_lossy(raw)
-        )),
-    }
-}
-
-#[inline]
-fn digits_value(digits: &[u8]) -> Option<i64> {
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    let mut value: i64 = 0;
-    for &digit in digits {
-        if !digit.is_ascii_digit() {
-            return None;
-        }
-        value = value * 10 + i64::from(digit - b'0');
-    }
-    Some(value)
 }

@@ -1,0 +1,228 @@
+//! Reading a window's inputs out of records: each record's key, event time
+//! and the argument of each aggregate, from the raw JSON of its value (no
+//! tree is built; the scan stops once the fields it needs are found), with
+//! numbers parsed once.
+//!
+//! The pipeline's lanes read their batches in parallel, so the window
+//! itself (one per pipeline, in source order) only groups and adds. A
+//! record the window cannot use is found here, with the reason.
+
+use super::aggregate::{Arg, Span};
+use super::config::{AggregateFn, WindowSpec};
+use crate::batch::{Batch, RecordRef};
+
+/// Reads the fields a window needs; one per lane (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct FieldReader {
+    /// The JSON fields read from each value, without repeats.
+    fields: Vec<String>,
+    /// Where the key and the time are in `fields`.
+    key_field: Option<usize>,
+    time_field: Option<usize>,
+    /// Each aggregate's function, its field's place in `fields`, its name.
+    aggregates: Vec<(AggregateFn, Option<usize>, String)>,
+}
+
+/// What a window reads of one record.
+#[derive(Debug, Clone, Copy)]
+pub struct Row {
+    /// Its event time (ms).
+    pub time: i64,
+    /// Its key: a JSON field's raw text in the value, or (`None`) the
+    /// record key.
+    pub key: Option<Span>,
+    /// It comes from the same topic and partition as the record read
+    /// before it in its batch (the last that the window can use).
+    pub same_source: bool,
+}
+
+/// What a window read of a batch: per record its row (or why it has
+/// none) and its aggregates' arguments.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    rows: Vec<Result<Row, String>>,
+    /// `aggregates` arguments per record, record after record.
+    args: Vec<Arg>,
+    aggregates: usize,
+}
+
+impl ReadBatch {
+    /// Record `at`'s row and arguments, or why the window cannot use it.
+    #[inline]
+    pub fn get(&self, at: usize) -> Result<(Row, &[Arg]), &str> {
+        match &self.rows[at] {
+            Ok(row) => Ok((*row, &self.args[at * self.aggregates..][..self.aggregates])),
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// How many records it read.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether it read none.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+impl FieldReader {
+    /// The reader of `spec`'s key, time and aggregate fields.
+    pub fn new(spec: &WindowSpec) -> Self {
+        let mut fields: Vec<String> = Vec::new();
+        let mut index_of = |name: &str| match fields.iter().position(|f| f == name) {
+            Some(at) => at,
+            None => {
+                fields.push(name.to_owned());
+                fields.len() - 1
+            }
+        };
+        let time_field = spec.time.as_deref().map(&mut index_of);
+        let key_field = spec.key.as_deref().map(&mut index_of);
+        let aggregates = (spec.aggregates.iter())
+            .map(|a| {
+                let field = a.field.as_deref().map(&mut index_of);
+                (a.function, field, a.name.clone())
+            })
+            .collect();
+        FieldReader {
+            fields,
+            key_field,
+            time_field,
+            aggregates,
+        }
+    }
+
+    /// Reads every record of `batch`.
+    pub fn read(&self, batch: &Batch) -> ReadBatch {
+        let mut read = ReadBatch {
+            rows: Vec::with_capacity(batch.len()),
+            args: Vec::with_capacity(batch.len() * self.aggregates.len()),
+            aggregates: self.aggregates.len(),
+        };
+        let mut found = vec![None; self.fields.len()];
+        let mut source: Option<(&str, i32)> = None;
+        for at in 0..batch.len() {
+            let record = batch.get(at);
+            let row = self.read_one(record, &mut found, &mut read.args);
+            let row = row.map(|mut row| {
+                let this = (record.topic(), record.partition());
+                row.same_source = source == Some(this);
+                source = Some(this);
+                row
+            });
+            if row.is_err() {
+                // Arguments keep their stride whatever failed.
+                let kept = read.rows.len() * self.aggregates.len();
+                read.args.truncate(kept);
+                read.args.resize(kept + self.aggregates.len(), Arg::Absent);
+            }
+            read.rows.push(row);
+        }
+        read
+    }
+
+    #[inline]
+    fn read_one(
+        &self,
+        record: RecordRef<'_>,
+        found: &mut [Option<Span>],
+        args: &mut Vec<Arg>,
+    ) -> Result<Row, String> {
+        let value = record.value();
+        if !self.fields.is_empty() {
+            find_fields(&self.fields, value, found)?;
+        }
+        let time = match self.time_field {
+            Some(at) => parse_time(found[at].map(|span| span.of(value)), &self.fields[at])?,
+            None => record.timestamp().ok_or(
+                "window: the record has no timestamp (set `time` to read the event time from a JSON field)",
+            )?,
+        };
+        let key = match self.key_field {
+            Some(at) => Some(found[at].ok_or_else(|| {
+                format!(
+                    "window: the value has no `{}` field to group by",
+                    self.fields[at]
+                )
+            })?),
+            None => None,
+        };
+        for (function, field, name) in &self.aggregates {
+            let span = field.and_then(|at| found[at]);
+            let raw = span.map(|span| span.of(value));
+            let arg =
+                Arg::read(*function, raw, span.unwrap_or(Span::new(0, 0))).map_err(|why| {
+                    let field = field.map_or("", |at| self.fields[at].as_str());
+                    format!("window: field `{field}` {why} (aggregate `{name}`)")
+                })?;
+            args.push(arg);
+        }
+        Ok(Row {
+            time,
+            key,
+            same_source: false,
+        })
+    }
+}
+
+/// Finds `fields` in a JSON object: each one's byte range in `value`.
+#[inline]
+fn find_fields(fields: &[String], value: &[u8], found: &mut [Option<Span>]) -> Result<(), String> {
+    found.fill(None);
+    let mut missing = fields.len();
+    let base = value.as_ptr() as usize;
+    for field in weir_guest::json::fields(value) {
+        let (name, raw) =
+            field.map_err(|err| format!("window: the value is not a JSON object: {err}"))?;
+        for (at, wanted) in fields.iter().enumerate() {
+            if found[at].is_none() && name.is(wanted) {
+                let from = raw.as_ptr() as usize - base;
+                found[at] = Some(Span::new(from, from + raw.len()));
+                missing -= 1;
+                break;
+            }
+        }
+        if missing == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// An event time in epoch milliseconds from a JSON number.
+#[inline]
+fn parse_time(raw: Option<&[u8]>, field: &str) -> Result<i64, String> {
+    let raw =
+        raw.ok_or_else(|| format!("window: the value has no `{field}` field (the event time)"))?;
+    let integer = match raw {
+        [b'-', digits @ ..] => digits_value(digits).map(|v| -v),
+        digits => digits_value(digits),
+    };
+    if let Some(time) = integer {
+        return Ok(time);
+    }
+    match weir_guest::json::number(raw) {
+        Some(ms) if ms.is_finite() && ms.abs() < 9.0e15 => Ok(ms.floor() as i64),
+        _ => Err(format!(
+            "window: `{field}` is {}, not an event time in epoch milliseconds",
+            String::from_utf8_lossy(raw)
+        )),
+    }
+}
+
+#[inline]
+fn digits_value(digits: &[u8]) -> Option<i64> {
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + i64::from(digit - b'0');
+    }
+    Some(value)
+}
