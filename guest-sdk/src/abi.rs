@@ -213,6 +213,11 @@ impl<'a> RecordView<'a> {
         // Checked here rather than per record read: most plugins never ask.
         core::str::from_utf8(self.topic).unwrap_or_default()
     }
+    /// [`RecordView::topic`] as its bytes, unchecked: to compare cheaply.
+    #[inline]
+    pub fn topic_bytes(&self) -> &'a [u8] {
+        self.topic
+    }
     /// The source partition (0 for files and generators).
     #[inline]
     pub fn partition(&self) -> i32 {

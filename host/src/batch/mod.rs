@@ -344,6 +344,12 @@ impl<'a> RecordRef<'a> {
         self.view.topic()
     }
 
+    /// [`RecordRef::topic`] as its bytes, unchecked: to compare cheaply.
+    #[inline]
+    pub fn topic_bytes(&self) -> &'a [u8] {
+        self.view.topic_bytes()
+    }
+
     /// The partition it came from.
     #[inline]
     pub fn partition(&self) -> i32 {

@@ -28,6 +28,10 @@ pub enum Accumulator {
     /// The latest value: (event time, arrival, raw JSON).
     Last(Option<Box<Ordered>>),
     /// The distinct raw values.
+    #[allow(
+        clippy::box_collection,
+        reason = "a pointer keeps every accumulator to 32 bytes (a set is 48)"
+    )]
     Distinct(Box<HashSet<Box<[u8]>>>),
     /// A plugin's state, and the records it has not seen yet.
     Plugin(Box<PluginState>),
@@ -122,10 +126,16 @@ impl Span {
         }
     }
 
-    /// Its bytes in `value`.
+    /// Its bytes in `bytes`.
     #[inline]
-    pub fn of(self, value: &[u8]) -> &[u8] {
-        &value[self.from as usize..self.to as usize]
+    pub fn of(self, bytes: &[u8]) -> &[u8] {
+        &bytes[self.from as usize..self.to as usize]
+    }
+
+    /// The same range `by` bytes further.
+    #[inline]
+    pub fn shifted(self, by: usize) -> Self {
+        Span::new(self.from as usize + by, self.to as usize + by)
     }
 }
 
@@ -173,12 +183,12 @@ impl Arg {
     }
 }
 
-/// What one record gives an aggregate: its argument (raw text in
-/// `value`), its event time and its arrival number, and (for a plugin)
-/// the record itself.
+/// What one record gives an aggregate: its argument (with spans of
+/// `bytes`: its batch's packed bytes), its event time and its arrival
+/// number, and (for a plugin) the record itself.
 pub struct Input<'a> {
     pub arg: &'a Arg,
-    pub value: &'a [u8],
+    pub bytes: &'a [u8],
     pub time: i64,
     pub arrival: u64,
     pub record: Option<&'a RecordRef<'a>>,
@@ -218,34 +228,30 @@ impl Accumulator {
             (_, Arg::Absent | Arg::Null) => return,
             (_, Arg::Number(number)) => number,
             (accumulator, Arg::Raw(span)) => {
-                let raw = span.of(input.value);
+                let raw = span.of(input.bytes);
+                let at = (input.time, input.arrival);
                 match accumulator {
-                    Accumulator::First(first) => {
-                        if (first.as_ref())
-                            .is_none_or(|f| (input.time, input.arrival) < (f.time, f.arrival))
-                        {
-                            *first = Some(ordered(input, raw));
-                        }
+                    Accumulator::First(first)
+                        if first.as_ref().is_none_or(|f| at < (f.time, f.arrival)) =>
+                    {
+                        *first = Some(ordered(input, raw));
                     }
-                    Accumulator::Last(last) => {
-                        if (last.as_ref())
-                            .is_none_or(|l| (input.time, input.arrival) > (l.time, l.arrival))
-                        {
-                            *last = Some(ordered(input, raw));
-                        }
+                    Accumulator::Last(last)
+                        if last.as_ref().is_none_or(|l| at > (l.time, l.arrival)) =>
+                    {
+                        *last = Some(ordered(input, raw));
                     }
-                    Accumulator::Distinct(seen) => {
-                        if !seen.contains(raw) {
-                            seen.insert(raw.into());
-                        }
+                    Accumulator::Distinct(seen) if !seen.contains(raw) => {
+                        seen.insert(raw.into());
                     }
-                    // `Arg::read` gives the numeric ones numbers.
+                    // Not earlier (later) than the first (last), seen
+                    // before; `Arg::read` gives the numeric ones numbers.
                     _ => {}
                 }
                 return;
             }
         };
-        let value = input.value;
+        let value = input.bytes;
         match self {
             Accumulator::Sum(sum) => sum.get_or_insert_with(Sum::default).add(number, value),
             Accumulator::Min(min) => {
@@ -561,7 +567,7 @@ mod tests {
         let arg = Arg::read(function, field, Span::new(0, raw.len())).unwrap();
         acc.add(&Input {
             arg: &arg,
-            value: raw.as_bytes(),
+            bytes: raw.as_bytes(),
             time,
             arrival: arrival as u64,
             record: None,

@@ -7,13 +7,20 @@
 //! itself (one per pipeline, in source order) only groups and adds. A
 //! record the window cannot use is found here, with the reason.
 
+use std::hash::BuildHasher as _;
+
 use super::aggregate::{Arg, Span};
 use super::config::{AggregateFn, WindowSpec};
 use crate::batch::{Batch, RecordRef};
 
-/// Reads the fields a window needs; one per lane (cheap to clone).
+/// Hashes keys: fast, and seeded per process.
+pub type KeyHasher = hashbrown::DefaultHashBuilder;
+
+/// Reads the fields a window needs; one per lane (cheap to clone: clones
+/// hash keys alike).
 #[derive(Debug, Clone)]
 pub struct FieldReader {
+    hasher: KeyHasher,
     /// The JSON fields read from each value, without repeats.
     fields: Vec<String>,
     /// Where the key and the time are in `fields`.
@@ -23,14 +30,19 @@ pub struct FieldReader {
     aggregates: Vec<(AggregateFn, Option<usize>, String)>,
 }
 
-/// What a window reads of one record.
+/// What a window reads of one record: all it needs but the record's
+/// source (and, for plugin aggregates, the record itself). Spans are of
+/// the batch's packed bytes ([`Batch::wire`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Row {
     /// Its event time (ms).
     pub time: i64,
-    /// Its key: a JSON field's raw text in the value, or (`None`) the
-    /// record key.
-    pub key: Option<Span>,
+    /// Its key: a JSON field's raw text, or the record key.
+    pub key: Span,
+    /// The key's hash, by [`FieldReader::hash`]'s hasher.
+    pub hash: u64,
+    /// Its offset in its partition.
+    pub offset: i64,
     /// It comes from the same topic and partition as the record read
     /// before it in its batch (the last that the window can use).
     pub same_source: bool,
@@ -87,11 +99,18 @@ impl FieldReader {
             })
             .collect();
         FieldReader {
+            hasher: KeyHasher::default(),
             fields,
             key_field,
             time_field,
             aggregates,
         }
+    }
+
+    /// The hash of a key, as rows carry it.
+    #[inline]
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Reads every record of `batch`.
@@ -102,12 +121,13 @@ impl FieldReader {
             aggregates: self.aggregates.len(),
         };
         let mut found = vec![None; self.fields.len()];
-        let mut source: Option<(&str, i32)> = None;
+        let mut source: Option<(&[u8], i32)> = None;
+        let base = batch.wire().as_ptr() as usize;
         for at in 0..batch.len() {
             let record = batch.get(at);
-            let row = self.read_one(record, &mut found, &mut read.args);
+            let row = self.read_one(record, base, &mut found, &mut read.args);
             let row = row.map(|mut row| {
-                let this = (record.topic(), record.partition());
+                let this = (record.topic_bytes(), record.partition());
                 row.same_source = source == Some(this);
                 source = Some(this);
                 row
@@ -127,10 +147,13 @@ impl FieldReader {
     fn read_one(
         &self,
         record: RecordRef<'_>,
+        base: usize,
         found: &mut [Option<Span>],
         args: &mut Vec<Arg>,
     ) -> Result<Row, String> {
         let value = record.value();
+        // Spans are of the batch's bytes; found ones of the value first.
+        let value_at = value.as_ptr() as usize - base;
         if !self.fields.is_empty() {
             find_fields(&self.fields, value, found)?;
         }
@@ -140,28 +163,37 @@ impl FieldReader {
                 "window: the record has no timestamp (set `time` to read the event time from a JSON field)",
             )?,
         };
-        let key = match self.key_field {
-            Some(at) => Some(found[at].ok_or_else(|| {
-                format!(
-                    "window: the value has no `{}` field to group by",
-                    self.fields[at]
-                )
-            })?),
-            None => None,
+        let (key, key_bytes) = match self.key_field {
+            Some(at) => {
+                let span = found[at].ok_or_else(|| {
+                    format!(
+                        "window: the value has no `{}` field to group by",
+                        self.fields[at]
+                    )
+                })?;
+                (span.shifted(value_at), span.of(value))
+            }
+            None => {
+                let key = record.key().unwrap_or_default();
+                let at = key.as_ptr() as usize - base;
+                (Span::new(at, at + key.len()), key)
+            }
         };
         for (function, field, name) in &self.aggregates {
             let span = field.and_then(|at| found[at]);
             let raw = span.map(|span| span.of(value));
-            let arg =
-                Arg::read(*function, raw, span.unwrap_or(Span::new(0, 0))).map_err(|why| {
-                    let field = field.map_or("", |at| self.fields[at].as_str());
-                    format!("window: field `{field}` {why} (aggregate `{name}`)")
-                })?;
+            let span = span.unwrap_or(Span::new(0, 0)).shifted(value_at);
+            let arg = Arg::read(*function, raw, span).map_err(|why| {
+                let field = field.map_or("", |at| self.fields[at].as_str());
+                format!("window: field `{field}` {why} (aggregate `{name}`)")
+            })?;
             args.push(arg);
         }
         Ok(Row {
             time,
+            hash: self.hash(key_bytes),
             key,
+            offset: record.offset(),
             same_source: false,
         })
     }

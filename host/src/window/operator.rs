@@ -15,10 +15,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::hash::BuildHasher as _;
 use std::time::Instant;
 
-use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as TableEntry;
 use smallvec::SmallVec;
 
 use super::aggregate::{Accumulator, Arg, Input};
@@ -27,9 +27,6 @@ use super::fields::{FieldReader, ReadBatch, Row};
 use super::plugin::{PluginAggregate, PluginState};
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
-
-/// Hashes keys: fast, and seeded per process.
-type KeyHasher = hashbrown::DefaultHashBuilder;
 
 /// A window's result for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,9 +135,14 @@ impl GroupKey {
 }
 
 /// A tumbling or hopping window: every key's accumulators.
+///
+/// The hash table holds only each key's place in `groups`: it is small
+/// enough to stay in cache, so finding a key costs one trip to memory
+/// (its group), not two.
 #[derive(Debug, Default)]
 struct Pane {
-    groups: HashTable<Group>,
+    index: HashTable<u32>,
+    groups: Vec<Group>,
     held: Held,
     emitted: bool,
 }
@@ -181,6 +183,8 @@ struct Results {
     key_is_json: bool,
     /// Each plugin aggregate's plugin, by the aggregate's place.
     plugins: Vec<Option<PluginAggregate>>,
+    /// Some plugin aggregate takes the records themselves.
+    takes_records: bool,
 }
 
 impl Results {
@@ -258,7 +262,6 @@ impl Results {
 pub struct WindowOperator {
     spec: WindowSpec,
     reader: FieldReader,
-    hasher: KeyHasher,
     results: Results,
     watermarks: Watermarks,
     partitions: HashMap<Box<str>, Vec<(i32, PartitionId)>>,
@@ -289,7 +292,7 @@ impl WindowOperator {
     /// aggregates, started, in the order of the spec.
     pub fn with_plugins(spec: WindowSpec, plugins: Vec<PluginAggregate>) -> Self {
         let mut plugins = plugins.into_iter();
-        let plugins = (spec.aggregates.iter())
+        let plugins: Vec<_> = (spec.aggregates.iter())
             .map(|a| match a.function {
                 AggregateFn::Plugin => plugins.next(),
                 _ => None,
@@ -300,12 +303,12 @@ impl WindowOperator {
                 .map(|a| format!(",{}:", serde_json::Value::from(a.name.as_str())))
                 .collect(),
             key_is_json: spec.key.is_some(),
+            takes_records: plugins.iter().any(Option::is_some),
             plugins,
         };
         WindowOperator {
             watermarks: Watermarks::new(spec.watermark_delay, spec.idle_timeout),
             reader: FieldReader::new(&spec),
-            hasher: KeyHasher::default(),
             spec,
             results,
             partitions: HashMap::new(),
@@ -380,7 +383,7 @@ impl WindowOperator {
         for at in 0..batch.len() {
             match read.get(at) {
                 Ok((row, args)) => {
-                    if let Taken::Late = self.take(batch.get(at), row, args, now, out) {
+                    if let Taken::Late = self.take(batch, at, row, args, now, out) {
                         out.late.push(at);
                     }
                 }
@@ -430,33 +433,35 @@ impl WindowOperator {
     #[inline]
     fn take(
         &mut self,
-        record: RecordRef<'_>,
+        batch: &Batch,
+        at: usize,
         row: Row,
         args: &[Arg],
         now: Instant,
         out: &mut WindowOutput,
     ) -> Taken {
-        let value = record.value();
-        let time = row.time;
-        let key: &[u8] = match row.key {
-            Some(span) => span.of(value),
-            None => record.key().unwrap_or_default(),
-        };
-        let hash = self.hasher.hash_one(key);
+        let bytes = batch.wire();
+        let (time, hash, key) = (row.time, row.hash, row.key.of(bytes));
+        // The record itself only when it is needed: its source changed, or
+        // a plugin aggregate takes it.
+        let record = (!row.same_source || self.results.takes_records).then(|| batch.get(at));
         let partition = match self.last_partition {
             Some((_, id)) if row.same_source => id,
-            _ => self.partition(record.topic(), record.partition()),
+            _ => {
+                let record = record.unwrap_or_else(|| batch.get(at));
+                self.partition(record.topic(), record.partition())
+            }
         };
         let watermark = self.watermarks.current();
         self.arrivals += 1;
         let input = Entry {
-            record,
+            record: record.filter(|_| self.results.takes_records),
             args,
-            value,
+            bytes,
             time,
             arrival: self.arrivals,
             partition,
-            offset: record.offset(),
+            offset: row.offset,
         };
         let lateness = self.spec.allowed_lateness;
         let taken = match self.spec.kind {
@@ -530,17 +535,26 @@ impl WindowOperator {
                 Pane::default()
             });
             let aggregates = &self.spec.aggregates;
-            let (group, new) = match pane.groups.entry(hash, |g| g.key == *key, |g| g.hash) {
-                TableEntry::Occupied(group) => (group.into_mut(), false),
+            let groups = &mut pane.groups;
+            let found = (pane.index).entry(
+                hash,
+                |&at| groups[at as usize].key == *key,
+                |&at| groups[at as usize].hash,
+            );
+            let (at, new) = match found {
+                TableEntry::Occupied(at) => (*at.get() as usize, false),
                 TableEntry::Vacant(vacant) => {
-                    let group = Group {
+                    // Fewer than 4 G keys in one window.
+                    vacant.insert(groups.len() as u32);
+                    groups.push(Group {
                         hash,
                         key: key.clone(),
                         accumulators: aggregates.iter().map(Accumulator::new).collect(),
-                    };
-                    (vacant.insert(group).into_mut(), true)
+                    });
+                    (groups.len() - 1, true)
                 }
             };
+            let group = &mut groups[at];
             input.add_to(&mut group.accumulators, &mut pane.held);
             if pane.emitted {
                 // Within the lateness of a window already fired: the key's
@@ -635,7 +649,7 @@ impl WindowOperator {
                     let Some((_, key, start)) = self.deadlines.pop_first() else {
                         break;
                     };
-                    let hash = self.hasher.hash_one(&*key);
+                    let hash = self.reader.hash(&key);
                     let Ok(mut entry) = self.sessions.find_entry(hash, |s| s.key == key) else {
                         continue;
                     };
@@ -755,9 +769,10 @@ impl SessionState<'_> {
 
 /// One record's part in the windows it goes to.
 struct Entry<'a> {
-    record: RecordRef<'a>,
+    /// The record, for plugin aggregates.
+    record: Option<RecordRef<'a>>,
     args: &'a [Arg],
-    value: &'a [u8],
+    bytes: &'a [u8],
     time: i64,
     arrival: u64,
     partition: PartitionId,
@@ -770,10 +785,10 @@ impl Entry<'_> {
         for (accumulator, arg) in accumulators.iter_mut().zip(self.args) {
             accumulator.add(&Input {
                 arg,
-                value: self.value,
+                bytes: self.bytes,
                 time: self.time,
                 arrival: self.arrival,
-                record: Some(&self.record),
+                record: self.record.as_ref(),
             });
         }
         held.note(self.partition, self.offset);
