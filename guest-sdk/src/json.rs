@@ -147,6 +147,7 @@ impl<'a> Iterator for Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    #[inline]
     fn first(&mut self) -> Result<Option<(Key<'a>, &'a [u8])>, JsonError> {
         self.scan.whitespace();
         if self.scan.peek() != Some(b'{') {
@@ -163,6 +164,7 @@ impl<'a> Fields<'a> {
         self.field().map(Some)
     }
 
+    #[inline]
     fn following(&mut self) -> Result<Option<(Key<'a>, &'a [u8])>, JsonError> {
         self.scan.whitespace();
         match self.scan.peek() {

@@ -238,7 +238,18 @@ pub(super) fn run_lane(
             break;
         }
         let mut rejected = job.rejected;
-        let records = job.validate.apply(job.records, &mut rejected);
+        // With no plugin to change the records first, a window's read of
+        // them checks them too (one pass, not two), when all pass.
+        let checked = match (&window, job.validate) {
+            (Some(reader), Validate::Json) if chain.slots().is_empty() => {
+                reader.read_checked(&job.records)
+            }
+            _ => None,
+        };
+        let records = match checked {
+            Some(_) => job.records,
+            None => job.validate.apply(job.records, &mut rejected),
+        };
         let mut dead: Vec<DeadLetter> = rejected
             .into_iter()
             .map(|rejected| DeadLetter {
@@ -249,7 +260,7 @@ pub(super) fn run_lane(
             .collect();
         let output = chain.process(records).map_err(ChainStop::Plugin)?;
         dead.extend(output.dead);
-        let read = window.as_ref().map(|reader| reader.read(&output.records));
+        let read = checked.or_else(|| window.as_ref().map(|reader| reader.read(&output.records)));
         let part = Processed {
             seq: job.seq,
             lane: job.lane,

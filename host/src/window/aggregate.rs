@@ -132,6 +132,12 @@ impl Span {
         &bytes[self.from as usize..self.to as usize]
     }
 
+    /// Where it starts.
+    #[inline]
+    pub fn from(self) -> usize {
+        self.from as usize
+    }
+
     /// The same range `by` bytes further.
     #[inline]
     pub fn shifted(self, by: usize) -> Self {

@@ -41,6 +41,8 @@ pub struct Row {
     pub key: Span,
     /// The key's hash, by [`FieldReader::hash`]'s hasher.
     pub hash: u64,
+    /// The key in line, if short.
+    pub short: ShortKey,
     /// Its offset in its partition.
     pub offset: i64,
     /// It comes from the same topic and partition as the record read
@@ -56,6 +58,71 @@ pub struct ReadBatch {
     /// `aggregates` arguments per record, record after record.
     args: Vec<Arg>,
     aggregates: usize,
+}
+
+/// A key of at most [`ShortKey::MAX`] bytes in line, zero-padded (most
+/// keys are that short), so that the window compares keys as a whole,
+/// with no pointer to follow; or the mark of a longer key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShortKey {
+    bytes: [u8; ShortKey::MAX],
+    len: u8,
+}
+
+impl ShortKey {
+    /// The longest key held in line.
+    pub const MAX: usize = 23;
+    const LONG: u8 = u8::MAX;
+
+    /// The key at `span` of `bytes`, in line, or the mark of a longer key.
+    /// Copied as a whole when `bytes` goes on far enough past its start:
+    /// a copy of the key's own length, then a read of the whole, would
+    /// stall the processor (a store that cannot be forwarded).
+    #[inline]
+    pub fn at(bytes: &[u8], span: Span) -> Self {
+        let (from, key) = (span.from(), span.of(bytes));
+        match bytes.get(from..from + Self::MAX) {
+            Some(window) if key.len() <= Self::MAX => {
+                let mut padded = [0; Self::MAX];
+                padded.copy_from_slice(window);
+                for (at, byte) in padded.iter_mut().enumerate() {
+                    if at >= key.len() {
+                        *byte = 0;
+                    }
+                }
+                ShortKey {
+                    bytes: padded,
+                    len: key.len() as u8,
+                }
+            }
+            _ => Self::new(key),
+        }
+    }
+
+    /// `key` in line, or the mark of a longer key.
+    #[inline]
+    pub fn new(key: &[u8]) -> Self {
+        let mut bytes = [0; Self::MAX];
+        match bytes.get_mut(..key.len()) {
+            Some(prefix) => {
+                prefix.copy_from_slice(key);
+                ShortKey {
+                    bytes,
+                    len: key.len() as u8,
+                }
+            }
+            None => ShortKey {
+                bytes,
+                len: Self::LONG,
+            },
+        }
+    }
+
+    /// The key, if it is short.
+    #[inline]
+    pub fn get(&self) -> Option<&[u8]> {
+        self.bytes.get(..usize::from(self.len))
+    }
 }
 
 impl ReadBatch {
@@ -115,6 +182,19 @@ impl FieldReader {
 
     /// Reads every record of `batch`.
     pub fn read(&self, batch: &Batch) -> ReadBatch {
+        self.read_all(batch, false)
+            .unwrap_or_else(|| unreachable!("a read that does not check fails no batch"))
+    }
+
+    /// Reads every record of `batch` if every value is one well-formed
+    /// JSON object (each is scanned to its end): what `format = "json"`
+    /// checks, in the same pass. `None` if one is not: check the batch
+    /// apart, then [`FieldReader::read`] it.
+    pub fn read_checked(&self, batch: &Batch) -> Option<ReadBatch> {
+        self.read_all(batch, true)
+    }
+
+    fn read_all(&self, batch: &Batch, check: bool) -> Option<ReadBatch> {
         let mut read = ReadBatch {
             rows: Vec::with_capacity(batch.len()),
             args: Vec::with_capacity(batch.len() * self.aggregates.len()),
@@ -122,10 +202,12 @@ impl FieldReader {
         };
         let mut found = vec![None; self.fields.len()];
         let mut source: Option<(&[u8], i32)> = None;
-        let base = batch.wire().as_ptr() as usize;
         for at in 0..batch.len() {
             let record = batch.get(at);
-            let row = self.read_one(record, base, &mut found, &mut read.args);
+            let row = self.read_one(record, batch.wire(), check, &mut found, &mut read.args);
+            if check && row.is_err() {
+                return None;
+            }
             let row = row.map(|mut row| {
                 let this = (record.topic_bytes(), record.partition());
                 row.same_source = source == Some(this);
@@ -140,22 +222,24 @@ impl FieldReader {
             }
             read.rows.push(row);
         }
-        read
+        Some(read)
     }
 
     #[inline]
     fn read_one(
         &self,
         record: RecordRef<'_>,
-        base: usize,
+        wire: &[u8],
+        to_end: bool,
         found: &mut [Option<Span>],
         args: &mut Vec<Arg>,
     ) -> Result<Row, String> {
         let value = record.value();
+        let base = wire.as_ptr() as usize;
         // Spans are of the batch's bytes; found ones of the value first.
         let value_at = value.as_ptr() as usize - base;
-        if !self.fields.is_empty() {
-            find_fields(&self.fields, value, found)?;
+        if !self.fields.is_empty() || to_end {
+            find_fields(&self.fields, value, to_end, found)?;
         }
         let time = match self.time_field {
             Some(at) => parse_time(found[at].map(|span| span.of(value)), &self.fields[at])?,
@@ -192,6 +276,7 @@ impl FieldReader {
         Ok(Row {
             time,
             hash: self.hash(key_bytes),
+            short: ShortKey::at(wire, key),
             key,
             offset: record.offset(),
             same_source: false,
@@ -200,8 +285,15 @@ impl FieldReader {
 }
 
 /// Finds `fields` in a JSON object: each one's byte range in `value`.
+/// Stops once all are found, unless `to_end`: then the whole object is
+/// scanned (and so checked).
 #[inline]
-fn find_fields(fields: &[String], value: &[u8], found: &mut [Option<Span>]) -> Result<(), String> {
+fn find_fields(
+    fields: &[String],
+    value: &[u8],
+    to_end: bool,
+    found: &mut [Option<Span>],
+) -> Result<(), String> {
     found.fill(None);
     let mut missing = fields.len();
     let base = value.as_ptr() as usize;
@@ -216,7 +308,7 @@ fn find_fields(fields: &[String], value: &[u8], found: &mut [Option<Span>]) -> R
                 break;
             }
         }
-        if missing == 0 {
+        if missing == 0 && !to_end {
             break;
         }
     }

@@ -22,7 +22,7 @@ pub use config::{
     AggregateConfig, AggregateFn, AggregateSpec, WindowConfig, WindowKind, WindowKindName,
     WindowSpec, parse_duration,
 };
-pub use fields::{FieldReader, ReadBatch};
+pub use fields::{FieldReader, ReadBatch, ShortKey};
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
 pub use plugin::PluginAggregate;
 

@@ -23,7 +23,7 @@ use smallvec::SmallVec;
 
 use super::aggregate::{Accumulator, Arg, Input};
 use super::config::{AggregateFn, WindowKind, WindowSpec};
-use super::fields::{FieldReader, ReadBatch, Row};
+use super::fields::{FieldReader, ReadBatch, Row, ShortKey};
 use super::plugin::{PluginAggregate, PluginState};
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
@@ -91,35 +91,38 @@ struct Group {
 /// A group's accumulators: up to two in line.
 type Accumulators = SmallVec<[Accumulator; 2]>;
 
-/// A key, held in line when short (most are): finding a group compares
-/// two arrays rather than following a pointer.
+/// A group's key: in line when short (most are), so that finding a group
+/// compares words rather than following a pointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum GroupKey {
-    Inline { len: u8, bytes: [u8; 23] },
-    Heap(Box<[u8]>),
+    Short(ShortKey),
+    Long(Box<[u8]>),
 }
 
 impl GroupKey {
+    /// `key`, of which `short` is the in-line form (or the mark of a long
+    /// key).
+    fn new(short: ShortKey, key: &[u8]) -> Self {
+        match short.get() {
+            Some(_) => GroupKey::Short(short),
+            None => GroupKey::Long(key.into()),
+        }
+    }
+
+    /// Whether it is `key` (`short`: its in-line form).
     #[inline]
-    fn new(key: &[u8]) -> Self {
-        match key.len() {
-            len @ 0..=23 => {
-                let mut bytes = [0; 23];
-                bytes[..len].copy_from_slice(key);
-                GroupKey::Inline {
-                    len: len as u8,
-                    bytes,
-                }
-            }
-            _ => GroupKey::Heap(key.into()),
+    fn is(&self, short: &ShortKey, key: &[u8]) -> bool {
+        match self {
+            GroupKey::Short(mine) => mine == short,
+            GroupKey::Long(mine) => **mine == *key,
         }
     }
 
     #[inline]
     fn get(&self) -> &[u8] {
         match self {
-            GroupKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            GroupKey::Heap(key) => key,
+            GroupKey::Short(key) => key.get().unwrap_or_default(),
+            GroupKey::Long(key) => key,
         }
     }
 
@@ -167,6 +170,26 @@ struct Session {
     emitted: bool,
     /// It changed since its result last went out.
     pending: bool,
+}
+
+/// How many records ahead [`WindowOperator::prefetch`] looks.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks for the cache lines of `value` (a hint: nothing on other targets).
+#[inline]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let at = std::ptr::from_ref(value).cast::<i8>();
+        for line in (0..std::mem::size_of::<T>()).step_by(64) {
+            // SAFETY: SSE is part of every x86_64 CPU, and a prefetch
+            // reads nothing and cannot fault, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 /// Where a record went.
@@ -381,6 +404,11 @@ impl WindowOperator {
     ) {
         debug_assert_eq!(batch.len(), read.len());
         for at in 0..batch.len() {
+            if at + PREFETCH_AHEAD < read.len()
+                && let Ok((ahead, _)) = read.get(at + PREFETCH_AHEAD)
+            {
+                self.prefetch(ahead);
+            }
             match read.get(at) {
                 Ok((row, args)) => {
                     if let Taken::Late = self.take(batch, at, row, args, now, out) {
@@ -389,6 +417,29 @@ impl WindowOperator {
                 }
                 Err(reason) => out.dead.push((at, reason.to_owned())),
             }
+        }
+    }
+
+    /// Asks the memory for the group a record coming soon probably goes
+    /// to (its tumbling window, or its latest hopping one): a window's
+    /// groups outgrow the caches, and waiting for one is most of what
+    /// adding a record costs. A hint only: it changes nothing.
+    #[inline]
+    fn prefetch(&self, row: Row) {
+        let (WindowKind::Tumbling { size: slide } | WindowKind::Hopping { slide, .. }) =
+            self.spec.kind
+        else {
+            return;
+        };
+        let Some(pane) = self.panes.get(&(row.time.div_euclid(slide) * slide)) else {
+            return;
+        };
+        // The first index entry with the key's hash tag: the key is not
+        // compared, as that would wait for the very memory asked for.
+        if let Some(&at) = pane.index.find(row.hash, |_| true)
+            && let Some(group) = pane.groups.get(at as usize)
+        {
+            prefetch(group);
         }
     }
 
@@ -467,14 +518,8 @@ impl WindowOperator {
         let taken = match self.spec.kind {
             WindowKind::Tumbling { size } => {
                 let start = time.div_euclid(size) * size;
-                self.add_to_panes(
-                    [start].into_iter(),
-                    size,
-                    (hash, key),
-                    &input,
-                    watermark,
-                    out,
-                )
+                let key = (hash, &row.short, key);
+                self.add_to_panes([start].into_iter(), size, key, &input, watermark, out)
             }
             WindowKind::Hopping { size, slide } => {
                 // Earliest first, so results come out in order of their end.
@@ -485,7 +530,8 @@ impl WindowOperator {
                 }
                 let starts = std::iter::successors(Some(first), |start| Some(start + slide))
                     .take_while(|start| *start <= last);
-                self.add_to_panes(starts, size, (hash, key), &input, watermark, out)
+                let key = (hash, &row.short, key);
+                self.add_to_panes(starts, size, key, &input, watermark, out)
             }
             WindowKind::Session { gap } => {
                 if time.saturating_add(gap).saturating_add(lateness) <= watermark {
@@ -517,13 +563,12 @@ impl WindowOperator {
         &mut self,
         starts: impl Iterator<Item = i64>,
         size: i64,
-        (hash, key): (u64, &[u8]),
+        (hash, short, key): (u64, &ShortKey, &[u8]),
         input: &Entry<'_>,
         watermark: i64,
         out: &mut WindowOutput,
     ) -> Taken {
         let mut taken = Taken::Late;
-        let (key, bytes) = (&GroupKey::new(key), key);
         for start in starts {
             let end = start.saturating_add(size);
             if end.saturating_add(self.spec.allowed_lateness) <= watermark {
@@ -538,7 +583,7 @@ impl WindowOperator {
             let groups = &mut pane.groups;
             let found = (pane.index).entry(
                 hash,
-                |&at| groups[at as usize].key == *key,
+                |&at| groups[at as usize].key.is(short, key),
                 |&at| groups[at as usize].hash,
             );
             let (at, new) = match found {
@@ -548,7 +593,7 @@ impl WindowOperator {
                     vacant.insert(groups.len() as u32);
                     groups.push(Group {
                         hash,
-                        key: key.clone(),
+                        key: GroupKey::new(*short, key),
                         accumulators: aggregates.iter().map(Accumulator::new).collect(),
                     });
                     (groups.len() - 1, true)
@@ -560,7 +605,7 @@ impl WindowOperator {
                 // Within the lateness of a window already fired: the key's
                 // result goes out now (its first, if the key is new there).
                 let result =
-                    (self.results).result((start, end), bytes, &mut group.accumulators, !new);
+                    (self.results).result((start, end), key, &mut group.accumulators, !new);
                 out.results.push(result);
             }
         }
