@@ -45,6 +45,9 @@ use serde_json::value::RawValue;
 const NATIVE_MODE: &str = "WEIR_BENCH_NATIVE";
 
 fn main() {
+    if measure::serve_as_spawner() {
+        return;
+    }
     if let Ok(mode) = std::env::var(NATIVE_MODE) {
         let mut args = std::env::args_os().skip(1).filter(|a| a != "--bench");
         let (input, output) = (args.next().unwrap(), args.next().unwrap());

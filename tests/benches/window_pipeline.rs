@@ -40,6 +40,9 @@ const NATIVE_MODE: &str = "WEIR_BENCH_NATIVE";
 const WINDOW_MS: i64 = 10_000;
 
 fn main() {
+    if measure::serve_as_spawner() {
+        return;
+    }
     if std::env::var_os(NATIVE_MODE).is_some() {
         let mut args = std::env::args_os().skip(1).filter(|a| a != "--bench");
         let (input, output) = (args.next().unwrap(), args.next().unwrap());
