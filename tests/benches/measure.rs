@@ -55,7 +55,11 @@ pub fn timed(command: &mut Command, output: PathBuf) -> Run {
         .stderr(std::fs::File::create(&log).expect("a log file"))
         .status()
         .expect("starts");
-    assert!(status.success(), "{command:?} failed (log: {})", log.display());
+    assert!(
+        status.success(),
+        "{command:?} failed (log: {})",
+        log.display()
+    );
     let figures = std::fs::read_to_string(&report).expect("the spawner's figures");
     let (seconds, kib) = figures.trim().split_once(' ').expect("two figures");
     Run {

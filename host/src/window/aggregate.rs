@@ -7,8 +7,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use super::config::{AggregateFn, AggregateSpec};
-use super::plugin::PluginState;
-use crate::batch::RecordRef;
+use super::plugin::StateId;
 
 /// What one aggregate has seen so far.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +33,7 @@ pub enum Accumulator {
     )]
     Distinct(Box<HashSet<Box<[u8]>>>),
     /// A plugin's state, and the records it has not seen yet.
-    Plugin(Box<PluginState>),
+    Plugin(StateId),
 }
 
 /// A value with where it stands in time: event time, then arrival order.
@@ -191,13 +190,12 @@ impl Arg {
 
 /// What one record gives an aggregate: its argument (with spans of
 /// `bytes`: its batch's packed bytes), its event time and its arrival
-/// number, and (for a plugin) the record itself.
+/// number.
 pub struct Input<'a> {
     pub arg: &'a Arg,
     pub bytes: &'a [u8],
     pub time: i64,
     pub arrival: u64,
-    pub record: Option<&'a RecordRef<'a>>,
 }
 
 impl Accumulator {
@@ -212,7 +210,8 @@ impl Accumulator {
             AggregateFn::First => Accumulator::First(None),
             AggregateFn::Last => Accumulator::Last(None),
             AggregateFn::CountDistinct => Accumulator::Distinct(Box::default()),
-            AggregateFn::Plugin => Accumulator::Plugin(Box::default()),
+            // Its plugin gives it a state (`PluginAggregate::new_state`).
+            AggregateFn::Plugin => Accumulator::Plugin(StateId::MAX),
         }
     }
 
@@ -221,12 +220,8 @@ impl Accumulator {
     #[inline]
     pub fn add(&mut self, input: &Input<'_>) {
         let number = match (&mut *self, input.arg) {
-            (Accumulator::Plugin(state), _) => {
-                if let Some(record) = input.record {
-                    state.add(record, input.time);
-                }
-                return;
-            }
+            // Its plugin takes the record (`PluginAggregate::add`).
+            (Accumulator::Plugin(_), _) => return,
             (Accumulator::Count(n), Arg::Absent | Arg::Number(_) | Arg::Raw(_)) => {
                 *n += 1;
                 return;
@@ -312,7 +307,8 @@ impl Accumulator {
                 }
             }
             (Accumulator::Distinct(a), Accumulator::Distinct(b)) => a.extend(*b),
-            (Accumulator::Plugin(a), Accumulator::Plugin(b)) => a.merge(*b),
+            // Their plugin merges them (`PluginAggregate::merge`).
+            (Accumulator::Plugin(_), Accumulator::Plugin(_)) => {}
             (a, b) => unreachable!("merging different aggregates: {a:?} and {b:?}"),
         }
     }
@@ -334,10 +330,8 @@ impl Accumulator {
             Accumulator::Distinct(seen) => {
                 let _ = write!(out, "{}", seen.len());
             }
-            Accumulator::Plugin(state) => match state.settled() {
-                Some(Ok(json)) => out.push_str(json),
-                _ => out.push_str("null"),
-            },
+            // Written from its plugin's result (`PluginAggregate::settled`).
+            Accumulator::Plugin(_) => out.push_str("null"),
         }
     }
 }
@@ -576,7 +570,6 @@ mod tests {
             bytes: raw.as_bytes(),
             time,
             arrival: arrival as u64,
-            record: None,
         });
     }
 

@@ -22,9 +22,9 @@ use hashbrown::hash_table::Entry as TableEntry;
 use smallvec::SmallVec;
 
 use super::aggregate::{Accumulator, Arg, Input};
-use super::config::{AggregateFn, WindowKind, WindowSpec};
+use super::config::{AggregateFn, AggregateSpec, WindowKind, WindowSpec};
 use super::fields::{FieldReader, ReadBatch, Row, ShortKey};
-use super::plugin::{PluginAggregate, PluginState};
+use super::plugin::{PluginAggregate, StateId};
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
 
@@ -164,7 +164,7 @@ struct Session {
     start: i64,
     /// The last event's time plus the gap.
     end: i64,
-    accumulators: Vec<Accumulator>,
+    accumulators: Accumulators,
     held: Held,
     /// Its result went out once.
     emitted: bool,
@@ -211,19 +211,83 @@ struct Results {
 }
 
 impl Results {
+    /// A group's accumulators, empty: built-in ones, and a new state of
+    /// each plugin aggregate.
+    fn accumulators(&mut self, aggregates: &[AggregateSpec]) -> Accumulators {
+        (aggregates.iter().zip(&mut self.plugins))
+            .map(|(spec, plugin)| match plugin {
+                Some(plugin) => Accumulator::Plugin(plugin.new_state()),
+                None => Accumulator::new(spec),
+            })
+            .collect()
+    }
+
+    /// Takes one record into `accumulators`.
+    #[inline]
+    fn add(&mut self, accumulators: &mut [Accumulator], input: &Entry<'_>) {
+        let built_in = |accumulator: &mut Accumulator, arg| {
+            accumulator.add(&Input {
+                arg,
+                bytes: input.bytes,
+                time: input.time,
+                arrival: input.arrival,
+            });
+        };
+        if !self.takes_records {
+            for (accumulator, arg) in accumulators.iter_mut().zip(input.args) {
+                built_in(accumulator, arg);
+            }
+            return;
+        }
+        for ((accumulator, arg), plugin) in accumulators
+            .iter_mut()
+            .zip(input.args)
+            .zip(&mut self.plugins)
+        {
+            match (accumulator, plugin, &input.record) {
+                (Accumulator::Plugin(id), Some(plugin), Some(record)) => {
+                    plugin.add(*id, record, input.time);
+                }
+                (accumulator, _, _) => built_in(accumulator, arg),
+            }
+        }
+    }
+
+    /// Takes what `theirs` (of a session bridged to) holds into `mine`.
+    fn merge(&mut self, mine: &mut [Accumulator], theirs: Accumulators) {
+        for ((mine, theirs), plugin) in mine.iter_mut().zip(theirs).zip(&mut self.plugins) {
+            match (mine, theirs, plugin) {
+                (Accumulator::Plugin(into), Accumulator::Plugin(from), Some(plugin)) => {
+                    plugin.merge(*into, from);
+                }
+                (mine, theirs, _) => mine.merge(theirs),
+            }
+        }
+    }
+
+    /// Forgets `accumulators` (their window is gone): plugin states are
+    /// freed.
+    fn free(&mut self, accumulators: &[Accumulator]) {
+        for (accumulator, plugin) in accumulators.iter().zip(&mut self.plugins) {
+            if let (Accumulator::Plugin(id), Some(plugin)) = (accumulator, plugin) {
+                plugin.free_state(*id);
+            }
+        }
+    }
+
     /// Settles the plugin aggregates of every group in `groups` at once
     /// (a window firing): one call per plugin for all of them, not one per
     /// key.
     fn settle_all(&mut self, groups: &mut [(u128, &mut Group)]) {
         for (at, plugin) in self.plugins.iter_mut().enumerate() {
             let Some(plugin) = plugin else { continue };
-            let mut states: Vec<&mut PluginState> = (groups.iter_mut())
-                .filter_map(|(_, group)| match &mut group.accumulators[at] {
-                    Accumulator::Plugin(state) => Some(&mut **state),
+            let ids: Vec<StateId> = (groups.iter())
+                .filter_map(|(_, group)| match group.accumulators[at] {
+                    Accumulator::Plugin(id) => Some(id),
                     _ => None,
                 })
                 .collect();
-            plugin.settle(&mut states);
+            plugin.settle(&ids);
         }
     }
 
@@ -235,8 +299,10 @@ impl Results {
         update: bool,
     ) -> WindowResult {
         let mut errors = Vec::new();
-        for (at, accumulator) in accumulators.iter_mut().enumerate() {
-            let Accumulator::Plugin(state) = accumulator else {
+        // Each plugin aggregate's result, or why there is none.
+        let mut settled: Vec<Option<String>> = vec![None; accumulators.len()];
+        for (at, accumulator) in accumulators.iter().enumerate() {
+            let Accumulator::Plugin(id) = *accumulator else {
                 continue;
             };
             let name = self.names[at].trim_start_matches(',').trim_end_matches(':');
@@ -244,9 +310,13 @@ impl Results {
                 errors.push(format!("aggregate {name} (no plugin instance)"));
                 continue;
             };
-            plugin.settle(&mut [&mut **state]);
-            if let Some(Err(reason)) = state.settled() {
-                errors.push(format!("aggregate {name} ({}: {reason})", plugin.label()));
+            plugin.settle(&[id]);
+            match plugin.settled(id) {
+                Some(Ok(json)) => settled[at] = Some(json.to_owned()),
+                Some(Err(reason)) => {
+                    errors.push(format!("aggregate {name} ({}: {reason})", plugin.label()));
+                }
+                None => {}
             }
         }
         let mut value = String::with_capacity(64 + 24 * accumulators.len());
@@ -265,9 +335,12 @@ impl Results {
             value.push_str(&serde_json::Value::from(String::from_utf8_lossy(key)).to_string());
             key.into()
         };
-        for (name, accumulator) in self.names.iter().zip(accumulators) {
+        for ((name, accumulator), settled) in self.names.iter().zip(accumulators).zip(settled) {
             value.push_str(name);
-            accumulator.write_json(&mut value);
+            match (accumulator, settled) {
+                (Accumulator::Plugin(_), Some(json)) => value.push_str(&json),
+                (accumulator, _) => accumulator.write_json(&mut value),
+            }
         }
         value.push('}');
         WindowResult {
@@ -594,13 +667,14 @@ impl WindowOperator {
                     groups.push(Group {
                         hash,
                         key: GroupKey::new(*short, key),
-                        accumulators: aggregates.iter().map(Accumulator::new).collect(),
+                        accumulators: self.results.accumulators(aggregates),
                     });
                     (groups.len() - 1, true)
                 }
             };
             let group = &mut groups[at];
-            input.add_to(&mut group.accumulators, &mut pane.held);
+            self.results.add(&mut group.accumulators, input);
+            pane.held.note(input.partition, input.offset);
             if pane.emitted {
                 // Within the lateness of a window already fired: the key's
                 // result goes out now (its first, if the key is new there).
@@ -675,7 +749,9 @@ impl WindowOperator {
                 while let Some((&start, _)) = self.panes.first_key_value()
                     && start.saturating_add(size).saturating_add(lateness) <= watermark
                 {
-                    self.panes.pop_first();
+                    for group in self.panes.pop_first().iter().flat_map(|(_, p)| &p.groups) {
+                        self.results.free(&group.accumulators);
+                    }
                 }
                 // Every pane that ends by the watermark has fired (above):
                 // the next to fire is the first that has not, and the next
@@ -715,7 +791,8 @@ impl WindowOperator {
                     }
                     let purge_at = session.end.saturating_add(lateness);
                     if purge_at <= watermark {
-                        sessions.swap_remove(at);
+                        let gone = sessions.swap_remove(at);
+                        self.results.free(&gone.accumulators);
                         if sessions.is_empty() {
                             entry.remove();
                         }
@@ -762,12 +839,13 @@ impl SessionState<'_> {
         let mut merged = Session {
             start,
             end,
-            accumulators: self.spec.aggregates.iter().map(Accumulator::new).collect(),
+            accumulators: self.results.accumulators(&self.spec.aggregates),
             held: Held::default(),
             emitted: false,
             pending: true,
         };
-        input.add_to(&mut merged.accumulators, &mut merged.held);
+        self.results.add(&mut merged.accumulators, input);
+        merged.held.note(input.partition, input.offset);
         // Sessions that touch or overlap the new event's merge into one.
         let mut at = 0;
         while at < sessions.len() {
@@ -783,9 +861,8 @@ impl SessionState<'_> {
                 merged.start = merged.start.min(session.start);
                 merged.end = merged.end.max(session.end);
                 merged.emitted |= session.emitted;
-                for (mine, theirs) in merged.accumulators.iter_mut().zip(session.accumulators) {
-                    mine.merge(theirs);
-                }
+                self.results
+                    .merge(&mut merged.accumulators, session.accumulators);
                 merged.held.absorb(&session.held);
             } else {
                 at += 1;
@@ -822,20 +899,4 @@ struct Entry<'a> {
     arrival: u64,
     partition: PartitionId,
     offset: i64,
-}
-
-impl Entry<'_> {
-    #[inline]
-    fn add_to(&self, accumulators: &mut [Accumulator], held: &mut Held) {
-        for (accumulator, arg) in accumulators.iter_mut().zip(self.args) {
-            accumulator.add(&Input {
-                arg,
-                bytes: self.bytes,
-                time: self.time,
-                arrival: self.arrival,
-                record: self.record.as_ref(),
-            });
-        }
-        held.note(self.partition, self.offset);
-    }
 }

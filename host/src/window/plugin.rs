@@ -2,14 +2,14 @@
 //! state per key and window that the host keeps as the plugin's versioned
 //! bytes, and the calls that bring states up to date.
 //!
-//! Records are packed into their state's pending batch as they come; the
-//! plugin is called only when results are needed, for every state that
-//! needs one at once (all the keys of a window that fires): merge what
-//! session merges left apart, fold the pending records in, finish. A call
-//! carries up to [`CALL_BYTES`] of records or states: a few calls per
-//! window, not one per key. (Copying each record into its state's pending
-//! batch is, measured, the larger cost today: the window benchmark's plugin
-//! run is ~2.7x the built-in.)
+//! Records go, as they come, into one pending batch per aggregate, each
+//! tagged with the state it is for; the plugin folds that batch into its
+//! states in one call when it reaches [`CALL_BYTES`] or when a result is
+//! needed (a window fires). Memory stays bounded by what a call carries,
+//! however long a window is, and a call folds tens of thousands of
+//! records. Sessions that merge keep their states apart until then (the
+//! plugin merges them first), and their pending records follow the state
+//! they merged into.
 
 use weir_guest::abi::{Entry, EntryWriter, read_entries};
 
@@ -22,7 +22,11 @@ const TIMESTAMP_AT: usize = 8;
 /// How many bytes of records (or states) one call carries at most.
 pub const CALL_BYTES: usize = 4 << 20;
 
-/// One plugin aggregate of a window: its instance, restarted after a fault.
+/// A state of a plugin aggregate, by its place among the aggregate's.
+pub type StateId = u32;
+
+/// One plugin aggregate of a window: its instance (restarted after a
+/// fault), its states, and the records not folded into them yet.
 pub struct PluginAggregate {
     loaded: LoadedPlugin,
     limits: Limits,
@@ -32,14 +36,16 @@ pub struct PluginAggregate {
     empty: AggregateState,
     /// `name version`, for errors.
     label: String,
-}
-
-impl std::fmt::Debug for PluginAggregate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginAggregate")
-            .field("plugin", &self.label)
-            .finish_non_exhaustive()
-    }
+    /// Every state, by id; ids of freed ones are in `free`.
+    states: Vec<PluginState>,
+    free: Vec<StateId>,
+    /// Records not folded in yet, in the batch layout after a 4-byte count
+    /// written when they are sent, and the state each is for.
+    pending: Vec<u8>,
+    pending_for: Vec<StateId>,
+    /// States merged into others, to free once their pending records are
+    /// folded.
+    merged: Vec<StateId>,
 }
 
 impl PluginAggregate {
@@ -58,7 +64,110 @@ impl PluginAggregate {
             config,
             instance: Some(instance),
             empty,
+            states: Vec::new(),
+            free: Vec::new(),
+            pending: vec![0; 4],
+            pending_for: Vec::new(),
+            merged: Vec::new(),
         })
+    }
+
+    /// A new state, empty.
+    pub fn new_state(&mut self) -> StateId {
+        match self.free.pop() {
+            Some(id) => {
+                self.states[id as usize] = PluginState::default();
+                id
+            }
+            None => {
+                self.states.push(PluginState::default());
+                // Fewer than 4 G states open at once.
+                (self.states.len() - 1) as StateId
+            }
+        }
+    }
+
+    /// Forgets state `id` (its window is gone).
+    pub fn free_state(&mut self, id: StateId) {
+        if (self.states.get(id as usize)).is_some_and(|s| s.pending > 0) {
+            // Its records must not reach whatever gets its id next.
+            self.fold();
+        }
+        if let Some(state) = self.states.get_mut(id as usize)
+            && !state.freed
+        {
+            *state = PluginState {
+                freed: true,
+                ..PluginState::default()
+            };
+            self.free.push(id);
+        }
+    }
+
+    /// Takes one record for state `id`, stamped with its event time: its
+    /// packed bytes as they are in its batch, the timestamp replaced.
+    pub fn add(&mut self, id: StateId, record: &RecordRef<'_>, time: i64) {
+        let Some(state) = self.states.get_mut(id as usize) else {
+            return;
+        };
+        if state.failed.is_some() {
+            return;
+        }
+        state.outcome = None;
+        state.pending += 1;
+        let at = self.pending.len();
+        self.pending.extend_from_slice(record.packed());
+        self.pending[at + TIMESTAMP_AT..at + TIMESTAMP_AT + 8].copy_from_slice(&time.to_le_bytes());
+        self.pending_for.push(id);
+        if self.pending.len() >= CALL_BYTES {
+            self.fold();
+        }
+    }
+
+    /// State `from` (a session bridged to another) joins state `into`:
+    /// its parts are merged in at the next call, its pending records fold
+    /// into `into`; `from` is freed once they have.
+    pub fn merge(&mut self, into: StateId, from: StateId) {
+        if into == from {
+            return;
+        }
+        let Some(mut taken) = self.states.get_mut(from as usize).map(std::mem::take) else {
+            return;
+        };
+        let Some(state) = self.states.get_mut(into as usize) else {
+            return;
+        };
+        state.parts.append(&mut taken.parts);
+        if state.failed.is_none() {
+            state.failed = taken.failed.take();
+        }
+        state.outcome = None;
+        state.pending += taken.pending;
+        if taken.pending > 0 {
+            taken.forward = Some(into);
+            self.states[from as usize] = taken;
+            self.merged.push(from);
+        } else {
+            self.free_state(from);
+        }
+    }
+
+    /// The state `id` ends in, following merges.
+    fn resolve(&self, mut id: StateId) -> StateId {
+        while let Some(next) = self.states.get(id as usize).and_then(|s| s.forward) {
+            id = next;
+        }
+        id
+    }
+
+    /// The result's JSON of state `id` as of the last settle, or why there
+    /// is none; `None` if something changed it since.
+    pub fn settled(&self, id: StateId) -> Option<Result<&str, &str>> {
+        let state = self.states.get(id as usize)?;
+        if let Some(reason) = &state.failed {
+            return Some(Err(reason));
+        }
+        (state.outcome.as_ref()).map(|o| o.as_ref().map(|json| &**json).map_err(String::as_str))
     }
 
     /// The plugin's name and version.
@@ -89,95 +198,117 @@ impl PluginAggregate {
         })
     }
 
-    /// Brings every state of `states` that needs it up to date: each then
-    /// has its result's JSON, or why it has none.
-    pub fn settle(&mut self, states: &mut [&mut PluginState]) {
-        let mut due: Vec<&mut PluginState> = (states.iter_mut())
-            .filter(|state| state.outcome.is_none())
-            .map(|state| &mut **state)
+    /// Brings every state of `ids` that needs it up to date: each then has
+    /// its result's JSON, or why it has none ([`PluginAggregate::settled`]).
+    pub fn settle(&mut self, ids: &[StateId]) {
+        self.fold();
+        let due: Vec<StateId> = (ids.iter().copied())
+            .filter(|&id| {
+                (self.states.get(id as usize))
+                    .is_some_and(|s| s.outcome.is_none() && s.failed.is_none() && !s.freed)
+            })
             .collect();
-        for state in &mut due {
-            if state.parts.len() > 1 {
-                let parts = entries(state.parts.iter().map(|p| (p.version, &p.bytes[..])));
-                match self.call(|instance| instance.merge(&parts)) {
-                    Ok(Ok(merged)) => state.parts = vec![Encoded::from_wit(merged)],
-                    Ok(Err(reason)) | Err(reason) => state.outcome = Some(Err(reason)),
-                }
-            }
-        }
-        due.retain(|state| state.outcome.is_none());
-        // Fold, a call's worth of records at a time.
-        let mut from = 0;
-        while from < due.len() {
-            let (mut to, mut bytes) = (from, 0);
-            while to < due.len() && (to == from || bytes + due[to].pending.len() <= CALL_BYTES) {
-                bytes += due[to].pending.len();
-                to += 1;
-            }
-            self.accumulate(&mut due[from..to]);
-            from = to;
-        }
-        due.retain(|state| state.outcome.is_none());
+        self.merge_parts(&due);
+        let due: Vec<StateId> = (due.into_iter())
+            .filter(|&id| self.states[id as usize].failed.is_none())
+            .collect();
         // Finish, a call's worth of states at a time.
         let mut from = 0;
         while from < due.len() {
             let (mut to, mut bytes) = (from, 0);
-            while to < due.len() && (to == from || bytes + due[to].state_bytes() <= CALL_BYTES) {
-                bytes += due[to].state_bytes();
+            while to < due.len()
+                && (to == from || bytes + self.states[due[to] as usize].state_bytes() <= CALL_BYTES)
+            {
+                bytes += self.states[due[to] as usize].state_bytes();
                 to += 1;
             }
-            self.finish(&mut due[from..to]);
+            self.finish(&due[from..to]);
             from = to;
         }
     }
 
-    /// Folds each state's pending records into it, in one call.
-    fn accumulate(&mut self, states: &mut [&mut PluginState]) {
-        let pending: usize = states.iter().map(|s| s.count as usize).sum();
-        if pending == 0 {
+    /// Merges the parts of each state of `ids` that has several (sessions
+    /// bridged) into one.
+    fn merge_parts(&mut self, ids: &[StateId]) {
+        for &id in ids {
+            let state = &self.states[id as usize];
+            if state.parts.len() < 2 || state.failed.is_some() {
+                continue;
+            }
+            let parts = entries(state.parts.iter().map(|p| (p.version, &p.bytes[..])));
+            let merged = self.call(|instance| instance.merge(&parts));
+            let state = &mut self.states[id as usize];
+            match merged {
+                Ok(Ok(merged)) => state.parts = vec![Encoded::from_wit(merged)],
+                Ok(Err(reason)) | Err(reason) => state.failed = Some(reason),
+            }
+        }
+    }
+
+    /// Folds every pending record into its state, in one call (states
+    /// with several parts are merged first).
+    fn fold(&mut self) {
+        if self.pending_for.is_empty() {
             return;
         }
-        let empty = (self.empty.version, &self.empty.bytes[..]);
-        let current = entries(states.iter().map(|s| s.current().unwrap_or(empty)));
-        let mut batch =
-            Vec::with_capacity(4 + states.iter().map(|s| s.pending.len() - 4).sum::<usize>());
-        batch.extend_from_slice(&(pending as u32).to_le_bytes());
-        let mut groups = Vec::with_capacity(pending);
-        for (at, state) in states.iter().enumerate() {
-            batch.extend_from_slice(&state.pending[4..]);
-            groups.extend(std::iter::repeat_n(at as u32, state.count as usize));
+        let mut pending = std::mem::replace(&mut self.pending, vec![0; 4]);
+        let pending_for = std::mem::take(&mut self.pending_for);
+        // Each state the records are for, once, in the order first seen;
+        // a record's group is that state's place.
+        let mut touched: Vec<StateId> = Vec::new();
+        let mut place: std::collections::HashMap<StateId, u32> = std::collections::HashMap::new();
+        let groups: Vec<u32> = (pending_for.iter())
+            .map(|&id| {
+                let id = self.resolve(id);
+                *place.entry(id).or_insert_with(|| {
+                    touched.push(id);
+                    (touched.len() - 1) as u32
+                })
+            })
+            .collect();
+        // States merged into others are done with.
+        for id in std::mem::take(&mut self.merged) {
+            self.states[id as usize].pending = 0;
+            self.free_state(id);
         }
-        let reply = self.call(|instance| instance.accumulate(&current, &batch, &groups));
-        let outcomes = reply.and_then(|reply| replies(&reply, states.len()));
+        for &id in &touched {
+            self.states[id as usize].pending = 0;
+        }
+        self.merge_parts(&touched);
+        pending[..4].copy_from_slice(&(groups.len() as u32).to_le_bytes());
+        let empty = (self.empty.version, &self.empty.bytes[..]);
+        let current = entries(
+            (touched.iter()).map(|&id| self.states[id as usize].current().unwrap_or(empty)),
+        );
+        let reply = self.call(|instance| instance.accumulate(&current, &pending, &groups));
+        let outcomes = reply.and_then(|reply| replies(&reply, touched.len()));
         match outcomes {
             Ok(outcomes) => {
-                for (state, outcome) in states.iter_mut().zip(outcomes) {
+                for (&id, outcome) in touched.iter().zip(outcomes) {
+                    let state = &mut self.states[id as usize];
                     match outcome {
-                        Ok(folded) => {
-                            state.parts = vec![folded];
-                            state.pending.truncate(4);
-                            state.count = 0;
-                        }
-                        Err(reason) => state.outcome = Some(Err(reason)),
+                        Ok(folded) => state.parts = vec![folded],
+                        Err(reason) => state.failed = Some(reason),
                     }
                 }
             }
             Err(reason) => {
-                for state in states {
-                    state.outcome = Some(Err(reason.clone()));
+                for &id in &touched {
+                    self.states[id as usize].failed = Some(reason.clone());
                 }
             }
         }
     }
 
-    /// Finishes each state, in one call.
-    fn finish(&mut self, states: &mut [&mut PluginState]) {
+    /// Finishes each state of `ids`, in one call.
+    fn finish(&mut self, ids: &[StateId]) {
         let empty = (self.empty.version, &self.empty.bytes[..]);
-        let current = entries(states.iter().map(|s| s.current().unwrap_or(empty)));
+        let current =
+            entries((ids.iter()).map(|&id| self.states[id as usize].current().unwrap_or(empty)));
         let reply = self.call(|instance| instance.finish(&current));
-        match reply.and_then(|reply| replies(&reply, states.len())) {
+        match reply.and_then(|reply| replies(&reply, ids.len())) {
             Ok(outcomes) => {
-                for (state, outcome) in states.iter_mut().zip(outcomes) {
+                for (&id, outcome) in ids.iter().zip(outcomes) {
                     let json = outcome.and_then(|result| {
                         let text = String::from_utf8(result.bytes)
                             .map_err(|_| "`finish` gave text that is not UTF-8".to_owned())?;
@@ -186,12 +317,12 @@ impl PluginAggregate {
                             Err(err) => Err(format!("`finish` gave {text:?}, not JSON: {err}")),
                         }
                     });
-                    state.outcome = Some(json);
+                    self.states[id as usize].outcome = Some(json);
                 }
             }
             Err(reason) => {
-                for state in states {
-                    state.outcome = Some(Err(reason.clone()));
+                for &id in ids {
+                    self.states[id as usize].outcome = Some(Err(reason.clone()));
                 }
             }
         }
@@ -246,37 +377,25 @@ impl Encoded {
 }
 
 /// A plugin aggregate's state for one key and window.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginState {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PluginState {
     /// States still to merge into one (sessions merged); none: empty.
     parts: Vec<Encoded>,
-    /// Records not folded in yet, in the batch layout after a 4-byte count
-    /// written when they are sent.
-    pending: Vec<u8>,
-    count: u32,
     /// The result's JSON (or why there is none) as of the last settle,
     /// until a record or a merge changes it.
     outcome: Option<Result<Box<str>, String>>,
-}
-
-impl Default for PluginState {
-    fn default() -> Self {
-        PluginState {
-            parts: Vec::new(),
-            pending: vec![0; 4],
-            count: 0,
-            outcome: None,
-        }
-    }
+    /// Why it failed for good (a record the plugin refused, a fault): its
+    /// window's result has this aggregate `null`.
+    failed: Option<String>,
+    /// Records of it waiting in the pending batch.
+    pending: u32,
+    /// It was merged into this state: its pending records go there.
+    forward: Option<StateId>,
+    /// Freed: its id may be given out again.
+    freed: bool,
 }
 
 impl PluginState {
-    /// The result's JSON as of the last settle (or why there is none);
-    /// `None` if something changed it since.
-    pub fn settled(&self) -> Option<Result<&str, &str>> {
-        (self.outcome.as_ref()).map(|o| o.as_ref().map(|json| &**json).map_err(String::as_str))
-    }
-
     /// The state to fold into or finish: the one part (`None`: empty).
     fn current(&self) -> Option<(u32, &[u8])> {
         self.parts.first().map(|p| (p.version, &p.bytes[..]))
@@ -284,24 +403,5 @@ impl PluginState {
 
     fn state_bytes(&self) -> usize {
         self.parts.first().map_or(0, |p| p.bytes.len()) + 9
-    }
-
-    /// Takes one record, stamped with its event time: its packed bytes as
-    /// they are in its batch, the timestamp replaced.
-    pub fn add(&mut self, record: &RecordRef<'_>, time: i64) {
-        let at = self.pending.len();
-        self.pending.extend_from_slice(record.packed());
-        self.pending[at + TIMESTAMP_AT..at + TIMESTAMP_AT + 8].copy_from_slice(&time.to_le_bytes());
-        self.count += 1;
-        self.outcome = None;
-    }
-
-    /// Takes in what `other` holds: its parts to merge (the empty state
-    /// merges as nothing), its records to fold.
-    pub fn merge(&mut self, other: PluginState) {
-        self.parts.extend(other.parts);
-        self.pending.extend_from_slice(&other.pending[4..]);
-        self.count += other.count;
-        self.outcome = None;
     }
 }
