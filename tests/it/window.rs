@@ -414,7 +414,10 @@ fn a_plugin_aggregate_gives_exactly_the_model_s_windows() {
             let mut rng = fastrand::Rng::with_seed(seed);
             let (delay, lateness) = (rng.i64(0..1500), [0, rng.i64(0..1500)][seed as usize % 2]);
             let spec = spec_for(kind, delay, lateness, aggregates.clone());
-            let top = PluginAggregate::start(loaded.clone(), Limits::default(), config.into());
+            // States shared among one to three instances, as lanes share them.
+            let shards = 1 + seed as usize % 3;
+            let top =
+                PluginAggregate::start(loaded.clone(), Limits::default(), config.into(), shards);
             let operator = WindowOperator::with_plugins(spec.clone(), vec![top.unwrap()]);
             let steps = random_stream(seed);
             let seen = check(&spec, &steps, operator, expected, &format!("seed {seed}"));

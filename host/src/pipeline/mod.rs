@@ -197,7 +197,9 @@ pub fn prepare_window(
         let wasm = locate(source).map_err(|e| blame(format!("aggregate `{name}`: {e}")))?;
         let loaded = (engine.load_aggregate(&wasm))
             .map_err(|e| blame(format!("aggregate `{name}`: {e}")))?;
-        let plugin = PluginAggregate::start(loaded, limits.clone(), config.clone())
+        // One instance per lane: the window's states are shared among them.
+        let lanes = pipeline.lanes();
+        let plugin = PluginAggregate::start(loaded, limits.clone(), config.clone(), lanes)
             .map_err(|e| blame(format!("aggregate `{name}`: {e}")))?;
         tracing::info!(
             pipeline = %pipeline.name.get_ref(),

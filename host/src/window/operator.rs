@@ -212,11 +212,11 @@ struct Results {
 
 impl Results {
     /// A group's accumulators, empty: built-in ones, and a new state of
-    /// each plugin aggregate.
-    fn accumulators(&mut self, aggregates: &[AggregateSpec]) -> Accumulators {
+    /// each plugin aggregate (for a key whose hash is `hash`).
+    fn accumulators(&mut self, aggregates: &[AggregateSpec], hash: u64) -> Accumulators {
         (aggregates.iter().zip(&mut self.plugins))
             .map(|(spec, plugin)| match plugin {
-                Some(plugin) => Accumulator::Plugin(plugin.new_state()),
+                Some(plugin) => Accumulator::Plugin(plugin.new_state(hash)),
                 None => Accumulator::new(spec),
             })
             .collect()
@@ -667,7 +667,7 @@ impl WindowOperator {
                     groups.push(Group {
                         hash,
                         key: GroupKey::new(*short, key),
-                        accumulators: self.results.accumulators(aggregates),
+                        accumulators: self.results.accumulators(aggregates, hash),
                     });
                     (groups.len() - 1, true)
                 }
@@ -839,7 +839,7 @@ impl SessionState<'_> {
         let mut merged = Session {
             start,
             end,
-            accumulators: self.results.accumulators(&self.spec.aggregates),
+            accumulators: self.results.accumulators(&self.spec.aggregates, hash),
             held: Held::default(),
             emitted: false,
             pending: true,

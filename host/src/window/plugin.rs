@@ -10,6 +10,11 @@
 //! records. Sessions that merge keep their states apart until then (the
 //! plugin merges them first), and their pending records follow the state
 //! they merged into.
+//!
+//! The states are split by key among shards, one per lane, each with its
+//! own instance: a call folds every shard's records at once, on as many
+//! threads, so the plugin's work is spread over the cores as a transform's
+//! is. A key's states (and so every session merge) stay in one shard.
 
 use weir_guest::abi::{Entry, EntryWriter, read_entries};
 
@@ -25,40 +30,175 @@ pub const CALL_BYTES: usize = 4 << 20;
 /// A state of a plugin aggregate, by its place among the aggregate's.
 pub type StateId = u32;
 
-/// One plugin aggregate of a window: its instance (restarted after a
-/// fault), its states, and the records not folded into them yet.
+/// One plugin aggregate of a window: its shards.
 pub struct PluginAggregate {
+    shards: Vec<Shard>,
+    /// `name version`, for errors.
+    label: String,
+}
+
+/// Some of an aggregate's states (by key), their instance (restarted
+/// after a fault), and the records not folded into them yet.
+struct Shard {
     loaded: LoadedPlugin,
     limits: Limits,
     config: String,
     instance: Option<Instance>,
     /// The state of a window with no record, asked once.
     empty: AggregateState,
-    /// `name version`, for errors.
-    label: String,
-    /// Every state, by id; ids of freed ones are in `free`.
+    /// Its states, by local id; ids of freed ones are in `free`.
     states: Vec<PluginState>,
-    free: Vec<StateId>,
+    free: Vec<u32>,
     /// Records not folded in yet, in the batch layout after a 4-byte count
     /// written when they are sent, and the state each is for.
     pending: Vec<u8>,
-    pending_for: Vec<StateId>,
+    pending_for: Vec<u32>,
     /// States merged into others, to free once their pending records are
     /// folded.
-    merged: Vec<StateId>,
+    merged: Vec<u32>,
+    /// Scratch for a fold: each state's place among those it folds.
+    place: Vec<u32>,
+}
+
+impl std::fmt::Debug for PluginAggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginAggregate")
+            .field("plugin", &self.label)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PluginAggregate {
-    /// Starts `loaded` under `limits` with its settings `config` (JSON).
+    /// Starts `loaded` under `limits` with its settings `config` (JSON),
+    /// in `shards` instances (at least one).
     pub fn start(
         loaded: LoadedPlugin,
         limits: Limits,
         config: String,
+        shards: usize,
     ) -> Result<Self, PluginError> {
+        let shards = (0..shards.max(1))
+            .map(|_| Shard::start(loaded.clone(), limits.clone(), config.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let label = shards[0].label();
+        Ok(PluginAggregate { shards, label })
+    }
+
+    /// The plugin's name and version.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The shard and local id of state `id`.
+    #[inline]
+    fn locate(&self, id: StateId) -> (usize, u32) {
+        let shards = self.shards.len() as u32;
+        ((id % shards) as usize, id / shards)
+    }
+
+    /// A new state, empty, for a key whose hash is `hash`.
+    pub fn new_state(&mut self, hash: u64) -> StateId {
+        let shards = self.shards.len();
+        // The high bits: the low ones place keys in hash tables.
+        let shard = ((hash >> 40) % shards as u64) as usize;
+        let local = self.shards[shard].new_state();
+        // Fewer than 4 G states open at once.
+        local * shards as u32 + shard as u32
+    }
+
+    /// Forgets state `id` (its window is gone).
+    pub fn free_state(&mut self, id: StateId) {
+        let (shard, local) = self.locate(id);
+        self.shards[shard].free_state(local);
+    }
+
+    /// Takes one record for state `id`, stamped with its event time: its
+    /// packed bytes as they are in its batch, the timestamp replaced.
+    #[inline]
+    pub fn add(&mut self, id: StateId, record: &RecordRef<'_>, time: i64) {
+        let (shard, local) = self.locate(id);
+        if self.shards[shard].add(local, record, time) {
+            self.fold();
+        }
+    }
+
+    /// State `from` (a session bridged to another, of the same key) joins
+    /// state `into`: its parts are merged in at the next call, its pending
+    /// records fold into `into`; `from` is freed once they have.
+    pub fn merge(&mut self, into: StateId, from: StateId) {
+        let ((shard, into), (from_shard, from)) = (self.locate(into), self.locate(from));
+        if shard == from_shard {
+            self.shards[shard].merge(into, from);
+        }
+    }
+
+    /// The result's JSON of state `id` as of the last settle, or why there
+    /// is none; `None` if something changed it since.
+    pub fn settled(&self, id: StateId) -> Option<Result<&str, &str>> {
+        let (shard, local) = self.locate(id);
+        self.shards[shard].settled(local)
+    }
+
+    /// Brings every state of `ids` that needs it up to date: each then has
+    /// its result's JSON, or why it has none ([`PluginAggregate::settled`]).
+    /// The shards work at once, each on a thread.
+    pub fn settle(&mut self, ids: &[StateId]) {
+        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); self.shards.len()];
+        for &id in ids {
+            let (shard, local) = self.locate(id);
+            if self.shards[shard].unsettled(local) {
+                by_shard[shard].push(local);
+            }
+        }
+        self.each_shard(
+            |shard, at| !by_shard[at].is_empty() || !shard.pending_for.is_empty(),
+            |shard, at| {
+                shard.fold();
+                shard.settle(&by_shard[at]);
+            },
+        );
+    }
+
+    /// Folds every pending record into its state.
+    fn fold(&mut self) {
+        self.each_shard(
+            |shard, _| !shard.pending_for.is_empty(),
+            |shard, _| shard.fold(),
+        );
+    }
+
+    /// Runs `work` on every shard that `needs` it, each on a thread of its
+    /// own but the last (on this one).
+    fn each_shard(
+        &mut self,
+        needs: impl Fn(&Shard, usize) -> bool,
+        work: impl Fn(&mut Shard, usize) + Sync,
+    ) {
+        let mut due: Vec<(usize, &mut Shard)> = (self.shards.iter_mut().enumerate())
+            .filter(|(at, shard)| needs(shard, *at))
+            .collect();
+        let Some((last_at, last)) = due.pop() else {
+            return;
+        };
+        if due.is_empty() {
+            return work(last, last_at);
+        }
+        std::thread::scope(|scope| {
+            for (at, shard) in due {
+                let work = &work;
+                scope.spawn(move || work(shard, at));
+            }
+            work(last, last_at);
+        });
+    }
+}
+
+impl Shard {
+    fn start(loaded: LoadedPlugin, limits: Limits, config: String) -> Result<Self, PluginError> {
         let mut instance = loaded.instantiate(&limits, &config)?;
         let empty = instance.create_state()?;
-        Ok(PluginAggregate {
-            label: format!("{} {}", instance.name(), instance.version()),
+        Ok(Shard {
             loaded,
             limits,
             config,
@@ -69,11 +209,19 @@ impl PluginAggregate {
             pending: vec![0; 4],
             pending_for: Vec::new(),
             merged: Vec::new(),
+            place: Vec::new(),
         })
     }
 
-    /// A new state, empty.
-    pub fn new_state(&mut self) -> StateId {
+    /// `name version` of its instance.
+    fn label(&self) -> String {
+        match &self.instance {
+            Some(instance) => format!("{} {}", instance.name(), instance.version()),
+            None => "an aggregate plugin".into(),
+        }
+    }
+
+    fn new_state(&mut self) -> u32 {
         match self.free.pop() {
             Some(id) => {
                 self.states[id as usize] = PluginState::default();
@@ -81,14 +229,12 @@ impl PluginAggregate {
             }
             None => {
                 self.states.push(PluginState::default());
-                // Fewer than 4 G states open at once.
-                (self.states.len() - 1) as StateId
+                (self.states.len() - 1) as u32
             }
         }
     }
 
-    /// Forgets state `id` (its window is gone).
-    pub fn free_state(&mut self, id: StateId) {
+    fn free_state(&mut self, id: u32) {
         if (self.states.get(id as usize)).is_some_and(|s| s.pending > 0) {
             // Its records must not reach whatever gets its id next.
             self.fold();
@@ -104,14 +250,15 @@ impl PluginAggregate {
         }
     }
 
-    /// Takes one record for state `id`, stamped with its event time: its
-    /// packed bytes as they are in its batch, the timestamp replaced.
-    pub fn add(&mut self, id: StateId, record: &RecordRef<'_>, time: i64) {
+    /// Takes one record for state `id` (see [`PluginAggregate::add`]);
+    /// says whether its pending batch is full.
+    #[inline]
+    fn add(&mut self, id: u32, record: &RecordRef<'_>, time: i64) -> bool {
         let Some(state) = self.states.get_mut(id as usize) else {
-            return;
+            return false;
         };
         if state.failed.is_some() {
-            return;
+            return false;
         }
         state.outcome = None;
         state.pending += 1;
@@ -119,15 +266,10 @@ impl PluginAggregate {
         self.pending.extend_from_slice(record.packed());
         self.pending[at + TIMESTAMP_AT..at + TIMESTAMP_AT + 8].copy_from_slice(&time.to_le_bytes());
         self.pending_for.push(id);
-        if self.pending.len() >= CALL_BYTES {
-            self.fold();
-        }
+        self.pending.len() >= CALL_BYTES
     }
 
-    /// State `from` (a session bridged to another) joins state `into`:
-    /// its parts are merged in at the next call, its pending records fold
-    /// into `into`; `from` is freed once they have.
-    pub fn merge(&mut self, into: StateId, from: StateId) {
+    fn merge(&mut self, into: u32, from: u32) {
         if into == from {
             return;
         }
@@ -153,26 +295,19 @@ impl PluginAggregate {
     }
 
     /// The state `id` ends in, following merges.
-    fn resolve(&self, mut id: StateId) -> StateId {
+    fn resolve(&self, mut id: u32) -> u32 {
         while let Some(next) = self.states.get(id as usize).and_then(|s| s.forward) {
             id = next;
         }
         id
     }
 
-    /// The result's JSON of state `id` as of the last settle, or why there
-    /// is none; `None` if something changed it since.
-    pub fn settled(&self, id: StateId) -> Option<Result<&str, &str>> {
+    fn settled(&self, id: u32) -> Option<Result<&str, &str>> {
         let state = self.states.get(id as usize)?;
         if let Some(reason) = &state.failed {
             return Some(Err(reason));
         }
         (state.outcome.as_ref()).map(|o| o.as_ref().map(|json| &**json).map_err(String::as_str))
-    }
-
-    /// The plugin's name and version.
-    pub fn label(&self) -> &str {
-        &self.label
     }
 
     fn instance(&mut self) -> Result<&mut Instance, String> {
@@ -198,18 +333,19 @@ impl PluginAggregate {
         })
     }
 
-    /// Brings every state of `ids` that needs it up to date: each then has
-    /// its result's JSON, or why it has none ([`PluginAggregate::settled`]).
-    pub fn settle(&mut self, ids: &[StateId]) {
-        self.fold();
-        let due: Vec<StateId> = (ids.iter().copied())
-            .filter(|&id| {
-                (self.states.get(id as usize))
-                    .is_some_and(|s| s.outcome.is_none() && s.failed.is_none() && !s.freed)
-            })
+    /// Whether state `id` changed since it was last settled.
+    fn unsettled(&self, id: u32) -> bool {
+        (self.states.get(id as usize))
+            .is_some_and(|s| s.outcome.is_none() && s.failed.is_none() && !s.freed)
+    }
+
+    /// Brings every state of `ids` (folded) that needs it up to date.
+    fn settle(&mut self, ids: &[u32]) {
+        let due: Vec<u32> = (ids.iter().copied())
+            .filter(|&id| self.unsettled(id))
             .collect();
         self.merge_parts(&due);
-        let due: Vec<StateId> = (due.into_iter())
+        let due: Vec<u32> = (due.into_iter())
             .filter(|&id| self.states[id as usize].failed.is_none())
             .collect();
         // Finish, a call's worth of states at a time.
@@ -229,7 +365,7 @@ impl PluginAggregate {
 
     /// Merges the parts of each state of `ids` that has several (sessions
     /// bridged) into one.
-    fn merge_parts(&mut self, ids: &[StateId]) {
+    fn merge_parts(&mut self, ids: &[u32]) {
         for &id in ids {
             let state = &self.states[id as usize];
             if state.parts.len() < 2 || state.failed.is_some() {
@@ -251,21 +387,29 @@ impl PluginAggregate {
         if self.pending_for.is_empty() {
             return;
         }
-        let mut pending = std::mem::replace(&mut self.pending, vec![0; 4]);
+        // Taken for the call, given back (emptied, its room kept) after.
+        let mut pending = std::mem::take(&mut self.pending);
         let pending_for = std::mem::take(&mut self.pending_for);
         // Each state the records are for, once, in the order first seen;
         // a record's group is that state's place.
-        let mut touched: Vec<StateId> = Vec::new();
-        let mut place: std::collections::HashMap<StateId, u32> = std::collections::HashMap::new();
+        let mut touched: Vec<u32> = Vec::new();
+        let mut place = std::mem::take(&mut self.place);
+        place.resize(self.states.len(), u32::MAX);
         let groups: Vec<u32> = (pending_for.iter())
             .map(|&id| {
                 let id = self.resolve(id);
-                *place.entry(id).or_insert_with(|| {
+                let at = &mut place[id as usize];
+                if *at == u32::MAX {
+                    *at = touched.len() as u32;
                     touched.push(id);
-                    (touched.len() - 1) as u32
-                })
+                }
+                *at
             })
             .collect();
+        for &id in &touched {
+            place[id as usize] = u32::MAX;
+        }
+        self.place = place;
         // States merged into others are done with.
         for id in std::mem::take(&mut self.merged) {
             self.states[id as usize].pending = 0;
@@ -281,36 +425,47 @@ impl PluginAggregate {
             (touched.iter()).map(|&id| self.states[id as usize].current().unwrap_or(empty)),
         );
         let reply = self.call(|instance| instance.accumulate(&current, &pending, &groups));
-        let outcomes = reply.and_then(|reply| replies(&reply, touched.len()));
-        match outcomes {
-            Ok(outcomes) => {
-                for (&id, outcome) in touched.iter().zip(outcomes) {
-                    let state = &mut self.states[id as usize];
-                    match outcome {
-                        Ok(folded) => state.parts = vec![folded],
-                        Err(reason) => state.failed = Some(reason),
-                    }
+        pending.truncate(4);
+        self.pending = pending;
+        let reply = reply.and_then(|reply| {
+            let outcomes = replies(&reply, touched.len())?;
+            for (&id, outcome) in touched.iter().zip(outcomes) {
+                let state = &mut self.states[id as usize];
+                match outcome {
+                    Entry::Ok { version, bytes } => state.fold_into(version, bytes),
+                    Entry::Failed(reason) => state.failed = Some(reason.to_owned()),
                 }
             }
-            Err(reason) => {
-                for &id in &touched {
-                    self.states[id as usize].failed = Some(reason.clone());
-                }
+            Ok(())
+        });
+        if let Err(reason) = reply {
+            for &id in &touched {
+                self.states[id as usize].failed = Some(reason.clone());
             }
         }
     }
 
     /// Finishes each state of `ids`, in one call.
-    fn finish(&mut self, ids: &[StateId]) {
+    fn finish(&mut self, ids: &[u32]) {
         let empty = (self.empty.version, &self.empty.bytes[..]);
         let current =
             entries((ids.iter()).map(|&id| self.states[id as usize].current().unwrap_or(empty)));
         let reply = self.call(|instance| instance.finish(&current));
-        match reply.and_then(|reply| replies(&reply, ids.len())) {
+        let reply = reply.and_then(|reply| {
+            let outcomes = replies(&reply, ids.len())?;
+            Ok(outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    Entry::Ok { bytes, .. } => Ok(bytes.to_vec()),
+                    Entry::Failed(reason) => Err(reason.to_owned()),
+                })
+                .collect::<Vec<_>>())
+        });
+        match reply {
             Ok(outcomes) => {
                 for (&id, outcome) in ids.iter().zip(outcomes) {
-                    let json = outcome.and_then(|result| {
-                        let text = String::from_utf8(result.bytes)
+                    let json = outcome.and_then(|bytes| {
+                        let text = String::from_utf8(bytes)
                             .map_err(|_| "`finish` gave text that is not UTF-8".to_owned())?;
                         match weir_guest::json::validate(text.as_bytes()) {
                             Ok(()) => Ok(text.into_boxed_str()),
@@ -341,7 +496,7 @@ fn entries<'a>(states: impl Iterator<Item = (u32, &'a [u8])>) -> Vec<u8> {
 /// A reply of entries, one per state asked about: each an encoded state
 /// (or result), or why not. A reply that breaks the layout or has another
 /// count is the plugin's fault, for every state of the call.
-fn replies(reply: &[u8], expected: usize) -> Result<Vec<Result<Encoded, String>>, String> {
+fn replies(reply: &[u8], expected: usize) -> Result<Vec<Entry<'_>>, String> {
     let entries = read_entries(reply).map_err(|err| format!("the plugin's reply: {err}"))?;
     if entries.len() != expected {
         return Err(format!(
@@ -349,15 +504,7 @@ fn replies(reply: &[u8], expected: usize) -> Result<Vec<Result<Encoded, String>>
             entries.len()
         ));
     }
-    Ok((entries.into_iter())
-        .map(|entry| match entry {
-            Entry::Ok { version, bytes } => Ok(Encoded {
-                version,
-                bytes: bytes.to_vec(),
-            }),
-            Entry::Failed(reason) => Err(reason.to_owned()),
-        })
-        .collect())
+    Ok(entries)
 }
 
 /// A state as the host keeps it: the plugin's version and bytes.
@@ -396,6 +543,23 @@ struct PluginState {
 }
 
 impl PluginState {
+    /// Its state is now `version` and `bytes` (what a fold gave): kept in
+    /// the room the last one had.
+    fn fold_into(&mut self, version: u32, bytes: &[u8]) {
+        self.parts.truncate(1);
+        match self.parts.first_mut() {
+            Some(part) => {
+                part.version = version;
+                part.bytes.clear();
+                part.bytes.extend_from_slice(bytes);
+            }
+            None => self.parts.push(Encoded {
+                version,
+                bytes: bytes.to_vec(),
+            }),
+        }
+    }
+
     /// The state to fold into or finish: the one part (`None`: empty).
     fn current(&self) -> Option<(u32, &[u8])> {
         self.parts.first().map(|p| (p.version, &p.bytes[..]))
