@@ -53,9 +53,10 @@ struct Shard {
     /// written when they are sent, and the state each is for.
     pending: Vec<u8>,
     pending_for: Vec<u32>,
-    /// States merged into others, to free once their pending records are
-    /// folded.
-    merged: Vec<u32>,
+    /// States done with (their window gone, or merged into another), to
+    /// free after the next fold: until then records for them may wait,
+    /// and no other state may have their id.
+    done: Vec<u32>,
     /// Scratch for a fold: each state's place among those it folds.
     place: Vec<u32>,
 }
@@ -147,12 +148,14 @@ impl PluginAggregate {
         let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); self.shards.len()];
         for &id in ids {
             let (shard, local) = self.locate(id);
-            if self.shards[shard].unsettled(local) {
-                by_shard[shard].push(local);
-            }
+            by_shard[shard].push(local);
         }
+        // A state changed since its last settle if records wait (for it
+        // or not: a fold tells) or it was merged.
         self.each_shard(
-            |shard, at| !by_shard[at].is_empty() || !shard.pending_for.is_empty(),
+            |shard, at| {
+                !shard.pending_for.is_empty() || by_shard[at].iter().any(|&id| shard.unsettled(id))
+            },
             |shard, at| {
                 shard.fold();
                 shard.settle(&by_shard[at]);
@@ -208,7 +211,7 @@ impl Shard {
             free: Vec::new(),
             pending: vec![0; 4],
             pending_for: Vec::new(),
-            merged: Vec::new(),
+            done: Vec::new(),
             place: Vec::new(),
         })
     }
@@ -222,6 +225,9 @@ impl Shard {
     }
 
     fn new_state(&mut self) -> u32 {
+        if self.free.is_empty() && !self.done.is_empty() && self.pending_for.is_empty() {
+            self.recycle();
+        }
         match self.free.pop() {
             Some(id) => {
                 self.states[id as usize] = PluginState::default();
@@ -235,33 +241,15 @@ impl Shard {
     }
 
     fn free_state(&mut self, id: u32) {
-        if (self.states.get(id as usize)).is_some_and(|s| s.pending > 0) {
-            // Its records must not reach whatever gets its id next.
-            self.fold();
-        }
-        if let Some(state) = self.states.get_mut(id as usize)
-            && !state.freed
-        {
-            *state = PluginState {
-                freed: true,
-                ..PluginState::default()
-            };
-            self.free.push(id);
-        }
+        self.done.push(id);
     }
 
     /// Takes one record for state `id` (see [`PluginAggregate::add`]);
-    /// says whether its pending batch is full.
+    /// says whether its pending batch is full. The state itself is not
+    /// touched (a fold marks what it changed), so that adding a record
+    /// costs no trip to memory for it.
     #[inline]
     fn add(&mut self, id: u32, record: &RecordRef<'_>, time: i64) -> bool {
-        let Some(state) = self.states.get_mut(id as usize) else {
-            return false;
-        };
-        if state.failed.is_some() {
-            return false;
-        }
-        state.outcome = None;
-        state.pending += 1;
         let at = self.pending.len();
         self.pending.extend_from_slice(record.packed());
         self.pending[at + TIMESTAMP_AT..at + TIMESTAMP_AT + 8].copy_from_slice(&time.to_le_bytes());
@@ -284,14 +272,10 @@ impl Shard {
             state.failed = taken.failed.take();
         }
         state.outcome = None;
-        state.pending += taken.pending;
-        if taken.pending > 0 {
-            taken.forward = Some(into);
-            self.states[from as usize] = taken;
-            self.merged.push(from);
-        } else {
-            self.free_state(from);
-        }
+        // Its pending records follow it.
+        taken.forward = Some(into);
+        self.states[from as usize] = taken;
+        self.done.push(from);
     }
 
     /// The state `id` ends in, following merges.
@@ -410,13 +394,8 @@ impl Shard {
             place[id as usize] = u32::MAX;
         }
         self.place = place;
-        // States merged into others are done with.
-        for id in std::mem::take(&mut self.merged) {
-            self.states[id as usize].pending = 0;
-            self.free_state(id);
-        }
         for &id in &touched {
-            self.states[id as usize].pending = 0;
+            self.states[id as usize].outcome = None;
         }
         self.merge_parts(&touched);
         pending[..4].copy_from_slice(&(groups.len() as u32).to_le_bytes());
@@ -441,6 +420,22 @@ impl Shard {
         if let Err(reason) = reply {
             for &id in &touched {
                 self.states[id as usize].failed = Some(reason.clone());
+            }
+        }
+        self.recycle();
+    }
+
+    /// Frees the states done with: no record waits for them any more.
+    fn recycle(&mut self) {
+        for id in std::mem::take(&mut self.done) {
+            if let Some(state) = self.states.get_mut(id as usize)
+                && !state.freed
+            {
+                *state = PluginState {
+                    freed: true,
+                    ..PluginState::default()
+                };
+                self.free.push(id);
             }
         }
     }
@@ -534,8 +529,6 @@ struct PluginState {
     /// Why it failed for good (a record the plugin refused, a fault): its
     /// window's result has this aggregate `null`.
     failed: Option<String>,
-    /// Records of it waiting in the pending batch.
-    pending: u32,
     /// It was merged into this state: its pending records go there.
     forward: Option<StateId>,
     /// Freed: its id may be given out again.
