@@ -15,7 +15,11 @@ pub struct Run {
 
 /// The run with the median time of `runs` (its own RSS kept with it).
 pub fn best_of(runs: usize, mut once: impl FnMut() -> Run) -> Run {
-    let mut all: Vec<Run> = (0..runs.max(1)).map(|_| once()).collect();
+    median((0..runs.max(1)).map(|_| once()).collect())
+}
+
+/// The run of `all` (at least one) with the median time.
+pub fn median(mut all: Vec<Run>) -> Run {
     all.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
     all.swap_remove(all.len() / 2)
 }

@@ -26,6 +26,10 @@
 mod support;
 
 #[path = "measure.rs"]
+#[allow(
+    dead_code,
+    reason = "shared by the benchmarks; this one uses part of it"
+)]
 mod measure;
 
 use std::collections::{BTreeSet, HashMap};
@@ -33,7 +37,7 @@ use std::io::{BufRead as _, BufWriter, Write as _};
 use std::path::Path;
 use std::process::Command;
 
-use measure::{Run, best_of, timed};
+use measure::{Run, median, timed};
 use serde::Deserialize;
 
 const NATIVE_MODE: &str = "WEIR_BENCH_NATIVE";
@@ -50,29 +54,50 @@ fn main() {
         return;
     }
     let events = env_or("WEIR_BENCH_EVENTS", 2_000_000);
-    let runs = env_or("WEIR_BENCH_RUNS", 3);
+    let runs = env_or("WEIR_BENCH_RUNS", 5);
     let scratch = support::Scratch::new();
     let input = scratch.path("events.jsonl");
     let bytes = generate(&input, events);
     println!(
-        "window_pipeline: {events} events, {:.1} MB, 10 s tumbling window, sum + count per user, file -> file, median of {runs}",
+        "window_pipeline: {events} events, {:.1} MB, 10 s tumbling window, sum + count per user, file -> file, median of {runs} interleaved rounds",
         bytes as f64 / 1e6
     );
-    let native = best_of(runs, || {
-        let output = scratch.path("native.jsonl");
-        let mut command = Command::new(std::env::current_exe().unwrap());
-        command.env(NATIVE_MODE, "1").arg(&input).arg(&output);
-        timed(&mut command, output)
-    });
-    let mut summary = serde_json::Map::new();
     let builtin =
         r#"{ fn = "sum", field = "amount", as = "sum_amount" }, { fn = "count", as = "cnt" }"#;
-    let mut builtin_lines = None;
-    for (name, format) in [("window-lines", "lines"), ("window-json", "json")] {
-        let weir = best_of(runs, || {
-            weir_window(&scratch, name, &input, format, builtin)
-        });
-        let (got, want) = (windows(&weir.output), windows(&native.output));
+    let plugin = support::plugin("sum-count");
+    let aggregate = format!(
+        r#"{{ wasm = {:?}, as = "agg", config = {{ field = "amount" }} }}"#,
+        plugin.display().to_string()
+    );
+    // Each round runs every case once, so that the machine's ups and
+    // downs touch them alike; each case's figure is its median run.
+    let cases: [(&str, Option<(&str, &str)>); 4] = [
+        ("native", None),
+        ("window-lines", Some(("lines", builtin))),
+        ("window-json", Some(("json", builtin))),
+        ("window-wasm", Some(("lines", &aggregate))),
+    ];
+    let mut all: [Vec<Run>; 4] = Default::default();
+    for _ in 0..runs.max(1) {
+        for ((name, weir), runs) in cases.iter().zip(&mut all) {
+            runs.push(match weir {
+                None => {
+                    let output = scratch.path("native.jsonl");
+                    let mut command = Command::new(std::env::current_exe().unwrap());
+                    command.env(NATIVE_MODE, "1").arg(&input).arg(&output);
+                    timed(&mut command, output)
+                }
+                Some((format, aggregates)) => {
+                    weir_window(&scratch, name, &input, format, aggregates)
+                }
+            });
+        }
+    }
+    let [native, lines, json, wasm] = all.map(median);
+    let want = windows(&native.output);
+    let mut summary = serde_json::Map::new();
+    for (name, weir) in [("window-lines", &lines), ("window-json", &json)] {
+        let got = windows(&weir.output);
         assert!(
             got == want,
             "{name}: weir's {} windows differ from the reference's {}",
@@ -98,38 +123,29 @@ fn main() {
                 "windows": got.len(),
             }),
         );
-        builtin_lines.get_or_insert(weir.seconds);
     }
-    let plugin = support::plugin("sum-count");
-    let aggregate = format!(
-        r#"{{ wasm = {:?}, as = "agg", config = {{ field = "amount" }} }}"#,
-        plugin.display().to_string()
-    );
     let name = "window-wasm";
-    let weir = best_of(runs, || {
-        weir_window(&scratch, name, &input, "lines", &aggregate)
-    });
-    let (got, want) = (windows(&weir.output), windows(&native.output));
+    let got = windows(&wasm.output);
     assert!(
         got == want,
         "{name}: the plugin's windows differ from the reference's"
     );
-    let builtin = builtin_lines.unwrap();
-    let ratio = weir.seconds / builtin;
+    let builtin = lines.seconds;
+    let ratio = wasm.seconds / builtin;
     println!(
         "  {name:<13} weir {:.3} s, {:>3} MiB | built-in sum + count (lines) {builtin:.3} s | {ratio:.2}x (goal <= 1.5x) | {:.2}x native | {} windows, exact",
-        weir.seconds,
-        weir.peak_rss_mib,
-        weir.seconds / native.seconds,
+        wasm.seconds,
+        wasm.peak_rss_mib,
+        wasm.seconds / native.seconds,
         got.len()
     );
     summary.insert(
         name.into(),
         serde_json::json!({
-            "weir_s": weir.seconds,
+            "weir_s": wasm.seconds,
             "builtin_s": builtin,
             "ratio_to_builtin": ratio,
-            "peak_rss_mib": weir.peak_rss_mib,
+            "peak_rss_mib": wasm.peak_rss_mib,
             "windows": got.len(),
         }),
     );

@@ -225,30 +225,19 @@ impl Results {
     /// Takes one record into `accumulators`.
     #[inline]
     fn add(&mut self, accumulators: &mut [Accumulator], input: &Entry<'_>) {
-        let built_in = |accumulator: &mut Accumulator, arg| {
-            accumulator.add(&Input {
-                arg,
-                bytes: input.bytes,
-                time: input.time,
-                arrival: input.arrival,
-            });
-        };
         if !self.takes_records {
             for (accumulator, arg) in accumulators.iter_mut().zip(input.args) {
-                built_in(accumulator, arg);
+                input.add_to(accumulator, arg);
             }
             return;
         }
-        for ((accumulator, arg), plugin) in accumulators
-            .iter_mut()
-            .zip(input.args)
-            .zip(&mut self.plugins)
-        {
+        let plugins = &mut self.plugins;
+        for ((accumulator, arg), plugin) in accumulators.iter_mut().zip(input.args).zip(plugins) {
             match (accumulator, plugin, &input.record) {
                 (Accumulator::Plugin(id), Some(plugin), Some(record)) => {
                     plugin.add(*id, record, input.time);
                 }
-                (accumulator, _, _) => built_in(accumulator, arg),
+                (accumulator, _, _) => input.add_to(accumulator, arg),
             }
         }
     }
@@ -899,4 +888,17 @@ struct Entry<'a> {
     arrival: u64,
     partition: PartitionId,
     offset: i64,
+}
+
+impl Entry<'_> {
+    /// Gives `accumulator` (a built-in one) its argument `arg`.
+    #[inline]
+    fn add_to(&self, accumulator: &mut Accumulator, arg: &Arg) {
+        accumulator.add(&Input {
+            arg,
+            bytes: self.bytes,
+            time: self.time,
+            arrival: self.arrival,
+        });
+    }
 }
