@@ -99,3 +99,37 @@ fn session_windows_match_the_reference_model() {
         gap: [300, 800][seed as usize % 2],
     });
 }
+
+/// A window that gets its first record only after a later window fired,
+/// within the lateness, fires at once (it was once kept unfired and then
+/// forgotten).
+#[test]
+fn a_window_first_reached_after_a_later_one_fired_still_fires() {
+    use crate::testkit::windows::{Event, Step, feed};
+    let spec = spec(WindowKind::Tumbling { size: 10 }, 0, 100);
+    let event = |offset, time| Event {
+        partition: 0,
+        offset,
+        time,
+        key: "k".into(),
+        v: 1,
+    };
+    let steps = [Step {
+        now: 0,
+        events: vec![event(0, 25), event(1, 35), event(2, 5)],
+        tick: None,
+    }];
+    let fed = feed(&mut WindowOperator::new(spec.clone()), &steps);
+    let fired: Vec<(i64, bool)> = (fed.results.iter())
+        .map(|r| (r.window_start, r.update))
+        .collect();
+    assert_eq!(fired, [(20, false), (0, false), (30, false)]);
+    assert!(fed.late.is_empty());
+    check(
+        &spec,
+        &steps,
+        WindowOperator::new(spec.clone()),
+        expected,
+        "first after a later fired",
+    );
+}
