@@ -24,7 +24,7 @@ pub use config::{
 };
 pub use fields::{FieldReader, ReadBatch, ShortKey};
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
-pub use plugin::PluginAggregate;
+pub use plugin::{CALL_BYTES, PluginAggregate};
 
 #[cfg(test)]
 mod tests;

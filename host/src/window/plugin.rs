@@ -59,6 +59,8 @@ struct Shard {
     done: Vec<u32>,
     /// Scratch for a fold: each state's place among those it folds.
     place: Vec<u32>,
+    /// How many bytes of records or states a call carries at most.
+    call_bytes: usize,
 }
 
 impl std::fmt::Debug for PluginAggregate {
@@ -89,6 +91,15 @@ impl PluginAggregate {
     /// The plugin's name and version.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// Calls carry at most `bytes` of records or states (rather than
+    /// [`CALL_BYTES`]): for tests, to fold and finish in many small calls.
+    pub fn with_call_bytes(mut self, bytes: usize) -> Self {
+        for shard in &mut self.shards {
+            shard.call_bytes = bytes;
+        }
+        self
     }
 
     /// The shard and local id of state `id`.
@@ -213,6 +224,7 @@ impl Shard {
             pending_for: Vec::new(),
             done: Vec::new(),
             place: Vec::new(),
+            call_bytes: CALL_BYTES,
         })
     }
 
@@ -254,7 +266,7 @@ impl Shard {
         self.pending.extend_from_slice(record.packed());
         self.pending[at + TIMESTAMP_AT..at + TIMESTAMP_AT + 8].copy_from_slice(&time.to_le_bytes());
         self.pending_for.push(id);
-        self.pending.len() >= CALL_BYTES
+        self.pending.len() >= self.call_bytes
     }
 
     fn merge(&mut self, into: u32, from: u32) {
@@ -337,7 +349,8 @@ impl Shard {
         while from < due.len() {
             let (mut to, mut bytes) = (from, 0);
             while to < due.len()
-                && (to == from || bytes + self.states[due[to] as usize].state_bytes() <= CALL_BYTES)
+                && (to == from
+                    || bytes + self.states[due[to] as usize].state_bytes() <= self.call_bytes)
             {
                 bytes += self.states[due[to] as usize].state_bytes();
                 to += 1;
