@@ -350,3 +350,71 @@ fn digits_value(digits: &[u8]) -> Option<i64> {
     }
     Some(value)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::windows::spec_for;
+    use crate::window::WindowKind;
+
+    fn batch(values: &[&str]) -> Batch {
+        let mut batch = Batch::new();
+        for (offset, value) in values.iter().enumerate() {
+            batch.push_value(value.as_bytes(), "in", 0, offset as i64);
+        }
+        batch
+    }
+
+    #[test]
+    fn a_checked_read_is_the_plain_read_of_well_formed_objects_only() {
+        let reader = FieldReader::new(&spec_for(
+            WindowKind::Tumbling { size: 10 },
+            0,
+            0,
+            Vec::new(),
+        ));
+        let good = batch(&[
+            r#"{"ts":1,"k":"a","rest":[1,{"x":null}]}"#,
+            r#"{"k":"b","ts":2}"#,
+        ]);
+        let (checked, plain) = (reader.read_checked(&good).unwrap(), reader.read(&good));
+        for at in 0..2 {
+            let (checked, plain) = (checked.get(at).unwrap().0, plain.get(at).unwrap().0);
+            assert_eq!((checked.time, checked.hash), (plain.time, plain.hash));
+        }
+        // Broken after the fields the window needs, or JSON but not an
+        // object: the batch is checked apart, then read.
+        for broken in [
+            r#"{"ts":1,"k":"a","rest":[1,}"#,
+            r#"{"ts":1,"k":"a"} x"#,
+            "[1, 2]",
+        ] {
+            let batch = batch(&[r#"{"ts":1,"k":"a"}"#, broken]);
+            assert!(reader.read_checked(&batch).is_none(), "{broken}");
+        }
+        assert!(
+            reader
+                .read(&batch(&[r#"{"ts":1,"k":"a","rest":[1,}"#]))
+                .get(0)
+                .is_ok(),
+            "a plain read stops at its fields"
+        );
+    }
+
+    #[test]
+    fn a_key_in_line_is_the_same_however_near_the_end_of_its_bytes() {
+        let bytes: Vec<u8> = (0..64).map(|i| b'a' + i % 26).collect();
+        for len in 0..=ShortKey::MAX + 1 {
+            for from in 0..=bytes.len() - len {
+                let span = Span::new(from, from + len);
+                let key = &bytes[from..from + len];
+                let short = ShortKey::at(&bytes, span);
+                assert_eq!(short, ShortKey::new(key), "{len} bytes from {from}");
+                match len <= ShortKey::MAX {
+                    true => assert_eq!(short.get(), Some(key)),
+                    false => assert_eq!(short.get(), None, "too long to hold in line"),
+                }
+            }
+        }
+    }
+}
