@@ -46,7 +46,7 @@ pub struct Ordered {
 
 /// What one record gives an aggregate, read from its value beforehand
 /// (in a lane, see `fields`): nothing, `null`, a number parsed once, or
-/// the field's raw JSON text.
+/// where the field's raw JSON text is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Arg {
     /// The field is absent (or the aggregate reads none).
@@ -55,7 +55,7 @@ pub enum Arg {
     Null,
     /// A numeric aggregate's number.
     Number(Number),
-    /// The raw JSON text, as a byte range of the value.
+    /// The raw JSON text, as a byte range of its batch's packed bytes.
     Raw(Span),
 }
 
@@ -70,7 +70,7 @@ pub struct Number {
     /// The value as a float, or NaN: not worked out yet (a short decimal
     /// that a sum adds exactly needs none).
     float: f64,
-    /// Its text in the value.
+    /// Its text, in its batch's packed bytes.
     raw: Span,
 }
 
@@ -78,22 +78,22 @@ impl Number {
     const NOT_SHORT: u8 = u8::MAX;
 
     /// Exactly, if it is a plain decimal (of up to 38 digits, at most
-    /// [`Sum::MAX_SCALE`] decimals); `value` is the record's value.
+    /// [`Sum::MAX_SCALE`] decimals); `bytes` are its batch's packed bytes.
     #[inline]
-    fn exact(&self, value: &[u8]) -> Option<(i128, u32)> {
+    fn exact(&self, bytes: &[u8]) -> Option<(i128, u32)> {
         match self.scale {
-            Self::NOT_SHORT => decimal(self.raw.of(value)),
+            Self::NOT_SHORT => decimal(self.raw.of(bytes)),
             scale => Some((i128::from(self.mantissa), u32::from(scale))),
         }
     }
 
-    /// As a float; `value` is the record's value.
+    /// As a float; `bytes` are its batch's packed bytes.
     #[inline]
-    fn float(&self, value: &[u8]) -> f64 {
+    fn float(&self, bytes: &[u8]) -> f64 {
         if !self.float.is_nan() {
             return self.float;
         }
-        Self::float_of(self.mantissa, self.scale, self.raw.of(value))
+        Self::float_of(self.mantissa, self.scale, self.raw.of(bytes))
     }
 
     /// The float that `raw` parses to, quickly for a short decimal.
@@ -108,7 +108,7 @@ impl Number {
     }
 }
 
-/// A byte range of a record's value.
+/// A byte range of a record's value, or of its batch's packed bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
     from: u32,
@@ -145,7 +145,7 @@ impl Span {
 }
 
 impl Arg {
-    /// Reads the field `raw` (at `span` of the value; `None`: absent) for
+    /// Reads the field `raw` (at `span`; `None`: absent) for
     /// aggregate `function`: numeric ones need a finite number (or `null`).
     #[inline]
     pub fn read(
@@ -252,19 +252,19 @@ impl Accumulator {
                 return;
             }
         };
-        let value = input.bytes;
+        let bytes = input.bytes;
         match self {
-            Accumulator::Sum(sum) => sum.get_or_insert_with(Sum::default).add(number, value),
+            Accumulator::Sum(sum) => sum.get_or_insert_with(Sum::default).add(number, bytes),
             Accumulator::Min(min) => {
-                let float = number.float(value);
+                let float = number.float(bytes);
                 *min = Some(min.map_or(float, |m| m.min(float)));
             }
             Accumulator::Max(max) => {
-                let float = number.float(value);
+                let float = number.float(bytes);
                 *max = Some(max.map_or(float, |m| m.max(float)));
             }
             Accumulator::Avg(sum, n) => {
-                *sum += number.float(value);
+                *sum += number.float(bytes);
                 *n += 1;
             }
             _ => {}
@@ -374,12 +374,12 @@ impl Sum {
         }
     }
 
-    /// Adds `number` (of the record whose value is `value`).
+    /// Adds `number` (`bytes`: its batch's packed bytes).
     #[inline]
-    fn add(&mut self, number: &Number, value: &[u8]) {
+    fn add(&mut self, number: &Number, bytes: &[u8]) {
         if let Some(sum) = self.exact() {
             let added = number
-                .exact(value)
+                .exact(bytes)
                 .and_then(|number| add_exact(sum, number));
             self.set_exact(added);
             if added.is_some() {
@@ -387,7 +387,7 @@ impl Sum {
             }
             self.float = as_float(sum);
         }
-        self.float += number.float(value);
+        self.float += number.float(bytes);
     }
 
     fn merge(&mut self, other: Sum) {
@@ -465,43 +465,26 @@ fn short_decimal(raw: &[u8]) -> Option<(i64, u8)> {
     Some((if negative { -mantissa } else { mantissa }, scale))
 }
 
-/// A plain decimal's mantissa and scale (`-3.75` is `(-375, 2)`).
-#[inline]
+/// A plain decimal's mantissa and scale (`-3.75` is `(-375, 2)`), of up
+/// to 38 digits: the slow path, for what [`short_decimal`] does not take.
 fn decimal(raw: &[u8]) -> Option<(i128, u32)> {
     let (negative, digits) = match raw {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, raw),
     };
-    let (mantissa, scale) = if digits.len() <= 19 {
-        // At most 19 digits: no overflow in a u64, and no i128 arithmetic.
-        let (mut mantissa, mut scale, mut dot) = (0u64, 0u32, false);
-        for &byte in digits {
-            match byte {
-                b'0'..=b'9' => {
-                    mantissa = mantissa * 10 + u64::from(byte - b'0');
-                    scale += u32::from(dot);
-                }
-                b'.' if !dot => dot = true,
-                _ => return None,
+    let (mut mantissa, mut scale, mut dot) = (0i128, 0u32, false);
+    for &byte in digits {
+        match byte {
+            b'0'..=b'9' => {
+                mantissa = mantissa
+                    .checked_mul(10)?
+                    .checked_add(i128::from(byte - b'0'))?;
+                scale += u32::from(dot);
             }
+            b'.' if !dot => dot = true,
+            _ => return None,
         }
-        (i128::from(mantissa), scale)
-    } else {
-        let (mut mantissa, mut scale, mut dot) = (0i128, 0u32, false);
-        for &byte in digits {
-            match byte {
-                b'0'..=b'9' => {
-                    mantissa = mantissa
-                        .checked_mul(10)?
-                        .checked_add(i128::from(byte - b'0'))?;
-                    scale += u32::from(dot);
-                }
-                b'.' if !dot => dot = true,
-                _ => return None,
-            }
-        }
-        (mantissa, scale)
-    };
+    }
     (scale <= Sum::MAX_SCALE).then_some((if negative { -mantissa } else { mantissa }, scale))
 }
 

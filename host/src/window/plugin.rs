@@ -403,13 +403,12 @@ impl Shard {
                 *at
             })
             .collect();
+        // The fold changes them: their results are to be worked out again.
         for &id in &touched {
             place[id as usize] = u32::MAX;
-        }
-        self.place = place;
-        for &id in &touched {
             self.states[id as usize].outcome = None;
         }
+        self.place = place;
         self.merge_parts(&touched);
         pending[..4].copy_from_slice(&(groups.len() as u32).to_le_bytes());
         let empty = (self.empty.version, &self.empty.bytes[..]);
