@@ -142,7 +142,16 @@ pub struct Fed {
 ///
 /// If the operator dead-letters an event.
 pub fn feed(operator: &mut WindowOperator, steps: &[Step]) -> Fed {
-    let start = Instant::now();
+    feed_part(operator, steps, Instant::now(), true)
+}
+
+/// Feeds `steps` to `operator` as [`feed`] does, their times counted from
+/// `start`; ends the input only if `end`.
+///
+/// # Panics
+///
+/// If the operator dead-letters an event.
+pub fn feed_part(operator: &mut WindowOperator, steps: &[Step], start: Instant, end: bool) -> Fed {
     let at = |ms: u64| start + Duration::from_millis(ms);
     let mut out = WindowOutput::default();
     let mut late = BTreeSet::new();
@@ -175,7 +184,9 @@ pub fn feed(operator: &mut WindowOperator, steps: &[Step]) -> Fed {
             operator.tick(at(tick), &mut out);
         }
     }
-    operator.finish(&mut out);
+    if end {
+        operator.finish(&mut out);
+    }
     Fed {
         results: out.results,
         late,

@@ -10,7 +10,7 @@ use super::config::{AggregateFn, AggregateSpec};
 use super::plugin::StateId;
 
 /// What one aggregate has seen so far.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Accumulator {
     /// Records counted.
     Count(u64),
@@ -37,7 +37,7 @@ pub enum Accumulator {
 }
 
 /// A value with where it stands in time: event time, then arrival order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ordered {
     time: i64,
     arrival: u64,
@@ -340,7 +340,7 @@ impl Accumulator {
 /// exponent, at most [`Sum::MAX_SCALE`] decimals) and it fits: money adds
 /// up to `13371.2`, not `13371.200000000003`. A value it cannot hold
 /// exactly, or an overflow, makes it a float sum from then on.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sum {
     /// While exact, the sum times `10^scale`: an i128 cut in two halves,
     /// so that a sum keeps to 8-byte alignment (and an accumulator to 32

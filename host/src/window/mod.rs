@@ -10,12 +10,14 @@
 //! - `aggregate`: the built-in aggregates' accumulators.
 //! - `plugin`: plugin aggregates' states and the calls that settle them.
 //! - `operator`: the [`WindowOperator`] that ties them together.
+//! - `snapshot`: a window's state as a checkpoint keeps it.
 
 mod aggregate;
 mod config;
 mod fields;
 mod operator;
 mod plugin;
+mod snapshot;
 mod watermark;
 
 pub use config::{
@@ -25,6 +27,7 @@ pub use config::{
 pub use fields::{FieldReader, ReadBatch, ShortKey};
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
 pub use plugin::{CALL_BYTES, PluginAggregate};
+pub use snapshot::{RestoreError, WindowImage};
 
 #[cfg(test)]
 mod tests;

@@ -61,11 +61,11 @@ pub struct WindowOutput {
 
 /// Lowest offsets a window holds, per partition (few: searched in line).
 #[derive(Debug, Default, Clone)]
-struct Held(Vec<(PartitionId, i64)>);
+pub(super) struct Held(pub(super) Vec<(PartitionId, i64)>);
 
 impl Held {
     #[inline]
-    fn note(&mut self, partition: PartitionId, offset: i64) {
+    pub(super) fn note(&mut self, partition: PartitionId, offset: i64) {
         match self.0.iter_mut().find(|(p, _)| *p == partition) {
             Some((_, lowest)) => *lowest = (*lowest).min(offset),
             None => self.0.push((partition, offset)),
@@ -82,19 +82,19 @@ impl Held {
 /// One key's accumulators in a tumbling or hopping window, in line: a
 /// record touches one place in memory (two cache lines) for its window.
 #[derive(Debug)]
-struct Group {
-    hash: u64,
-    key: GroupKey,
-    accumulators: Accumulators,
+pub(super) struct Group {
+    pub(super) hash: u64,
+    pub(super) key: GroupKey,
+    pub(super) accumulators: Accumulators,
 }
 
 /// A group's accumulators: up to two in line.
-type Accumulators = SmallVec<[Accumulator; 2]>;
+pub(super) type Accumulators = SmallVec<[Accumulator; 2]>;
 
 /// A group's key: in line when short (most are), so that finding a group
 /// compares words rather than following a pointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum GroupKey {
+pub(super) enum GroupKey {
     Short(ShortKey),
     Long(Box<[u8]>),
 }
@@ -102,7 +102,7 @@ enum GroupKey {
 impl GroupKey {
     /// `key`, of which `short` is the in-line form (or the mark of a long
     /// key).
-    fn new(short: ShortKey, key: &[u8]) -> Self {
+    pub(super) fn new(short: ShortKey, key: &[u8]) -> Self {
         match short.get() {
             Some(_) => GroupKey::Short(short),
             None => GroupKey::Long(key.into()),
@@ -119,7 +119,7 @@ impl GroupKey {
     }
 
     #[inline]
-    fn get(&self) -> &[u8] {
+    pub(super) fn get(&self) -> &[u8] {
         match self {
             GroupKey::Short(key) => key.get().unwrap_or_default(),
             GroupKey::Long(key) => key,
@@ -143,33 +143,33 @@ impl GroupKey {
 /// enough to stay in cache, so finding a key costs one trip to memory
 /// (its group), not two.
 #[derive(Debug, Default)]
-struct Pane {
-    index: HashTable<u32>,
-    groups: Vec<Group>,
-    held: Held,
-    emitted: bool,
+pub(super) struct Pane {
+    pub(super) index: HashTable<u32>,
+    pub(super) groups: Vec<Group>,
+    pub(super) held: Held,
+    pub(super) emitted: bool,
 }
 
 /// One key's sessions.
 #[derive(Debug)]
-struct KeySessions {
-    hash: u64,
-    key: Box<[u8]>,
-    sessions: Vec<Session>,
+pub(super) struct KeySessions {
+    pub(super) hash: u64,
+    pub(super) key: Box<[u8]>,
+    pub(super) sessions: Vec<Session>,
 }
 
 /// One session of one key.
 #[derive(Debug)]
-struct Session {
-    start: i64,
+pub(super) struct Session {
+    pub(super) start: i64,
     /// The last event's time plus the gap.
-    end: i64,
-    accumulators: Accumulators,
-    held: Held,
+    pub(super) end: i64,
+    pub(super) accumulators: Accumulators,
+    pub(super) held: Held,
     /// Its result went out once.
-    emitted: bool,
+    pub(super) emitted: bool,
     /// It changed since its result last went out.
-    pending: bool,
+    pub(super) pending: bool,
 }
 
 /// How many records ahead [`WindowOperator::prefetch`] looks.
@@ -199,13 +199,13 @@ enum Taken {
 }
 
 /// Writes results.
-struct Results {
+pub(super) struct Results {
     /// `,"name":` of each aggregate, escaped once.
     names: Vec<String>,
     /// The key is a JSON field's raw text (else the record key's bytes).
     key_is_json: bool,
     /// Each plugin aggregate's plugin, by the aggregate's place.
-    plugins: Vec<Option<PluginAggregate>>,
+    pub(super) plugins: Vec<Option<PluginAggregate>>,
     /// Some plugin aggregate takes the records themselves.
     takes_records: bool,
 }
@@ -345,25 +345,25 @@ impl Results {
 
 /// Runs one pipeline's window.
 pub struct WindowOperator {
-    spec: WindowSpec,
-    reader: FieldReader,
-    results: Results,
-    watermarks: Watermarks,
+    pub(super) spec: WindowSpec,
+    pub(super) reader: FieldReader,
+    pub(super) results: Results,
+    pub(super) watermarks: Watermarks,
     partitions: HashMap<Box<str>, Vec<(i32, PartitionId)>>,
     /// Each partition's (topic, partition), by its id.
-    partition_names: Vec<(Box<str>, i32)>,
+    pub(super) partition_names: Vec<(Box<str>, i32)>,
     /// The last record's partition: most records follow one of theirs.
     last_partition: Option<(i32, PartitionId)>,
     last_topic: String,
-    panes: BTreeMap<i64, Pane>,
-    sessions: HashTable<KeySessions>,
+    pub(super) panes: BTreeMap<i64, Pane>,
+    pub(super) sessions: HashTable<KeySessions>,
     /// Sessions by when they next need attention (their end, or once
     /// emitted their end plus the lateness): (deadline, key, start).
-    deadlines: BTreeSet<(i64, Box<[u8]>, i64)>,
+    pub(super) deadlines: BTreeSet<(i64, Box<[u8]>, i64)>,
     /// No window fires, and none is forgotten, before the watermark
     /// reaches this (it may be early, never late).
-    next_due: i64,
-    arrivals: u64,
+    pub(super) next_due: i64,
+    pub(super) arrivals: u64,
 }
 
 impl WindowOperator {
@@ -675,7 +675,7 @@ impl WindowOperator {
         taken
     }
 
-    fn partition(&mut self, topic: &str, partition: i32) -> PartitionId {
+    pub(super) fn partition(&mut self, topic: &str, partition: i32) -> PartitionId {
         if let Some((last, id)) = self.last_partition
             && last == partition
             && self.last_topic == topic

@@ -174,6 +174,37 @@ impl PluginAggregate {
         );
     }
 
+    /// What states `ids` hold, every pending record folded in first: to
+    /// checkpoint them ([`PluginAggregate::restore`] gives them back).
+    pub fn save(&mut self, ids: &[StateId]) -> Vec<SavedState> {
+        self.fold();
+        (ids.iter())
+            .map(|&id| {
+                let (shard, local) = self.locate(id);
+                let shard = &self.shards[shard];
+                let state = shard.states.get(shard.resolve(local) as usize);
+                SavedState {
+                    parts: state.map_or_else(Vec::new, |s| {
+                        (s.parts.iter()).map(|p| (p.version, p.bytes.clone())).collect()
+                    }),
+                    failed: state.and_then(|s| s.failed.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// A state holding what `saved` held, for a key whose hash is `hash`.
+    pub fn restore(&mut self, hash: u64, saved: SavedState) -> StateId {
+        let id = self.new_state(hash);
+        let (shard, local) = self.locate(id);
+        let state = &mut self.shards[shard].states[local as usize];
+        state.parts = (saved.parts.into_iter())
+            .map(|(version, bytes)| Encoded { version, bytes })
+            .collect();
+        state.failed = saved.failed;
+        id
+    }
+
     /// Folds every pending record into its state.
     fn fold(&mut self) {
         self.each_shard(
@@ -512,6 +543,15 @@ fn replies(reply: &[u8], expected: usize) -> Result<Vec<Entry<'_>>, String> {
         ));
     }
     Ok(entries)
+}
+
+/// A plugin aggregate's state as a checkpoint keeps it: the plugin's
+/// encoded parts (several: sessions merged, not yet merged by the plugin)
+/// and, if it failed for good, why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    parts: Vec<(u32, Vec<u8>)>,
+    failed: Option<String>,
 }
 
 /// A state as the host keeps it: the plugin's version and bytes.

@@ -76,6 +76,26 @@ impl Watermarks {
         self.partitions[at].get_or_insert_with(Partition::default)
     }
 
+    /// The latest event time of `partition`, if it had an event, and how
+    /// long before `now` it had its last one.
+    pub fn latest(&self, partition: PartitionId, now: Instant) -> Option<(i64, Duration)> {
+        let entry = self.partitions.get(partition as usize).copied().flatten()?;
+        let quiet = entry.last_seen.map_or(self.idle, |seen| now.saturating_duration_since(seen));
+        Some((entry.latest?, quiet))
+    }
+
+    /// Back to a checkpoint's: watermark `current`, and of each partition
+    /// in `latest` its latest event time and how long it had been quiet
+    /// (as of `now`: the time the process was down does not count).
+    pub fn restore(&mut self, current: i64, latest: &[(PartitionId, i64, Duration)], now: Instant) {
+        self.current = self.current.max(current);
+        for &(partition, time, quiet) in latest {
+            let entry = self.entry(partition);
+            entry.latest = Some(entry.latest.map_or(time, |t| t.max(time)));
+            entry.last_seen = now.checked_sub(quiet);
+        }
+    }
+
     /// The watermark: every event earlier than it is expected to have come.
     pub fn current(&self) -> i64 {
         self.current
