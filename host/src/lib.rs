@@ -30,5 +30,6 @@ pub mod plugin;
 pub mod record;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod testkit;
 pub mod window;

@@ -11,6 +11,7 @@ mod engine;
 mod files;
 mod kafka;
 mod pipeline;
+mod postgres;
 mod sandbox;
 mod support;
 mod swap;

@@ -460,6 +460,8 @@ pub enum SinkConfig {
     /// Kafka topics, through an idempotent (or, exactly-once, transactional)
     /// producer.
     Kafka(crate::sink::kafka::KafkaSinkConfig),
+    /// A PostgreSQL table, upserted; keeps the pipeline's checkpoints.
+    Postgres(crate::sink::postgres::PostgresSinkConfig),
     /// A file, one record per line.
     File {
         /// Path, relative to the pipeline file.
@@ -508,7 +510,7 @@ impl SinkConfig {
             SinkConfig::Stdout { format, .. } | SinkConfig::File { format, .. } => {
                 format.unwrap_or(default)
             }
-            SinkConfig::Kafka(_) => default,
+            SinkConfig::Kafka(_) | SinkConfig::Postgres(_) => default,
         }
     }
 
@@ -517,6 +519,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Stdout { routes, .. } | SinkConfig::File { routes, .. } => routes,
             SinkConfig::Kafka(kafka) => &kafka.routes,
+            SinkConfig::Postgres(postgres) => &postgres.routes,
         }
     }
 }

@@ -59,6 +59,7 @@ use crate::plugin::{PluginSlot, VersionStore, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
+use crate::state::Snapshot;
 use crate::window::{PluginAggregate, ReadBatch, WindowSpec};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
@@ -280,7 +281,9 @@ pub struct Pipeline {
     controller: Controller,
     handle: PipelineHandle,
     watching: Vec<Option<PathBuf>>,
-    window: Option<(WindowSpec, Vec<PluginAggregate>)>,
+    window: Option<WindowStage>,
+    /// The sink that keeps checkpoints, by its place.
+    keeper: Option<usize>,
 }
 
 impl Pipeline {
@@ -329,15 +332,6 @@ impl Pipeline {
                 Err(panic) => std::panic::resume_unwind(panic.into_panic()),
             }
         };
-        let source::OpenSource {
-            source,
-            transaction,
-        } = source::open(pipeline)
-            .await
-            .map_err(|source| PipelineError::Source {
-                pipeline: name.clone(),
-                source,
-            })?;
         // A sink that cannot open is its config's fault: named at its line.
         let sink_error = |at: usize| {
             let name = &name;
@@ -345,7 +339,38 @@ impl Pipeline {
                 PipelineError::Setup(file.error_at(at, format!("pipeline `{name}`: {err}")))
             }
         };
+        // The sink that keeps checkpoints, and the last one it kept.
+        let keeper = (pipeline.sinks.iter()).position(|s| sink::keeps_checkpoints(s.get_ref()));
+        let resume = match keeper {
+            Some(at) => {
+                let config = &pipeline.sinks[at];
+                sink::last_checkpoint(config.get_ref(), &name)
+                    .await
+                    .map_err(sink_error(config.span().start))?
+                    .and_then(|last| last.resume(pipeline.source.get_ref().can_replay()))
+            }
+            None => None,
+        };
+        if let Some(resume) = &resume {
+            tracing::info!(
+                pipeline = %name,
+                partitions = resume.positions.positions.len(),
+                window_state_bytes = resume.window.as_ref().map_or(0, Vec::len),
+                "Resuming from the last checkpoint."
+            );
+        }
+        let resume = resume.unwrap_or_default();
+        let source::OpenSource {
+            source,
+            transaction,
+        } = source::open(pipeline, &resume.positions)
+            .await
+            .map_err(|source| PipelineError::Source {
+                pipeline: name.clone(),
+                source,
+            })?;
         let outputs = SinkDefaults {
+            pipeline: &name,
             format: RecordFormat::Value,
             file_mode: if pipeline.source.get_ref().can_replay() {
                 FileMode::Append
@@ -380,6 +405,21 @@ impl Pipeline {
             None => sink::default_dead_letter(),
         };
         let metrics = Arc::new(PipelineMetrics::new(&name));
+        let window = match window {
+            Some((spec, plugins)) => {
+                let mut stage = WindowStage::new(spec, plugins, source.backlog(), metrics.clone());
+                if let (Some(state), Some(config)) = (&resume.window, &pipeline.window) {
+                    stage.restore(state).map_err(|err| {
+                        PipelineError::Setup(file.error_at(
+                            config.span().start,
+                            format!("pipeline `{name}`, window: {err}"),
+                        ))
+                    })?;
+                }
+                Some(stage)
+            }
+            None => None,
+        };
         let watching: Vec<_> = (pipeline.plugins.iter().zip(&named))
             .map(|(config, path)| config.watch.then(|| path.clone()))
             .collect();
@@ -409,6 +449,7 @@ impl Pipeline {
             routes,
             dead_letter,
             transaction,
+            keeper,
             commit_interval: Duration::from_millis(pipeline.commit_interval_ms),
         })
     }
@@ -449,13 +490,11 @@ impl Pipeline {
             handle,
             watching,
             window,
+            keeper,
         } = self;
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
         let mut running = tokio::task::JoinSet::new();
-        let window = window.map(|(spec, plugins)| {
-            WindowStage::new(spec, plugins, source.backlog(), metrics.clone())
-        });
         for chain in lanes {
             let (to_lane, orders) = mpsc::channel(IN_FLIGHT);
             senders.push(to_lane);
@@ -493,6 +532,9 @@ impl Pipeline {
             unflushed_sent: 0,
             deferred: None,
             window,
+            keeper,
+            changed: false,
+            finishing: false,
             drained: drained.clone(),
         };
         let mut writer = tokio::spawn(writer.run(from_lanes));
@@ -699,6 +741,13 @@ struct SinkWriter {
     picks: Vec<Vec<u32>>,
     /// The pipeline's window, if it has one.
     window: Option<WindowStage>,
+    /// The sink that keeps checkpoints, by its place: each commit is then
+    /// a checkpoint (positions and window state) in its transaction.
+    keeper: Option<usize>,
+    /// Something was written since the last commit.
+    changed: bool,
+    /// The last commit is under way, and the source ended.
+    finishing: bool,
     /// The source had no more records.
     drained: Arc<AtomicBool>,
 }
@@ -760,10 +809,13 @@ impl SinkWriter {
                             }
                         }
                     }
+                    if self.keeper.is_some_and(|at| self.sinks[at].sink.wants_commit()) {
+                        self.commit(pending.take()).await?;
+                    }
                 }
                 _ = tick.tick() => {
                     // With a window, closing one may let a commit go further.
-                    if pending.is_some() || self.window.is_some() {
+                    if pending.is_some() || self.window.is_some() || self.changed {
                         self.commit(pending.take()).await?;
                     }
                 }
@@ -778,7 +830,10 @@ impl SinkWriter {
                 }
             }
         }
-        if self.drained.load(Ordering::Acquire)
+        // Everything is written: the last commit says whether the source
+        // ended (rather than was stopped).
+        self.finishing = self.drained.load(Ordering::Acquire);
+        if self.finishing
             && let Some(window) = &mut self.window
         {
             let mut dead = Vec::new();
@@ -875,6 +930,7 @@ impl SinkWriter {
             .emit(&self.metrics);
         }
         self.unflushed_sent += sent;
+        self.changed = true;
         Ok(())
     }
 
@@ -886,15 +942,29 @@ impl SinkWriter {
     }
 
     async fn commit(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), SinkError> {
-        for entry in &mut self.sinks {
-            entry.sink.flush().await?;
+        for (at, entry) in self.sinks.iter_mut().enumerate() {
+            if Some(at) != self.keeper {
+                entry.sink.flush().await?;
+            }
         }
         self.dead_letter.flush().await?;
-        // With a window, only as far as no open window holds records.
-        let checkpoint = match &mut self.window {
-            Some(window) => window.committable(checkpoint),
-            None => checkpoint,
+        let checkpoint = match (self.keeper, &mut self.window) {
+            // A checkpoint: the positions with the state that reflects
+            // them, in the keeper's transaction with its writes.
+            (Some(keeper), window) => {
+                let snapshot = Snapshot {
+                    positions: checkpoint.clone().unwrap_or_default(),
+                    window: window.as_mut().map(|w| w.snapshot()),
+                    finished: self.finishing,
+                };
+                self.sinks[keeper].sink.commit(&snapshot).await?;
+                checkpoint
+            }
+            // With a window, only as far as no open window holds records.
+            (None, Some(window)) => window.committable(checkpoint),
+            (None, None) => checkpoint,
         };
+        self.changed = false;
         // What a deferred commit left goes with this one (offsets are
         // cumulative, so the later position of each partition wins).
         let checkpoint = match (self.deferred.clone(), checkpoint) {

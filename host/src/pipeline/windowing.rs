@@ -27,7 +27,8 @@ use crate::metrics::PipelineMetrics;
 use crate::metrics::events::BatchWindowed;
 use crate::source::{Backlog, Behind, Checkpoint};
 use crate::window::{
-    FieldReader, PluginAggregate, ReadBatch, WindowOperator, WindowOutput, WindowSpec,
+    FieldReader, PluginAggregate, ReadBatch, RestoreError, WindowImage, WindowOperator,
+    WindowOutput, WindowSpec,
 };
 
 /// The topic window results say they come from.
@@ -72,6 +73,23 @@ impl WindowStage {
             results: 0,
             metrics,
         }
+    }
+
+    /// What the window holds now, as a checkpoint keeps it.
+    pub(super) fn snapshot(&mut self) -> Vec<u8> {
+        let image = self.operator.snapshot(Instant::now());
+        StageImage {
+            results: self.results,
+            window: image,
+        }
+        .encode()
+    }
+
+    /// Takes back what a checkpoint's [`WindowStage::snapshot`] held.
+    pub(super) fn restore(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let image = StageImage::decode(bytes)?;
+        self.results = image.results;
+        self.operator.restore(image.window, Instant::now())
     }
 
     /// A reader of what the window needs of each record, for a lane.
@@ -213,5 +231,24 @@ impl WindowStage {
         }
         self.committed = Some(capped.clone());
         Some(capped)
+    }
+}
+
+/// A window stage's state: the operator's and how many results it made
+/// (the offsets of the next ones).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StageImage {
+    results: i64,
+    window: WindowImage,
+}
+
+impl StageImage {
+    fn encode(&self) -> Vec<u8> {
+        // Plain data: serialising it cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
+        postcard::from_bytes(bytes).map_err(|err| RestoreError::Corrupt(err.to_string()))
     }
 }

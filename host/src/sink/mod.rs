@@ -11,12 +11,14 @@
 mod encode;
 mod file;
 pub mod kafka;
+pub mod postgres;
 mod stdout;
 
 use async_trait::async_trait;
 
 use crate::batch::{RecordRef, Records};
 use crate::config::{FileMode, RecordFormat, SinkConfig};
+use crate::state::Snapshot;
 
 pub use encode::{encode, refuse_line_breaks};
 pub use file::FileSink;
@@ -78,10 +80,32 @@ pub trait Sink: Send {
     fn refuses(&self, _record: &RecordRef<'_>) -> Option<String> {
         None
     }
+
+    /// Whether the sink keeps the pipeline's checkpoints, committing each
+    /// with its own writes in one transaction (see [`crate::state`]).
+    fn keeps_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// Makes everything written so far durable together with `snapshot`,
+    /// atomically: both or neither. Called only on a sink that
+    /// [keeps checkpoints](Sink::keeps_checkpoints).
+    async fn commit(&mut self, _snapshot: &Snapshot) -> Result<(), SinkError> {
+        self.flush().await
+    }
+
+    /// Whether the sink holds so much for its next commit that the
+    /// pipeline should commit now rather than at its interval.
+    fn wants_commit(&self) -> bool {
+        false
+    }
 }
 
 /// What a sink's config leaves to its pipeline.
 pub struct SinkDefaults<'a> {
+    /// The pipeline's name (a sink that keeps checkpoints keeps them under
+    /// it).
+    pub pipeline: &'a str,
     /// How records are written unless the sink sets a `format`: values for
     /// outputs, envelopes (keeping the reason headers) for dead letters.
     pub format: RecordFormat,
@@ -109,7 +133,28 @@ pub async fn build(
             )),
             None => Box::new(kafka::KafkaSink::new(kafka.clone())?),
         },
+        SinkConfig::Postgres(postgres) => {
+            Box::new(postgres::PostgresSink::open(postgres.clone(), defaults.pipeline).await?)
+        }
     })
+}
+
+/// Whether the sink `config` describes keeps checkpoints (see
+/// [`Sink::keeps_checkpoints`]).
+pub fn keeps_checkpoints(config: &SinkConfig) -> bool {
+    matches!(config, SinkConfig::Postgres(_))
+}
+
+/// The last checkpoint of `pipeline` that the sink `config` describes
+/// keeps, if it keeps checkpoints and has one.
+pub async fn last_checkpoint(
+    config: &SinkConfig,
+    pipeline: &str,
+) -> Result<Option<Snapshot>, SinkError> {
+    match config {
+        SinkConfig::Postgres(postgres) => postgres::last_checkpoint(postgres, pipeline).await,
+        SinkConfig::Stdout { .. } | SinkConfig::File { .. } | SinkConfig::Kafka(_) => Ok(None),
+    }
 }
 
 /// What would stop the sink `config` describes from opening, found without
@@ -120,6 +165,7 @@ pub fn check(config: &SinkConfig) -> Result<(), String> {
         SinkConfig::Stdout { .. } => Ok(()),
         SinkConfig::File { path, .. } => file::check(path),
         SinkConfig::Kafka(kafka) => kafka::check(kafka),
+        SinkConfig::Postgres(postgres) => postgres.check(),
     }
 }
 

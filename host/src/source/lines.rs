@@ -39,12 +39,14 @@ pub struct LineSource {
 }
 
 impl LineSource {
-    /// Reads the file at `path` to its end.
+    /// Reads the file at `path` to its end, from the line after line
+    /// `after` (0: from the start; a checkpoint's position resumes there).
     pub fn file(
         path: &Path,
         format: LineFormat,
         batch: &BatchConfig,
         max_record_bytes: usize,
+        after: i64,
     ) -> Result<Self, SourceError> {
         let what = path.display().to_string();
         let fail = |message: String| SourceError::Io {
@@ -62,7 +64,17 @@ impl LineSource {
         if kind.is_some_and(|kind| kind.is_dir()) {
             return Err(fail("is a folder, not a file of records".into()));
         }
-        Ok(Self::spawn(file, what, format, batch, max_record_bytes))
+        if after > 0 {
+            tracing::info!(file = %what, line = after + 1, "Resuming at the checkpoint's line.");
+        }
+        Ok(Self::spawn(
+            file,
+            what,
+            format,
+            batch,
+            max_record_bytes,
+            after,
+        ))
     }
 
     /// Reads standard input until it closes.
@@ -73,6 +85,7 @@ impl LineSource {
             format,
             batch,
             max_record_bytes,
+            0,
         )
     }
 
@@ -82,6 +95,7 @@ impl LineSource {
         format: LineFormat,
         batch: &BatchConfig,
         max_record_bytes: usize,
+        after: i64,
     ) -> Self {
         let (tx, batches) = mpsc::channel(READ_AHEAD);
         let reader = LineReader {
@@ -90,6 +104,7 @@ impl LineSource {
             batch: batch.clone(),
             max_record_bytes,
             number: 0,
+            after,
             current: SourceBatch::default(),
             tx,
         };
@@ -118,6 +133,8 @@ struct LineReader {
     max_record_bytes: usize,
     /// The last line's number.
     number: i64,
+    /// Lines up to this one were read by an earlier run: passed over.
+    after: i64,
     current: SourceBatch,
     tx: mpsc::Sender<Result<SourceBatch, SourceError>>,
 }
@@ -243,6 +260,9 @@ impl LineReader {
     /// One whole line, without its `\n`.
     fn line(&mut self, mut line: &[u8]) {
         self.number += 1;
+        if self.number <= self.after {
+            return;
+        }
         if let [rest @ .., b'\r'] = line {
             line = rest;
         }
@@ -261,6 +281,9 @@ impl LineReader {
     /// A line past `max_record_bytes`: rejected with its first bytes.
     fn overlong(&mut self, line: Overlong) {
         self.number += 1;
+        if self.number <= self.after {
+            return;
+        }
         self.reject_overlong(&line.kept, line.length);
     }
 
@@ -322,6 +345,7 @@ mod tests {
             batch: BatchConfig::default(),
             max_record_bytes,
             number: 0,
+            after: 0,
             current: SourceBatch::default(),
             tx,
         };

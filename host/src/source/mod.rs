@@ -278,16 +278,25 @@ pub struct OpenSource {
     pub transaction: Option<Arc<KafkaTransaction>>,
 }
 
-/// Opens the source `pipeline` describes.
-pub async fn open(pipeline: &PipelineConfig) -> Result<OpenSource, SourceError> {
+/// Opens the source `pipeline` describes, resuming after the positions of
+/// `resume` (a checkpoint's) where it can: a file after the line, a Kafka
+/// partition after the offset.
+pub async fn open(
+    pipeline: &PipelineConfig,
+    resume: &Checkpoint,
+) -> Result<OpenSource, SourceError> {
     let batch = &pipeline.batch;
     let max_record = pipeline.limits().max_record_bytes;
     let source: Box<dyn Source> = match pipeline.source.get_ref() {
         SourceConfig::File { path, format } => {
             // Off the async workers: opening a FIFO waits for its writer.
+            let topic = path.display().to_string();
+            let after = (resume.positions.iter())
+                .find(|p| *p.topic == *topic && p.partition == 0)
+                .map_or(0, |p| p.offset);
             let (path, format, batch) = (path.clone(), *format, batch.clone());
             let opened = tokio::task::spawn_blocking(move || {
-                LineSource::file(&path, format, &batch, max_record)
+                LineSource::file(&path, format, &batch, max_record, after)
             });
             match opened.await {
                 Ok(source) => Box::new(source?),
@@ -296,7 +305,7 @@ pub async fn open(pipeline: &PipelineConfig) -> Result<OpenSource, SourceError> 
         }
         SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch, max_record)),
         SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
-        SourceConfig::Kafka(kafka) => return kafka::open(kafka, pipeline).await,
+        SourceConfig::Kafka(kafka) => return kafka::open(kafka, pipeline, resume).await,
     };
     Ok(OpenSource {
         source,

@@ -185,7 +185,9 @@ impl PluginAggregate {
                 let state = shard.states.get(shard.resolve(local) as usize);
                 SavedState {
                     parts: state.map_or_else(Vec::new, |s| {
-                        (s.parts.iter()).map(|p| (p.version, p.bytes.clone())).collect()
+                        (s.parts.iter())
+                            .map(|p| (p.version, p.bytes.clone()))
+                            .collect()
                     }),
                     failed: state.and_then(|s| s.failed.clone()),
                 }

@@ -119,9 +119,7 @@ impl WindowOperator {
         let mut ids: Vec<Vec<StateId>> = vec![Vec::new(); self.spec.aggregates.len()];
         let accumulators = (self.panes.values().flat_map(|p| &p.groups))
             .map(|g| &g.accumulators)
-            .chain(
-                (self.sessions.iter().flat_map(|k| &k.sessions)).map(|s| &s.accumulators),
-            );
+            .chain((self.sessions.iter().flat_map(|k| &k.sessions)).map(|s| &s.accumulators));
         for accumulators in accumulators {
             for (at, accumulator) in accumulators.iter().enumerate() {
                 if let Accumulator::Plugin(id) = accumulator {
@@ -139,7 +137,9 @@ impl WindowOperator {
             (accumulators.iter().enumerate())
                 .map(|(at, accumulator)| match accumulator {
                     Accumulator::Plugin(_) => SavedAccumulator::Plugin(
-                        saved[at].next().unwrap_or_else(|| unreachable!("saved above")),
+                        saved[at]
+                            .next()
+                            .unwrap_or_else(|| unreachable!("saved above")),
                     ),
                     built_in => SavedAccumulator::BuiltIn(built_in.clone()),
                 })
@@ -244,7 +244,8 @@ impl WindowOperator {
                 false => session.end,
             };
             let key: Box<[u8]> = session.key.into();
-            self.deadlines.insert((deadline, key.clone(), session.start));
+            self.deadlines
+                .insert((deadline, key.clone(), session.start));
             let restored = Session {
                 start: session.start,
                 end: session.end,
@@ -316,7 +317,9 @@ impl WindowOperator {
                 (SavedAccumulator::Plugin(state), AggregateFn::Plugin) => {
                     match self.results.plugins.get_mut(at) {
                         Some(Some(plugin)) => Ok(Accumulator::Plugin(plugin.restore(hash, state))),
-                        _ => Err(RestoreError::Corrupt("a plugin aggregate has no plugin".into())),
+                        _ => Err(RestoreError::Corrupt(
+                            "a plugin aggregate has no plugin".into(),
+                        )),
                     }
                 }
                 (SavedAccumulator::BuiltIn(accumulator), function)

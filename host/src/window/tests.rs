@@ -177,7 +177,10 @@ fn a_window_restored_from_a_snapshot_goes_on_as_if_it_never_stopped() {
         let late: BTreeSet<_> = first.late.union(&rest.late).copied().collect();
         assert_eq!(late, whole.late, "seed {seed}, split at step {split}");
     }
-    assert!(restored_open > 1000, "too few open windows restored: {restored_open}");
+    assert!(
+        restored_open > 1000,
+        "too few open windows restored: {restored_open}"
+    );
 }
 
 /// An image of one window does not come back into another.

@@ -80,7 +80,9 @@ impl Watermarks {
     /// long before `now` it had its last one.
     pub fn latest(&self, partition: PartitionId, now: Instant) -> Option<(i64, Duration)> {
         let entry = self.partitions.get(partition as usize).copied().flatten()?;
-        let quiet = entry.last_seen.map_or(self.idle, |seen| now.saturating_duration_since(seen));
+        let quiet = entry
+            .last_seen
+            .map_or(self.idle, |seen| now.saturating_duration_since(seen));
         Some((entry.latest?, quiet))
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::config::{Delivery, PipelineConfig, SinkConfig};
 use crate::kafka::KafkaTransaction;
-use crate::source::{OpenSource, SourceError};
+use crate::source::{Checkpoint, OpenSource, SourceError};
 
 /// Names this worker among the workers of one pipeline: static group
 /// membership and, for exactly-once, the transactional id.
@@ -23,13 +23,22 @@ pub const WORKER_ID_VAR: &str = "WEIR_WORKER_ID";
 pub async fn open(
     config: &KafkaSourceConfig,
     pipeline: &PipelineConfig,
+    resume: &Checkpoint,
 ) -> Result<OpenSource, SourceError> {
     let name = pipeline.name.get_ref();
     let max_record = pipeline.limits().max_record_bytes;
     // A window waits for partitions with records still to come.
     let backlog = pipeline.window.is_some();
     if pipeline.delivery != Delivery::ExactlyOnce {
-        let source = KafkaSource::new(config, name, &pipeline.batch, max_record, false, backlog)?;
+        let source = KafkaSource::new(
+            config,
+            name,
+            &pipeline.batch,
+            max_record,
+            false,
+            backlog,
+            resume,
+        )?;
         return Ok(OpenSource {
             source: Box::new(source),
             transaction: None,
@@ -61,7 +70,15 @@ pub async fn open(
         })
         .next()
         .unwrap_or_else(|| config.connection());
-    let source = KafkaSource::new(config, name, &pipeline.batch, max_record, true, backlog)?;
+    let source = KafkaSource::new(
+        config,
+        name,
+        &pipeline.batch,
+        max_record,
+        true,
+        backlog,
+        resume,
+    )?;
     let id = format!("{}-{worker}", config.group_for(name));
     let consumer = source.consumer();
     let started =

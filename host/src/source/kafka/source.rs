@@ -167,6 +167,10 @@ fn keys(partitions: &TopicPartitionList) -> Vec<(String, i32)> {
 pub struct RebalanceLog {
     group: String,
     start: Offset,
+    /// Where a checkpoint kept by a sink says each partition resumes
+    /// (the last offset handled): it wins over the group's commit, which
+    /// may lag behind it (committed after the sink's transaction).
+    resume: HashMap<(String, i32), i64>,
     progress: Arc<Progress>,
     /// Reported from librdkafka's statistics, when a window needs it.
     backlog: Option<Backlog>,
@@ -240,8 +244,13 @@ impl ConsumerContext for RebalanceLog {
                 match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
                     Ok(committed) => {
                         for element in committed.elements() {
-                            let offset = match element.offset() {
-                                Offset::Offset(offset) if offset >= 0 => Offset::Offset(offset),
+                            let resume = (self.resume)
+                                .get(&(element.topic().to_owned(), element.partition()));
+                            let offset = match (resume, element.offset()) {
+                                (Some(&handled), _) => Offset::Offset(handled + 1),
+                                (None, Offset::Offset(offset)) if offset >= 0 => {
+                                    Offset::Offset(offset)
+                                }
                                 _ => self.start,
                             };
                             let _ = partitions.set_partition_offset(
@@ -326,6 +335,7 @@ impl KafkaSource {
         max_record_bytes: usize,
         read_committed: bool,
         track_backlog: bool,
+        resume: &Checkpoint,
     ) -> Result<Self, SourceError> {
         let group = config.group_for(pipeline);
         let what = format!(
@@ -367,6 +377,9 @@ impl KafkaSource {
                 group: group.clone(),
                 progress: progress.clone(),
                 backlog: track_backlog.then(Backlog::default),
+                resume: (resume.positions.iter())
+                    .map(|p| ((p.topic.to_string(), p.partition), p.offset))
+                    .collect(),
                 start: match config.start {
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => Offset::End,

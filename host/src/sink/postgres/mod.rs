@@ -1,0 +1,522 @@
+//! The `postgres` sink: each record (a JSON object) becomes a row of a
+//! table, its fields the columns of the same name; rows are upserted on
+//! the configured key columns, so a record written again (a replay after a
+//! crash) replaces its row instead of doubling it.
+//!
+//! Rows wait in memory and go in at a commit, in one transaction, a few
+//! thousand rows per statement (`UNNEST` of one text array per column,
+//! cast by the server to the columns' types). The sink keeps the
+//! pipeline's checkpoint (source positions and window state) in the same
+//! transaction, in `weir_offsets` and `weir_state`: rows, positions and
+//! state commit together or not at all (effectively-once), and a
+//! restarting pipeline resumes from them ([`last_checkpoint`]).
+//!
+//! When the server goes away (a restart, a killed backend, a network
+//! failure) the transaction is tried again on a new connection, with
+//! backoff, for as long as it takes: the rows are still in memory, and the
+//! pipeline waits (backpressure) meanwhile. Any other error (a missing
+//! table, a type the server refuses) stops the pipeline naming the table.
+
+mod columns;
+mod config;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+use super::{Sink, SinkError};
+use crate::batch::{RecordRef, Records};
+use crate::record::SourcePosition;
+use crate::source::Checkpoint;
+use crate::state::Snapshot;
+use columns::{Column, Kind, quote};
+
+pub use config::PostgresSinkConfig;
+
+/// The tables a pipeline's checkpoints live in, created when missing.
+const CHECKPOINT_TABLES: &str = r#"
+CREATE TABLE IF NOT EXISTS weir_offsets (
+    pipeline text NOT NULL,
+    topic text NOT NULL,
+    "partition" integer NOT NULL,
+    "offset" bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, topic, "partition")
+);
+CREATE TABLE IF NOT EXISTS weir_state (
+    pipeline text PRIMARY KEY,
+    window_state bytea,
+    finished boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"#;
+
+/// Writes records as rows of a PostgreSQL table.
+pub struct PostgresSink {
+    config: PostgresSinkConfig,
+    /// `postgres table "NAME"`.
+    described: String,
+    pipeline: String,
+    client: Option<Client>,
+    columns: Vec<Column>,
+    insert: String,
+    /// Rows waiting for the next commit, column by column.
+    pending: Vec<Vec<Option<String>>>,
+    rows: usize,
+    /// With key columns: each waiting row's place, by its key (a later
+    /// record of the same key replaces the earlier one: one statement
+    /// cannot upsert a row twice).
+    by_key: HashMap<Vec<Option<String>>, usize>,
+}
+
+impl PostgresSink {
+    /// Connects, creates the table if asked to, and reads its columns.
+    pub async fn open(config: PostgresSinkConfig, pipeline: &str) -> Result<Self, SinkError> {
+        let described = format!("postgres table {:?}", config.table);
+        let fail = |message: String| SinkError::Io {
+            sink: described.clone(),
+            source: std::io::Error::other(message),
+        };
+        config.check().map_err(&fail)?;
+        let client = connect(&config.url)
+            .await
+            .map_err(|err| fail(explain(&err)))?;
+        let table = quote(&config.table);
+        if config.create_table {
+            let mut definition: Vec<String> = (config.columns.iter())
+                .map(|(name, sql_type)| format!("{} {sql_type}", quote(name)))
+                .collect();
+            if !config.key.is_empty() {
+                let key: Vec<String> = config.key.iter().map(|k| quote(k)).collect();
+                definition.push(format!("PRIMARY KEY ({})", key.join(", ")));
+            }
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {table} ({})",
+                definition.join(", ")
+            );
+            ignore_races(client.batch_execute(&create).await)
+                .map_err(|err| fail(format!("cannot create it: {}", explain(&err))))?;
+        }
+        ignore_races(client.batch_execute(CHECKPOINT_TABLES).await).map_err(|err| {
+            fail(format!(
+                "cannot create the checkpoint tables weir_offsets and weir_state: {}",
+                explain(&err)
+            ))
+        })?;
+        let columns = read_columns(&client, &config).await.map_err(fail)?;
+        let insert = insert_statement(&table, &columns);
+        Ok(PostgresSink {
+            pending: vec![Vec::new(); columns.len()],
+            columns,
+            insert,
+            described,
+            pipeline: pipeline.to_owned(),
+            client: Some(client),
+            config,
+            rows: 0,
+            by_key: HashMap::new(),
+        })
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> SinkError {
+        SinkError::Io {
+            sink: self.described.clone(),
+            source: std::io::Error::other(message.to_string()),
+        }
+    }
+
+    fn push(&mut self, row: Vec<Option<String>>) {
+        if !self.config.key.is_empty() {
+            let key: Vec<Option<String>> = (self.columns.iter().zip(&row))
+                .filter(|(column, _)| column.key)
+                .map(|(_, text)| text.clone())
+                .collect();
+            if let Some(&at) = self.by_key.get(&key) {
+                for (column, text) in self.pending.iter_mut().zip(row) {
+                    column[at] = text;
+                }
+                return;
+            }
+            self.by_key.insert(key, self.rows);
+        }
+        for (column, text) in self.pending.iter_mut().zip(row) {
+            column.push(text);
+        }
+        self.rows += 1;
+    }
+
+    /// Commits the waiting rows, and `snapshot` if given, in one
+    /// transaction; tries again on a new connection while the server is
+    /// away.
+    async fn commit_rows(&mut self, snapshot: Option<&Snapshot>) -> Result<(), SinkError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            let attempt = match &mut self.client {
+                Some(client) => {
+                    let batch = self.config.batch_rows;
+                    let written = (self.insert.as_str(), &self.pending[..], self.rows, batch);
+                    transaction(client, written, &self.pipeline, snapshot).await
+                }
+                None => match connect(&self.config.url).await {
+                    Ok(client) => {
+                        self.client = Some(client);
+                        continue;
+                    }
+                    Err(err) => Err(err),
+                },
+            };
+            match attempt {
+                Ok(()) => break,
+                Err(err) if is_transient(&err) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(sink = %self.described, error = %explain(&err), attempt = failures, "PostgreSQL is away; trying the transaction again (the pipeline waits).");
+                    }
+                    self.client = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(self.error(explain(&err))),
+            }
+        }
+        if failures > 0 {
+            tracing::info!(sink = %self.described, "PostgreSQL is back; the transaction went through.");
+        }
+        self.pending.iter_mut().for_each(Vec::clear);
+        self.by_key.clear();
+        self.rows = 0;
+        Ok(())
+    }
+}
+
+/// Runs one commit: the rows `(insert, columns, rows, per statement)`,
+/// then the checkpoint.
+async fn transaction(
+    client: &mut Client,
+    (insert, columns, rows, batch): (&str, &[Vec<Option<String>>], usize, usize),
+    pipeline: &str,
+    snapshot: Option<&Snapshot>,
+) -> Result<(), tokio_postgres::Error> {
+    let transaction = client.transaction().await?;
+    if rows > 0 {
+        let statement = transaction.prepare(insert).await?;
+        let mut from = 0;
+        while from < rows {
+            let to = (from + batch).min(rows);
+            let slices: Vec<&[Option<String>]> = columns.iter().map(|c| &c[from..to]).collect();
+            let params: Vec<&(dyn ToSql + Sync)> =
+                slices.iter().map(|s| s as &(dyn ToSql + Sync)).collect();
+            transaction.execute(&statement, &params).await?;
+            from = to;
+        }
+    }
+    if let Some(snapshot) = snapshot {
+        let positions = &snapshot.positions.positions;
+        let topics: Vec<&str> = positions.iter().map(|p| &*p.topic).collect();
+        let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
+        let offsets: Vec<i64> = positions.iter().map(|p| p.offset).collect();
+        transaction
+            .execute(
+                r#"INSERT INTO weir_offsets (pipeline, topic, "partition", "offset")
+                   SELECT $1, * FROM UNNEST($2::text[], $3::integer[], $4::bigint[])
+                   ON CONFLICT (pipeline, topic, "partition")
+                   DO UPDATE SET "offset" = EXCLUDED."offset", updated_at = now()"#,
+                &[&pipeline, &topics, &partitions, &offsets],
+            )
+            .await?;
+        transaction
+            .execute(
+                "INSERT INTO weir_state (pipeline, window_state, finished) VALUES ($1, $2, $3)
+                 ON CONFLICT (pipeline) DO UPDATE SET window_state = EXCLUDED.window_state,
+                 finished = EXCLUDED.finished, updated_at = now()",
+                &[&pipeline, &snapshot.window, &snapshot.finished],
+            )
+            .await?;
+    }
+    transaction.commit().await
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    fn describe(&self) -> String {
+        self.described.clone()
+    }
+
+    async fn write(&mut self, records: Records<'_>) -> Result<(), SinkError> {
+        for record in records.iter() {
+            // `refuses` turned away the records that do not fit.
+            if let Ok(row) = columns::row(&self.columns, record.value()) {
+                self.push(row);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        self.commit_rows(None).await
+    }
+
+    fn refuses(&self, record: &RecordRef<'_>) -> Option<String> {
+        (columns::row(&self.columns, record.value()).err())
+            .map(|reason| format!("{}: {reason}", self.described))
+    }
+
+    fn keeps_checkpoints(&self) -> bool {
+        true
+    }
+
+    async fn commit(&mut self, snapshot: &Snapshot) -> Result<(), SinkError> {
+        self.commit_rows(Some(snapshot)).await
+    }
+
+    fn wants_commit(&self) -> bool {
+        self.rows >= self.config.max_buffered_rows
+    }
+}
+
+/// The last checkpoint of `pipeline` kept by the `postgres` sink `config`
+/// describes, if there is one.
+pub async fn last_checkpoint(
+    config: &PostgresSinkConfig,
+    pipeline: &str,
+) -> Result<Option<Snapshot>, SinkError> {
+    let described = format!("postgres table {:?}", config.table);
+    let fail = |message: String| SinkError::Io {
+        sink: described.clone(),
+        source: std::io::Error::other(format!("cannot read the last checkpoint: {message}")),
+    };
+    let client = connect(&config.url)
+        .await
+        .map_err(|err| fail(explain(&err)))?;
+    let exists = client
+        .query_one("SELECT to_regclass('weir_state') IS NOT NULL", &[])
+        .await
+        .map_err(|err| fail(explain(&err)))?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let Some(state) = client
+        .query_opt(
+            "SELECT window_state, finished FROM weir_state WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .map_err(|err| fail(explain(&err)))?
+    else {
+        return Ok(None);
+    };
+    let rows = client
+        .query(
+            r#"SELECT topic, "partition", "offset" FROM weir_offsets WHERE pipeline = $1"#,
+            &[&pipeline],
+        )
+        .await
+        .map_err(|err| fail(explain(&err)))?;
+    let positions = (rows.iter())
+        .map(|row| SourcePosition {
+            topic: row.get::<_, String>(0).into(),
+            partition: row.get(1),
+            offset: row.get(2),
+        })
+        .collect();
+    Ok(Some(Snapshot {
+        positions: Checkpoint { positions },
+        window: state.get(0),
+        finished: state.get(1),
+    }))
+}
+
+async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(%err, "PostgreSQL connection ended.");
+        }
+    });
+    Ok(client)
+}
+
+/// Two workers creating the same table at once: one of them loses a race
+/// the table's existence settles.
+fn ignore_races(result: Result<(), tokio_postgres::Error>) -> Result<(), tokio_postgres::Error> {
+    match result {
+        Err(err)
+            if matches!(
+                err.code(),
+                Some(&SqlState::UNIQUE_VIOLATION) | Some(&SqlState::DUPLICATE_TABLE)
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The columns written to the table `config` names, with their types; an
+/// error names a missing table, column or unique key.
+async fn read_columns(client: &Client, config: &PostgresSinkConfig) -> Result<Vec<Column>, String> {
+    let table = quote(&config.table);
+    let found = client
+        .query_one("SELECT to_regclass($1)::oid", &[&table])
+        .await
+        .map_err(|err| explain(&err))?;
+    let Some(oid) = found.get::<_, Option<tokio_postgres::types::Oid>>(0) else {
+        return Err(
+            "the table does not exist (create it, or set `create_table = true` with `columns`)"
+                .into(),
+        );
+    };
+    let rows = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod), atthasdef OR attidentity <> ''
+             FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
+             ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|err| explain(&err))?;
+    let table_columns: Vec<(String, String, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let wanted: Vec<&String> = match config.columns.is_empty() {
+        true => (table_columns.iter())
+            .filter(|(name, _, defaulted)| !defaulted || config.key.contains(name))
+            .map(|(name, _, _)| name)
+            .collect(),
+        false => config.columns.keys().collect(),
+    };
+    let mut columns = Vec::with_capacity(wanted.len());
+    for name in wanted.into_iter().chain(&config.key) {
+        if columns.iter().any(|c: &Column| &c.name == name) {
+            continue;
+        }
+        let Some((_, sql_type, _)) = table_columns.iter().find(|(n, _, _)| n == name) else {
+            return Err(format!("the table has no column `{name}`"));
+        };
+        columns.push(Column {
+            name: name.clone(),
+            kind: Kind::of(sql_type),
+            sql_type: sql_type.clone(),
+            key: config.key.contains(name),
+        });
+    }
+    if !config.key.is_empty() {
+        let unique = client
+            .query(
+                "SELECT array_agg(a.attname::text ORDER BY a.attname)
+                 FROM pg_index i JOIN pg_attribute a
+                   ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 WHERE i.indrelid = $1 AND i.indisunique
+                 GROUP BY i.indexrelid",
+                &[&oid],
+            )
+            .await
+            .map_err(|err| explain(&err))?;
+        let mut key = config.key.clone();
+        key.sort();
+        if !unique.iter().any(|row| row.get::<_, Vec<String>>(0) == key) {
+            return Err(format!(
+                "no unique index or primary key is on exactly the key columns ({}): an upsert needs one",
+                config.key.join(", ")
+            ));
+        }
+    }
+    Ok(columns)
+}
+
+/// `INSERT ... SELECT ... FROM UNNEST(...)`, upserting on the key columns.
+fn insert_statement(table: &str, columns: &[Column]) -> String {
+    let names: Vec<String> = columns.iter().map(|c| quote(&c.name)).collect();
+    let casts: Vec<String> = (columns.iter().enumerate())
+        .map(|(at, c)| format!("CAST(c{at} AS {})", c.sql_type))
+        .collect();
+    let params: Vec<String> = (1..=columns.len())
+        .map(|n| format!("${n}::text[]"))
+        .collect();
+    let aliases: Vec<String> = (0..columns.len()).map(|at| format!("c{at}")).collect();
+    let mut sql = format!(
+        "INSERT INTO {table} ({}) SELECT {} FROM UNNEST({}) AS weir_rows({})",
+        names.join(", "),
+        casts.join(", "),
+        params.join(", "),
+        aliases.join(", ")
+    );
+    let key: Vec<&String> = (columns.iter().zip(&names))
+        .filter(|(c, _)| c.key)
+        .map(|(_, n)| n)
+        .collect();
+    if !key.is_empty() {
+        let keys: Vec<&str> = key.iter().map(|k| k.as_str()).collect();
+        let updates: Vec<String> = (columns.iter().zip(&names))
+            .filter(|(c, _)| !c.key)
+            .map(|(_, n)| format!("{n} = EXCLUDED.{n}"))
+            .collect();
+        match updates.is_empty() {
+            true => sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))),
+            false => sql.push_str(&format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                keys.join(", "),
+                updates.join(", ")
+            )),
+        }
+    }
+    sql
+}
+
+/// Whether `err` is the server or the network going away (try again on a
+/// new connection) rather than something wrong with what was sent.
+fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        // No server error: the connection failed.
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                ]
+                .contains(code)
+        }
+    }
+}
+
+/// The server's message with its detail, hint and column, or the
+/// client's error with its cause.
+fn explain(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut text = db.message().to_owned();
+        if let Some(column) = db.column() {
+            text.push_str(&format!(" (column `{column}`)"));
+        }
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
