@@ -235,3 +235,197 @@ config = {{ pace_us = 150 }}
     );
     db.drop_table(&table).await;
 }
+
+/// A file of `count` JSON records with ids 0..count, through a plugin
+/// that takes `pace_us` a record, into `table` (no key columns: plain
+/// inserts), created.
+fn records_to_keyless_table(
+    scratch: &Scratch,
+    pipeline: &str,
+    table: &str,
+    count: usize,
+) -> std::path::PathBuf {
+    let lines: Vec<String> = (0..count)
+        .map(|i| {
+            format!(
+                r#"{{"id":{i},"user_id":"u{}","amount":{}}}"#,
+                i % 7,
+                i % 1000
+            )
+        })
+        .collect();
+    std::fs::write(scratch.path("records.jsonl"), lines.join("\n") + "\n").unwrap();
+    scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "{pipeline}"
+parallelism = 1
+commit_interval_ms = 50
+source = {{ type = "file", path = "{{dir}}/records.jsonl", format = "json" }}
+batch = {{ max_records = 100 }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:misbehave}}"
+config = {{ pace_us = 100 }}
+
+[[pipeline.sink]]
+type = "postgres"
+url = "{URL}"
+table = "{table}"
+create_table = true
+columns = {{ id = "bigint", user_id = "text", amount = "integer" }}
+"#
+    ))
+}
+
+/// Every backend of the worker killed (`pg_terminate_backend`) again and
+/// again mid-run, into a table with no key (where a row written twice
+/// would stay twice): the worker rides it out, and every record is in the
+/// table exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_arrives_exactly_once_while_its_backends_are_killed() {
+    const RECORDS: usize = 30_000;
+    let db = Db::connect().await;
+    let (table, pipeline) = (db.name("terminated"), db.name("terminated"));
+    let scratch = Scratch::new();
+    let path = records_to_keyless_table(&scratch, &pipeline, &table, RECORDS);
+    let mut worker = spawn_worker(&scratch, &path);
+    let application = format!("weir/{pipeline}");
+    let mut terminations = 0;
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(100..400))).await;
+        // In the select list, not the filter: only the worker's backends.
+        let killed = (db.client)
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1",
+                &[&application],
+            )
+            .await
+            .unwrap();
+        if killed.iter().any(|row| row.get::<_, bool>(0)) {
+            terminations += 1;
+        }
+    };
+    assert!(status.success(), "the worker exited with {status}");
+    assert!(
+        terminations >= 5,
+        "only {terminations} kills landed: the run ended too soon to test anything"
+    );
+    let (rows, ids): (i64, i64) = {
+        let row = (db.client)
+            .query_one(
+                &format!("SELECT count(*), count(DISTINCT id) FROM {table}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        (rows, ids),
+        (RECORDS as i64, RECORDS as i64),
+        "after {terminations} kills"
+    );
+    db.drop_table(&table).await;
+}
+
+/// What is wrong with a table or a server is said at open, naming the
+/// table and the sink's line; a record that does not fit its column is
+/// dead-lettered with the column at fault while the others go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_or_record_that_does_not_fit_is_named() {
+    let db = Db::connect().await;
+    let scratch = Scratch::new();
+    let (table, pipeline) = (db.name("fit"), db.name("fit"));
+    db.client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id bigint PRIMARY KEY, amount integer);
+             CREATE TABLE {table}_nokey (id bigint, amount integer);"
+        ))
+        .await
+        .unwrap();
+    std::fs::write(
+        scratch.path("in.jsonl"),
+        "{\"id\":1,\"amount\":5}\n{\"id\":2,\"amount\":\"lots\"}\n{\"id\":3,\"amount\":3000000000}\n{\"amount\":7}\n{\"id\":4}\n",
+    )
+    .unwrap();
+    let run = |sink: &str| {
+        let path = scratch.pipeline(&format!(
+            r#"
+[[pipeline]]
+name = "{pipeline}"
+source = {{ type = "file", path = "{{dir}}/in.jsonl", format = "json" }}
+
+[[pipeline.sink]]
+type = "postgres"
+{sink}
+
+[pipeline.dead_letter]
+type = "file"
+path = "{{dir}}/dead.jsonl"
+"#
+        ));
+        let output = crate::support::weir(&["run", path.to_str().unwrap()], &scratch.path("cache"));
+        (output.status.success(), crate::support::stderr(&output))
+    };
+
+    let (ok, err) = run(&format!("url = \"{URL}\"\ntable = \"{table}_missing\""));
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("postgres table \"{table}_missing\""))
+            && err.contains("does not exist")
+            && err.contains("pipeline.toml:"),
+        "{err}"
+    );
+    let (ok, err) = run(&format!(
+        "url = \"host=127.0.0.1 port=5432 user=no_such_role dbname=test\"\ntable = \"{table}\""
+    ));
+    assert!(!ok);
+    assert!(err.contains("no_such_role"), "{err}");
+    let (ok, err) = run(&format!(
+        "url = \"{URL}\"\ntable = \"{table}_nokey\"\nkey = [\"id\"]"
+    ));
+    assert!(!ok);
+    assert!(err.contains("no unique index or primary key"), "{err}");
+
+    let (ok, err) = run(&format!(
+        "url = \"{URL}\"\ntable = \"{table}\"\nkey = [\"id\"]"
+    ));
+    assert!(ok, "{err}");
+    let rows = (db.client)
+        .query(&format!("SELECT id, amount FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap();
+    let rows: Vec<(i64, Option<i32>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, [(1, Some(5)), (4, None)], "the records that fit");
+    let reasons: Vec<String> = (scratch.json_lines("dead.jsonl").iter())
+        .map(|d| {
+            d["headers"]["weir.error.reason"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].contains("\"lots\" is not an integer (column `amount` is integer)"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("out of the column's range"),
+        "{}",
+        reasons[1]
+    );
+    assert!(
+        reasons[2].contains("key column `id` has no field"),
+        "{}",
+        reasons[2]
+    );
+    db.drop_table(&table).await;
+    db.drop_table(&format!("{table}_nokey")).await;
+}

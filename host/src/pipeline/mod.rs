@@ -770,7 +770,12 @@ impl SinkWriter {
     }
 
     async fn flush_sinks_after_failure(&mut self) {
-        let sinks = self.sinks.iter_mut().map(|entry| &mut entry.sink);
+        // Not the keeper of checkpoints: what it holds commits only with
+        // its checkpoint, or it would be written again after a restart.
+        let keeper = self.keeper;
+        let sinks = (self.sinks.iter_mut().enumerate())
+            .filter(|(at, _)| Some(*at) != keeper)
+            .map(|(_, entry)| &mut entry.sink);
         for sink in sinks.chain(std::iter::once(&mut self.dead_letter)) {
             if let Err(err) = sink.flush().await {
                 tracing::debug!(pipeline = %self.pipeline, %err, "Flush after a sink failure failed too.");

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS weir_state (
     pipeline text PRIMARY KEY,
     window_state bytea,
     finished boolean NOT NULL DEFAULT false,
+    commits bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 "#;
@@ -71,6 +72,8 @@ pub struct PostgresSink {
     /// record of the same key replaces the earlier one: one statement
     /// cannot upsert a row twice).
     by_key: HashMap<Vec<Option<String>>, usize>,
+    /// Checkpoints of the pipeline committed so far (`weir_state.commits`).
+    commits: i64,
 }
 
 impl PostgresSink {
@@ -82,7 +85,7 @@ impl PostgresSink {
             source: std::io::Error::other(message),
         };
         config.check().map_err(&fail)?;
-        let client = connect(&config.url)
+        let client = connect(&config.url, pipeline)
             .await
             .map_err(|err| fail(explain(&err)))?;
         let table = quote(&config.table);
@@ -109,7 +112,11 @@ impl PostgresSink {
         })?;
         let columns = read_columns(&client, &config).await.map_err(fail)?;
         let insert = insert_statement(&table, &columns);
+        let commits = commits(&client, pipeline)
+            .await
+            .map_err(|err| fail(explain(&err)))?;
         Ok(PostgresSink {
+            commits,
             pending: vec![Vec::new(); columns.len()],
             columns,
             insert,
@@ -152,56 +159,125 @@ impl PostgresSink {
     /// Commits the waiting rows, and `snapshot` if given, in one
     /// transaction; tries again on a new connection while the server is
     /// away.
+    ///
+    /// A connection lost during `COMMIT` leaves it unknown whether the
+    /// transaction went through. With a checkpoint the answer is in the
+    /// table: each checkpoint counts itself in `weir_state.commits`, so the
+    /// sink reads the count back before trying again (otherwise rows of a
+    /// table without key columns would go in twice).
     async fn commit_rows(&mut self, snapshot: Option<&Snapshot>) -> Result<(), SinkError> {
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u32;
+        let mut unsure = false;
+        let number = self.commits + 1;
         loop {
-            let attempt = match &mut self.client {
-                Some(client) => {
-                    let batch = self.config.batch_rows;
-                    let written = (self.insert.as_str(), &self.pending[..], self.rows, batch);
-                    transaction(client, written, &self.pipeline, snapshot).await
+            let Some(client) = &mut self.client else {
+                match connect(&self.config.url, &self.pipeline).await {
+                    Ok(client) => self.client = Some(client),
+                    Err(err) => {
+                        self.away(&err, &mut failures, &mut backoff).await?;
+                    }
                 }
-                None => match connect(&self.config.url).await {
-                    Ok(client) => {
-                        self.client = Some(client);
+                continue;
+            };
+            if unsure && snapshot.is_some() {
+                match commits(client, &self.pipeline).await {
+                    Ok(done) if done >= number => break,
+                    Ok(_) => {}
+                    Err(err) => {
+                        self.away(&err, &mut failures, &mut backoff).await?;
                         continue;
                     }
-                    Err(err) => Err(err),
-                },
-            };
-            match attempt {
-                Ok(()) => break,
-                Err(err) if is_transient(&err) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(sink = %self.described, error = %explain(&err), attempt = failures, "PostgreSQL is away; trying the transaction again (the pipeline waits).");
-                    }
-                    self.client = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                Err(err) => return Err(self.error(explain(&err))),
+            }
+            let rows = (self.insert.as_str(), &self.pending[..], self.rows);
+            let checkpoint = snapshot.map(|snapshot| (snapshot, number));
+            match transaction(
+                client,
+                rows,
+                self.config.batch_rows,
+                &self.pipeline,
+                checkpoint,
+            )
+            .await
+            {
+                Ok(()) => break,
+                Err(Failed { err, at_commit }) => {
+                    unsure = at_commit;
+                    self.away(&err, &mut failures, &mut backoff).await?;
+                }
             }
         }
         if failures > 0 {
             tracing::info!(sink = %self.described, "PostgreSQL is back; the transaction went through.");
+        }
+        if snapshot.is_some() {
+            self.commits = number;
         }
         self.pending.iter_mut().for_each(Vec::clear);
         self.by_key.clear();
         self.rows = 0;
         Ok(())
     }
+
+    /// After `err`: waits to try again if the server is away (dropping
+    /// the connection), or gives the error that stops the pipeline.
+    async fn away(
+        &mut self,
+        err: &tokio_postgres::Error,
+        failures: &mut u32,
+        backoff: &mut Duration,
+    ) -> Result<(), SinkError> {
+        if !is_transient(err) {
+            return Err(self.error(explain(err)));
+        }
+        *failures += 1;
+        if *failures == 1 || failures.is_power_of_two() {
+            tracing::warn!(sink = %self.described, error = %explain(err), attempt = *failures, "PostgreSQL is away; trying the transaction again (the pipeline waits).");
+        }
+        self.client = None;
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
 }
 
-/// Runs one commit: the rows `(insert, columns, rows, per statement)`,
-/// then the checkpoint.
+/// A transaction that failed, and whether it failed at its `COMMIT` (its
+/// outcome unknown).
+struct Failed {
+    err: tokio_postgres::Error,
+    at_commit: bool,
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(err: tokio_postgres::Error) -> Self {
+        Failed {
+            err,
+            at_commit: false,
+        }
+    }
+}
+
+/// How many checkpoints of `pipeline` have committed.
+async fn commits(client: &Client, pipeline: &str) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT commits FROM weir_state WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await?;
+    Ok(row.map_or(0, |row| row.get(0)))
+}
+
+/// Runs one commit: the rows `(insert, columns, rows)`, `batch` per
+/// statement, then the checkpoint (numbered).
 async fn transaction(
     client: &mut Client,
-    (insert, columns, rows, batch): (&str, &[Vec<Option<String>>], usize, usize),
+    (insert, columns, rows): (&str, &[Vec<Option<String>>], usize),
+    batch: usize,
     pipeline: &str,
-    snapshot: Option<&Snapshot>,
-) -> Result<(), tokio_postgres::Error> {
+    checkpoint: Option<(&Snapshot, i64)>,
+) -> Result<(), Failed> {
     let transaction = client.transaction().await?;
     if rows > 0 {
         let statement = transaction.prepare(insert).await?;
@@ -215,7 +291,7 @@ async fn transaction(
             from = to;
         }
     }
-    if let Some(snapshot) = snapshot {
+    if let Some((snapshot, number)) = checkpoint {
         let positions = &snapshot.positions.positions;
         let topics: Vec<&str> = positions.iter().map(|p| &*p.topic).collect();
         let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
@@ -231,14 +307,18 @@ async fn transaction(
             .await?;
         transaction
             .execute(
-                "INSERT INTO weir_state (pipeline, window_state, finished) VALUES ($1, $2, $3)
+                "INSERT INTO weir_state (pipeline, window_state, finished, commits)
+                 VALUES ($1, $2, $3, $4)
                  ON CONFLICT (pipeline) DO UPDATE SET window_state = EXCLUDED.window_state,
-                 finished = EXCLUDED.finished, updated_at = now()",
-                &[&pipeline, &snapshot.window, &snapshot.finished],
+                 finished = EXCLUDED.finished, commits = EXCLUDED.commits, updated_at = now()",
+                &[&pipeline, &snapshot.window, &snapshot.finished, &number],
             )
             .await?;
     }
-    transaction.commit().await
+    transaction.commit().await.map_err(|err| Failed {
+        err,
+        at_commit: true,
+    })
 }
 
 #[async_trait]
@@ -293,7 +373,7 @@ pub async fn last_checkpoint(
         sink: described.clone(),
         source: std::io::Error::other(format!("cannot read the last checkpoint: {message}")),
     };
-    let client = connect(&config.url)
+    let client = connect(&config.url, pipeline)
         .await
         .map_err(|err| fail(explain(&err)))?;
     let exists = client
@@ -334,8 +414,15 @@ pub async fn last_checkpoint(
     }))
 }
 
-async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+/// Connects to `url`, named `weir/PIPELINE` in `pg_stat_activity` unless
+/// the url names the application.
+async fn connect(url: &str, pipeline: &str) -> Result<Client, tokio_postgres::Error> {
+    // `check` parsed it.
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_application_name().is_none() {
+        config.application_name(format!("weir/{pipeline}"));
+    }
+    let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(%err, "PostgreSQL connection ended.");
