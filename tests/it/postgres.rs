@@ -223,7 +223,7 @@ config = {{ pace_us = 150 }}
     assert_eq!(got, expected, "every window exactly once, row for row");
     let finished: bool = (db.client)
         .query_one(
-            "SELECT finished FROM weir_state WHERE pipeline = $1",
+            "SELECT bool_and(finished) FROM weir_offsets WHERE pipeline = $1",
             &[&pipeline],
         )
         .await

@@ -59,7 +59,7 @@ use crate::plugin::{PluginSlot, VersionStore, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
-use crate::state::Snapshot;
+use crate::state::{PartitionState, Snapshot};
 use crate::window::{PluginAggregate, ReadBatch, WindowSpec};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
@@ -284,6 +284,8 @@ pub struct Pipeline {
     window: Option<WindowStage>,
     /// The sink that keeps checkpoints, by its place.
     keeper: Option<usize>,
+    /// The positions its last checkpoint held (where the source resumed).
+    resumed: Checkpoint,
 }
 
 impl Pipeline {
@@ -354,8 +356,10 @@ impl Pipeline {
         if let Some(resume) = &resume {
             tracing::info!(
                 pipeline = %name,
-                partitions = resume.positions.positions.len(),
-                window_state_bytes = resume.window.as_ref().map_or(0, Vec::len),
+                partitions = resume.partitions.len(),
+                window_state_bytes = (resume.partitions.iter())
+                    .map(|p| p.window.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>(),
                 "Resuming from the last checkpoint."
             );
         }
@@ -363,7 +367,7 @@ impl Pipeline {
         let source::OpenSource {
             source,
             transaction,
-        } = source::open(pipeline, &resume.positions)
+        } = source::open(pipeline, &resume.positions())
             .await
             .map_err(|source| PipelineError::Source {
                 pipeline: name.clone(),
@@ -408,11 +412,19 @@ impl Pipeline {
         let window = match window {
             Some((spec, plugins)) => {
                 let mut stage = WindowStage::new(spec, plugins, source.backlog(), metrics.clone());
-                if let (Some(state), Some(config)) = (&resume.window, &pipeline.window) {
-                    stage.restore(state).map_err(|err| {
+                for part in &resume.partitions {
+                    let (Some(state), Some(config)) = (&part.window, &pipeline.window) else {
+                        continue;
+                    };
+                    let position = &part.position;
+                    let partition = (position.topic.clone(), position.partition);
+                    stage.restore(partition, state).map_err(|err| {
                         PipelineError::Setup(file.error_at(
                             config.span().start,
-                            format!("pipeline `{name}`, window: {err}"),
+                            format!(
+                                "pipeline `{name}`, window of {} partition {}: {err}",
+                                position.topic, position.partition
+                            ),
                         ))
                     })?;
                 }
@@ -450,6 +462,7 @@ impl Pipeline {
             dead_letter,
             transaction,
             keeper,
+            resumed: resume.positions(),
             commit_interval: Duration::from_millis(pipeline.commit_interval_ms),
         })
     }
@@ -491,6 +504,7 @@ impl Pipeline {
             watching,
             window,
             keeper,
+            resumed,
         } = self;
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
@@ -534,6 +548,7 @@ impl Pipeline {
             window,
             keeper,
             changed: false,
+            handled: resumed,
             finishing: false,
             drained: drained.clone(),
         };
@@ -746,6 +761,9 @@ struct SinkWriter {
     keeper: Option<usize>,
     /// Something was written since the last commit.
     changed: bool,
+    /// With a keeper of checkpoints: every position handled so far (a
+    /// checkpoint holds each partition's).
+    handled: Checkpoint,
     /// The last commit is under way, and the source ended.
     finishing: bool,
     /// The source had no more records.
@@ -957,9 +975,19 @@ impl SinkWriter {
             // A checkpoint: the positions with the state that reflects
             // them, in the keeper's transaction with its writes.
             (Some(keeper), window) => {
+                for position in checkpoint.iter().flat_map(|c| &c.positions) {
+                    self.handled.advance(position);
+                }
+                let mut windows: HashMap<_, _> =
+                    window.as_mut().map(|w| w.snapshot()).unwrap_or_default().into_iter().collect();
+                let partitions = (self.handled.positions.iter())
+                    .map(|position| PartitionState {
+                        window: windows.remove(&(position.topic.clone(), position.partition)),
+                        position: position.clone(),
+                    })
+                    .collect();
                 let snapshot = Snapshot {
-                    positions: checkpoint.clone().unwrap_or_default(),
-                    window: window.as_mut().map(|w| w.snapshot()),
+                    partitions,
                     finished: self.finishing,
                 };
                 self.sinks[keeper].sink.commit(&snapshot).await?;

@@ -1,21 +1,29 @@
 //! The window stage: between the plugin chain and the sinks, in source
-//! order (after the fan-in), so one window sees every record of the
-//! pipeline whatever lane processed it. Records go into the window; out
-//! come window results (on the default route), late records (on the late
-//! route) and dead letters for records the window cannot use.
+//! order (after the fan-in). Records go into the window; out come window
+//! results (on the default route), late records (on the late route) and
+//! dead letters for records the window cannot use.
 //!
-//! A source that can say which partitions it still has records of (Kafka)
-//! keeps the watermark from passing them while it works through a backlog.
+//! Each source partition has its own window (its own operator, watermark
+//! and state), as a Kafka Streams task has: what a partition's windows
+//! give depends only on that partition's records, in their order, so a
+//! replay after a crash gives exactly what the first run gave, and a
+//! partition's state can move to another worker on its own (a checkpoint
+//! keeps it per partition). A key's records are expected in one partition
+//! (Kafka routes by key): a key seen in several partitions gets a result
+//! per partition. A partition that goes quiet for
+//! `idle_timeout` (and that the source is not behind on) has its windows
+//! closed by the watermark of the pipeline's other partitions.
 //!
-//! Delivery stays at-least-once without state checkpoints: a source
-//! position is committed only as far as no open window still holds a record
-//! at or after it, so after a crash the records of every unfired window are
-//! read again (and their windows fire, maybe twice).
+//! Delivery without a sink that keeps checkpoints stays at-least-once: a
+//! source position is committed only as far as no open window still holds
+//! a record at or after it, so after a crash the records of every unfired
+//! window are read again (and their windows fire, maybe twice).
 //!
 //! The lanes read each record's key, time and aggregate arguments in
 //! parallel ([`WindowStage::reader`]); the grouping and adding runs on the
 //! sink writer's task, a batch at a time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,16 +35,23 @@ use crate::metrics::PipelineMetrics;
 use crate::metrics::events::BatchWindowed;
 use crate::source::{Backlog, Behind, Checkpoint};
 use crate::window::{
-    FieldReader, PluginAggregate, ReadBatch, RestoreError, WindowImage, WindowOperator,
-    WindowOutput, WindowSpec,
+    FieldReader, PluginAggregate, ReadBatch, RestoreError, SharedAggregate, WindowImage,
+    WindowOperator, WindowOutput, WindowSpec,
 };
 
 /// The topic window results say they come from.
 pub const RESULT_TOPIC: &str = "window";
 
-/// A pipeline's window and what it has read.
+/// A source partition: (topic, partition).
+type PartitionKey = (Arc<str>, i32);
+
+/// A pipeline's windows, one per source partition, and what they read.
 pub(super) struct WindowStage {
-    operator: WindowOperator,
+    spec: WindowSpec,
+    plugins: Vec<SharedAggregate>,
+    /// Shared by every partition's operator and the lanes: keys hash alike.
+    reader: FieldReader,
+    windows: HashMap<PartitionKey, WindowOperator>,
     late_route: String,
     /// Every source position read so far.
     read: Checkpoint,
@@ -58,14 +73,14 @@ impl WindowStage {
         backlog: Option<Backlog>,
         metrics: Arc<PipelineMetrics>,
     ) -> Self {
-        let late_route = spec.late_route.clone();
-        let mut operator = WindowOperator::with_plugins(spec, plugins);
-        if backlog.is_some() {
-            operator.backlog(None, Instant::now(), &mut WindowOutput::default());
-        }
+        let plugins: Vec<SharedAggregate> = plugins.into_iter().map(SharedAggregate::new).collect();
+        let reader = WindowOperator::with_shared(spec.clone(), plugins.clone()).reader();
         WindowStage {
-            late_route,
-            operator,
+            late_route: spec.late_route.clone(),
+            spec,
+            plugins,
+            reader,
+            windows: HashMap::new(),
             backlog,
             reported: None,
             read: Checkpoint::default(),
@@ -75,31 +90,35 @@ impl WindowStage {
         }
     }
 
-    /// What the window holds now, as a checkpoint keeps it.
-    pub(super) fn snapshot(&mut self) -> Vec<u8> {
-        let image = self.operator.snapshot(Instant::now());
-        StageImage {
-            results: self.results,
-            window: image,
-        }
-        .encode()
-    }
-
-    /// Takes back what a checkpoint's [`WindowStage::snapshot`] held.
-    pub(super) fn restore(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
-        let image = StageImage::decode(bytes)?;
-        self.results = image.results;
-        self.operator.restore(image.window, Instant::now())
-    }
-
     /// A reader of what the window needs of each record, for a lane.
     pub(super) fn reader(&self) -> FieldReader {
-        self.operator.reader()
+        self.reader.clone()
     }
 
-    /// Runs `records` through the window (`read`: what a lane read of
-    /// them; read here if `None`): gives the results and late records to
-    /// write, adding dead letters to `dead`.
+    /// The window of `partition`, new (and told what the source is behind
+    /// on) if it had none.
+    fn window_of(&mut self, partition: &PartitionKey, now: Instant) -> &mut WindowOperator {
+        if !self.windows.contains_key(partition) {
+            let mut operator = WindowOperator::with_shared(self.spec.clone(), self.plugins.clone())
+                .sharing_reader(self.reader.clone());
+            if self.backlog.is_some() {
+                let behind = self.reported.as_deref().map(|b| own(b, partition));
+                let mut ignored = WindowOutput::default();
+                operator.backlog(None, now, &mut ignored);
+                if let Some(behind) = behind {
+                    operator.backlog(Some(&behind), now, &mut ignored);
+                }
+            }
+            self.windows.insert(partition.clone(), operator);
+        }
+        self.windows
+            .get_mut(partition)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// Runs `records` through the windows of their partitions (`read`:
+    /// what a lane read of them; read here if `None`): gives the results
+    /// and late records to write, adding dead letters to `dead`.
     pub(super) fn apply(
         &mut self,
         records: Batch,
@@ -109,9 +128,30 @@ impl WindowStage {
         let mut out = WindowOutput::default();
         let now = Instant::now();
         self.read_backlog(now, &mut out);
-        match read {
-            Some(read) => self.operator.push_read(&records, &read, now, &mut out),
-            None => self.operator.push(&records, now, &mut out),
+        let read = read.unwrap_or_else(|| self.reader.read(&records));
+        // Runs of records of one partition go to its window together.
+        let mut from = 0;
+        let mut source: Option<PartitionKey> = None;
+        for at in 0..records.len() {
+            let same = matches!(read.get(at), Ok((row, _)) if row.same_source);
+            if same && source.is_some() {
+                continue;
+            }
+            let record = records.get(at);
+            let this = (record.topic(), record.partition());
+            if source.as_ref().is_some_and(|s| (&*s.0, s.1) == this) {
+                continue;
+            }
+            if let Some(source) = source.take() {
+                let window = self.window_of(&source, now);
+                window.push_range(&records, &read, from..at, now, &mut out);
+            }
+            source = Some((this.0.into(), this.1));
+            from = at;
+        }
+        if let Some(source) = source {
+            let window = self.window_of(&source, now);
+            window.push_range(&records, &read, from..records.len(), now, &mut out);
         }
         let windowed = records.len() - out.late.len() - out.dead.len();
         self.emit(out, Some(&records), dead, windowed as u64)
@@ -122,11 +162,22 @@ impl WindowStage {
         let mut out = WindowOutput::default();
         let now = Instant::now();
         self.read_backlog(now, &mut out);
-        self.operator.tick(now, &mut out);
+        for window in self.windows.values_mut() {
+            window.tick(now, &mut out);
+        }
+        // A quiet partition's windows close as the others move on.
+        let highest = self.windows.values().map(WindowOperator::watermark).max();
+        if let Some(highest) = highest {
+            for window in self.windows.values_mut() {
+                if window.is_idle(now) && window.watermark() < highest {
+                    window.advance(highest, &mut out);
+                }
+            }
+        }
         self.emit(out, None, dead, 0)
     }
 
-    /// Tells the window what the source last said it is behind on, if
+    /// Tells each window what the source last said it is behind on, if
     /// that changed.
     fn read_backlog(&mut self, now: Instant, out: &mut WindowOutput) {
         let Some(backlog) = &self.backlog else { return };
@@ -135,17 +186,52 @@ impl WindowStage {
             (Some(new), Some(old)) => Arc::ptr_eq(new, old),
             (new, old) => new.is_none() && old.is_none(),
         };
-        if !same {
-            self.operator.backlog(latest.as_deref(), now, out);
-            self.reported = latest;
+        if same {
+            return;
         }
+        for (partition, window) in &mut self.windows {
+            let behind = latest.as_deref().map(|behind| own(behind, partition));
+            window.backlog(behind.as_deref(), now, out);
+        }
+        self.reported = latest;
     }
 
     /// The input ended: every open window fires.
     pub(super) fn finish(&mut self, dead: &mut Vec<DeadLetter>) -> Batch {
         let mut out = WindowOutput::default();
-        self.operator.finish(&mut out);
+        for window in self.windows.values_mut() {
+            window.finish(&mut out);
+        }
         self.emit(out, None, dead, 0)
+    }
+
+    /// What each partition's window holds now, as a checkpoint keeps it.
+    pub(super) fn snapshot(&mut self) -> Vec<(PartitionKey, Vec<u8>)> {
+        let now = Instant::now();
+        let results = self.results;
+        (self.windows.iter_mut())
+            .map(|(partition, window)| {
+                let image = StageImage {
+                    results,
+                    window: window.snapshot(now),
+                };
+                (partition.clone(), image.encode())
+            })
+            .collect()
+    }
+
+    /// Takes back what a checkpoint's [`WindowStage::snapshot`] held of
+    /// `partition`.
+    pub(super) fn restore(
+        &mut self,
+        partition: PartitionKey,
+        bytes: &[u8],
+    ) -> Result<(), RestoreError> {
+        let image = StageImage::decode(bytes)?;
+        self.results = self.results.max(image.results);
+        let now = Instant::now();
+        self.windows.remove(&partition);
+        self.window_of(&partition, now).restore(image.window, now)
     }
 
     fn emit(
@@ -219,7 +305,8 @@ impl WindowStage {
             self.read.advance(position);
         }
         let mut capped = self.read.clone();
-        for (topic, partition, lowest) in self.operator.held() {
+        let held = self.windows.values().flat_map(WindowOperator::held);
+        for (topic, partition, lowest) in held {
             if let Some(position) = (capped.positions.iter_mut())
                 .find(|p| p.partition == partition && &*p.topic == topic)
             {
@@ -251,4 +338,9 @@ impl StageImage {
     fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
         postcard::from_bytes(bytes).map_err(|err| RestoreError::Corrupt(err.to_string()))
     }
+}
+
+/// Of the partitions the source is `behind` on, `partition` if it is one.
+fn own(behind: &[PartitionKey], partition: &PartitionKey) -> Vec<PartitionKey> {
+    behind.iter().filter(|p| *p == partition).cloned().collect()
 }

@@ -10,22 +10,37 @@
 //! after a crash, with no two-phase protocol between two systems, and a
 //! worker on another machine finds them where the outputs are.
 
+use crate::record::SourcePosition;
 use crate::source::Checkpoint;
 
 /// What a checkpoint holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// The last position handled per source partition.
-    pub positions: Checkpoint,
-    /// The window's state (see [`crate::window::WindowImage`]), as of
-    /// exactly those positions; `None` if the pipeline has no window.
-    pub window: Option<Vec<u8>>,
+    /// Per source partition: the last position handled and its window.
+    pub partitions: Vec<PartitionState>,
     /// The source ended (a file read to its end) and everything from it is
     /// out: a new run of a source that cannot replay starts over.
     pub finished: bool,
 }
 
+/// One source partition's part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    /// The last position handled.
+    pub position: SourcePosition,
+    /// Its window's state (see [`crate::window::WindowImage`]), as of
+    /// exactly that position; `None` without a window.
+    pub window: Option<Vec<u8>>,
+}
+
 impl Snapshot {
+    /// The positions it holds.
+    pub fn positions(&self) -> Checkpoint {
+        Checkpoint {
+            positions: self.partitions.iter().map(|p| p.position.clone()).collect(),
+        }
+    }
+
     /// Where a source resumes from: `None` if this checkpoint is of a run
     /// that finished and `replays` is false (a file is read again from
     /// its start by a new run).

@@ -26,7 +26,7 @@ pub use config::{
 };
 pub use fields::{FieldReader, ReadBatch, ShortKey};
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
-pub use plugin::{CALL_BYTES, PluginAggregate};
+pub use plugin::{CALL_BYTES, PluginAggregate, SharedAggregate};
 pub use snapshot::{RestoreError, WindowImage};
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use smallvec::SmallVec;
 use super::aggregate::{Accumulator, Arg, Input};
 use super::config::{AggregateFn, AggregateSpec, WindowKind, WindowSpec};
 use super::fields::{FieldReader, ReadBatch, Row, ShortKey};
-use super::plugin::{PluginAggregate, StateId};
+use super::plugin::{PluginAggregate, SharedAggregate, StateId};
 use super::watermark::{PartitionId, Watermarks};
 use crate::batch::{Batch, RecordRef};
 
@@ -205,7 +205,7 @@ pub(super) struct Results {
     /// The key is a JSON field's raw text (else the record key's bytes).
     key_is_json: bool,
     /// Each plugin aggregate's plugin, by the aggregate's place.
-    pub(super) plugins: Vec<Option<PluginAggregate>>,
+    pub(super) plugins: Vec<Option<SharedAggregate>>,
     /// Some plugin aggregate takes the records themselves.
     takes_records: bool,
 }
@@ -216,7 +216,7 @@ impl Results {
     fn accumulators(&mut self, aggregates: &[AggregateSpec], hash: u64) -> Accumulators {
         (aggregates.iter().zip(&mut self.plugins))
             .map(|(spec, plugin)| match plugin {
-                Some(plugin) => Accumulator::Plugin(plugin.new_state(hash)),
+                Some(plugin) => Accumulator::Plugin(plugin.lock().new_state(hash)),
                 None => Accumulator::new(spec),
             })
             .collect()
@@ -235,7 +235,7 @@ impl Results {
         for ((accumulator, arg), plugin) in accumulators.iter_mut().zip(input.args).zip(plugins) {
             match (accumulator, plugin, &input.record) {
                 (Accumulator::Plugin(id), Some(plugin), Some(record)) => {
-                    plugin.add(*id, record, input.time);
+                    plugin.lock().add(*id, record, input.time);
                 }
                 (accumulator, _, _) => input.add_to(accumulator, arg),
             }
@@ -247,7 +247,7 @@ impl Results {
         for ((mine, theirs), plugin) in mine.iter_mut().zip(theirs).zip(&mut self.plugins) {
             match (mine, theirs, plugin) {
                 (Accumulator::Plugin(into), Accumulator::Plugin(from), Some(plugin)) => {
-                    plugin.merge(*into, from);
+                    plugin.lock().merge(*into, from);
                 }
                 (mine, theirs, _) => mine.merge(theirs),
             }
@@ -259,7 +259,7 @@ impl Results {
     fn free(&mut self, accumulators: &[Accumulator]) {
         for (accumulator, plugin) in accumulators.iter().zip(&mut self.plugins) {
             if let (Accumulator::Plugin(id), Some(plugin)) = (accumulator, plugin) {
-                plugin.free_state(*id);
+                plugin.lock().free_state(*id);
             }
         }
     }
@@ -276,7 +276,7 @@ impl Results {
                     _ => None,
                 })
                 .collect();
-            plugin.settle(&ids);
+            plugin.lock().settle(&ids);
         }
     }
 
@@ -295,10 +295,11 @@ impl Results {
                 continue;
             };
             let name = self.names[at].trim_start_matches(',').trim_end_matches(':');
-            let Some(plugin) = self.plugins.get_mut(at).and_then(Option::as_mut) else {
+            let Some(plugin) = self.plugins.get(at).and_then(Option::as_ref) else {
                 errors.push(format!("aggregate {name} (no plugin instance)"));
                 continue;
             };
+            let mut plugin = plugin.lock();
             plugin.settle(&[id]);
             match plugin.settled(id) {
                 Some(Ok(json)) => settled[at] = Some(json.to_owned()),
@@ -376,6 +377,13 @@ impl WindowOperator {
     /// An operator with no state yet; `plugins` are the spec's plugin
     /// aggregates, started, in the order of the spec.
     pub fn with_plugins(spec: WindowSpec, plugins: Vec<PluginAggregate>) -> Self {
+        Self::with_shared(spec, plugins.into_iter().map(SharedAggregate::new).collect())
+    }
+
+    /// An operator with no state yet; `plugins` are the spec's plugin
+    /// aggregates, started, in the order of the spec, maybe shared with
+    /// other operators.
+    pub fn with_shared(spec: WindowSpec, plugins: Vec<SharedAggregate>) -> Self {
         let mut plugins = plugins.into_iter();
         let plugins: Vec<_> = (spec.aggregates.iter())
             .map(|a| match a.function {
@@ -406,6 +414,26 @@ impl WindowOperator {
             next_due: i64::MAX,
             arrivals: 0,
         }
+    }
+
+    /// Reads with `reader` (another operator's: keys hash alike in both).
+    pub fn sharing_reader(mut self, reader: FieldReader) -> Self {
+        self.reader = reader;
+        self
+    }
+
+    /// Raises the watermark to `watermark` (if it is higher) and fires
+    /// what that completes: a window of a partition gone quiet closes as
+    /// the pipeline's others move on.
+    pub fn advance(&mut self, watermark: i64, out: &mut WindowOutput) {
+        let watermark = self.watermarks.raise(watermark);
+        self.fire(watermark, out);
+    }
+
+    /// Whether every partition it has seen is quiet (idle, and not behind)
+    /// as of `now`.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        self.watermarks.is_idle(now)
     }
 
     /// A reader of the fields this window needs, to read batches with
@@ -464,9 +492,24 @@ impl WindowOperator {
         now: Instant,
         out: &mut WindowOutput,
     ) {
+        self.push_range(batch, read, 0..batch.len(), now, out);
+    }
+
+    /// Takes the records of `batch` at `range`, in order, as
+    /// [`WindowOperator::push_read`] does (results and indices as in the
+    /// whole batch).
+    pub fn push_range(
+        &mut self,
+        batch: &Batch,
+        read: &ReadBatch,
+        range: std::ops::Range<usize>,
+        now: Instant,
+        out: &mut WindowOutput,
+    ) {
         debug_assert_eq!(batch.len(), read.len());
-        for at in 0..batch.len() {
-            if at + PREFETCH_AHEAD < read.len()
+        let end = range.end;
+        for at in range {
+            if at + PREFETCH_AHEAD < end
                 && let Ok((ahead, _)) = read.get(at + PREFETCH_AHEAD)
             {
                 self.prefetch(ahead);

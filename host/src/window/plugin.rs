@@ -524,6 +524,25 @@ impl Shard {
     }
 }
 
+/// A plugin aggregate shared by the windows of several partitions (one
+/// window operator per partition, see `pipeline::windowing`): their states
+/// live in one set of instances. The windows run on one task, so the lock
+/// is never contended.
+#[derive(Debug, Clone)]
+pub struct SharedAggregate(std::sync::Arc<std::sync::Mutex<PluginAggregate>>);
+
+impl SharedAggregate {
+    /// `plugin`, to share.
+    pub fn new(plugin: PluginAggregate) -> Self {
+        SharedAggregate(std::sync::Arc::new(std::sync::Mutex::new(plugin)))
+    }
+
+    /// The aggregate (a panic while it was held left it as it was).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PluginAggregate> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Packs `(version, bytes)` states as entries.
 fn entries<'a>(states: impl Iterator<Item = (u32, &'a [u8])>) -> Vec<u8> {
     let mut out = EntryWriter::new();

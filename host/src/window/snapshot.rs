@@ -128,8 +128,8 @@ impl WindowOperator {
             }
         }
         let mut saved: Vec<std::vec::IntoIter<SavedState>> = (ids.iter().enumerate())
-            .map(|(at, ids)| match self.results.plugins.get_mut(at) {
-                Some(Some(plugin)) if !ids.is_empty() => plugin.save(ids).into_iter(),
+            .map(|(at, ids)| match self.results.plugins.get(at) {
+                Some(Some(plugin)) if !ids.is_empty() => plugin.lock().save(ids).into_iter(),
                 _ => Vec::new().into_iter(),
             })
             .collect();
@@ -315,8 +315,10 @@ impl WindowOperator {
         (saved.into_iter().zip(&self.spec.aggregates).enumerate())
             .map(|(at, (saved, spec))| match (saved, spec.function) {
                 (SavedAccumulator::Plugin(state), AggregateFn::Plugin) => {
-                    match self.results.plugins.get_mut(at) {
-                        Some(Some(plugin)) => Ok(Accumulator::Plugin(plugin.restore(hash, state))),
+                    match self.results.plugins.get(at) {
+                        Some(Some(plugin)) => {
+                            Ok(Accumulator::Plugin(plugin.lock().restore(hash, state)))
+                        }
                         _ => Err(RestoreError::Corrupt(
                             "a plugin aggregate has no plugin".into(),
                         )),

@@ -121,6 +121,25 @@ impl Watermarks {
         self.current
     }
 
+    /// Raises the watermark to `watermark`, if higher; gives it after.
+    pub fn raise(&mut self, watermark: i64) -> i64 {
+        if !self.held {
+            self.current = self.current.max(watermark);
+        }
+        self.current
+    }
+
+    /// Whether no partition is active as of `now`: each is quiet for the
+    /// idle timeout and not behind (and the source has said so).
+    pub fn is_idle(&self, now: Instant) -> bool {
+        !self.held
+            && self.partitions.iter().flatten().all(|partition| {
+                !partition.behind
+                    && (partition.last_seen)
+                        .is_none_or(|seen| now.saturating_duration_since(seen) >= self.idle)
+            })
+    }
+
     /// Time passed with no records: idle partitions stop holding the
     /// watermark back. Gives the watermark after it.
     pub fn tick(&mut self, now: Instant) -> i64 {

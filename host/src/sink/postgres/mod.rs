@@ -6,8 +6,8 @@
 //! Rows wait in memory and go in at a commit, in one transaction, a few
 //! thousand rows per statement (`UNNEST` of one text array per column,
 //! cast by the server to the columns' types). The sink keeps the
-//! pipeline's checkpoint (source positions and window state) in the same
-//! transaction, in `weir_offsets` and `weir_state`: rows, positions and
+//! pipeline's checkpoint (each source partition's position and window
+//! state) in the same transaction, in `weir_offsets`: rows, positions and
 //! state commit together or not at all (effectively-once), and a
 //! restarting pipeline resumes from them ([`last_checkpoint`]).
 //!
@@ -31,8 +31,7 @@ use tokio_postgres::{Client, NoTls};
 use super::{Sink, SinkError};
 use crate::batch::{RecordRef, Records};
 use crate::record::SourcePosition;
-use crate::source::Checkpoint;
-use crate::state::Snapshot;
+use crate::state::{PartitionState, Snapshot};
 use columns::{Column, Kind, quote};
 
 pub use config::PostgresSinkConfig;
@@ -44,18 +43,13 @@ CREATE TABLE IF NOT EXISTS weir_offsets (
     topic text NOT NULL,
     "partition" integer NOT NULL,
     "offset" bigint NOT NULL,
+    window_state bytea,
+    finished boolean NOT NULL DEFAULT false,
+    commit_token bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, topic, "partition")
 );
-CREATE TABLE IF NOT EXISTS weir_state (
-    pipeline text PRIMARY KEY,
-    window_state bytea,
-    finished boolean NOT NULL DEFAULT false,
-    commits bigint NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
 "#;
-
 /// Writes records as rows of a PostgreSQL table.
 pub struct PostgresSink {
     config: PostgresSinkConfig,
@@ -72,8 +66,6 @@ pub struct PostgresSink {
     /// record of the same key replaces the earlier one: one statement
     /// cannot upsert a row twice).
     by_key: HashMap<Vec<Option<String>>, usize>,
-    /// Checkpoints of the pipeline committed so far (`weir_state.commits`).
-    commits: i64,
 }
 
 impl PostgresSink {
@@ -106,17 +98,13 @@ impl PostgresSink {
         }
         ignore_races(client.batch_execute(CHECKPOINT_TABLES).await).map_err(|err| {
             fail(format!(
-                "cannot create the checkpoint tables weir_offsets and weir_state: {}",
+                "cannot create the checkpoint table weir_offsets: {}",
                 explain(&err)
             ))
         })?;
         let columns = read_columns(&client, &config).await.map_err(fail)?;
         let insert = insert_statement(&table, &columns);
-        let commits = commits(&client, pipeline)
-            .await
-            .map_err(|err| fail(explain(&err)))?;
         Ok(PostgresSink {
-            commits,
             pending: vec![Vec::new(); columns.len()],
             columns,
             insert,
@@ -162,14 +150,15 @@ impl PostgresSink {
     ///
     /// A connection lost during `COMMIT` leaves it unknown whether the
     /// transaction went through. With a checkpoint the answer is in the
-    /// table: each checkpoint counts itself in `weir_state.commits`, so the
-    /// sink reads the count back before trying again (otherwise rows of a
-    /// table without key columns would go in twice).
+    /// table: each checkpoint marks its partitions' rows with a token of
+    /// its own, so the sink looks for it before trying again (otherwise
+    /// rows of a table without key columns would go in twice).
     async fn commit_rows(&mut self, snapshot: Option<&Snapshot>) -> Result<(), SinkError> {
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u32;
         let mut unsure = false;
-        let number = self.commits + 1;
+        let token = fastrand::i64(1..);
+        let marked = snapshot.is_some_and(|s| !s.partitions.is_empty());
         loop {
             let Some(client) = &mut self.client else {
                 match connect(&self.config.url, &self.pipeline).await {
@@ -180,9 +169,9 @@ impl PostgresSink {
                 }
                 continue;
             };
-            if unsure && snapshot.is_some() {
-                match commits(client, &self.pipeline).await {
-                    Ok(done) if done >= number => break,
+            if unsure && marked {
+                match committed(client, &self.pipeline, token).await {
+                    Ok(true) => break,
                     Ok(_) => {}
                     Err(err) => {
                         self.away(&err, &mut failures, &mut backoff).await?;
@@ -191,7 +180,7 @@ impl PostgresSink {
                 }
             }
             let rows = (self.insert.as_str(), &self.pending[..], self.rows);
-            let checkpoint = snapshot.map(|snapshot| (snapshot, number));
+            let checkpoint = snapshot.map(|snapshot| (snapshot, token));
             match transaction(
                 client,
                 rows,
@@ -210,9 +199,6 @@ impl PostgresSink {
         }
         if failures > 0 {
             tracing::info!(sink = %self.described, "PostgreSQL is back; the transaction went through.");
-        }
-        if snapshot.is_some() {
-            self.commits = number;
         }
         self.pending.iter_mut().for_each(Vec::clear);
         self.by_key.clear();
@@ -258,19 +244,19 @@ impl From<tokio_postgres::Error> for Failed {
     }
 }
 
-/// How many checkpoints of `pipeline` have committed.
-async fn commits(client: &Client, pipeline: &str) -> Result<i64, tokio_postgres::Error> {
+/// Whether the checkpoint of `pipeline` marked `token` committed.
+async fn committed(client: &Client, pipeline: &str, token: i64) -> Result<bool, tokio_postgres::Error> {
     let row = client
-        .query_opt(
-            "SELECT commits FROM weir_state WHERE pipeline = $1",
-            &[&pipeline],
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM weir_offsets WHERE pipeline = $1 AND commit_token = $2)",
+            &[&pipeline, &token],
         )
         .await?;
-    Ok(row.map_or(0, |row| row.get(0)))
+    Ok(row.get(0))
 }
 
 /// Runs one commit: the rows `(insert, columns, rows)`, `batch` per
-/// statement, then the checkpoint (numbered).
+/// statement, then the checkpoint (marked with its token).
 async fn transaction(
     client: &mut Client,
     (insert, columns, rows): (&str, &[Vec<Option<String>>], usize),
@@ -291,27 +277,23 @@ async fn transaction(
             from = to;
         }
     }
-    if let Some((snapshot, number)) = checkpoint {
-        let positions = &snapshot.positions.positions;
-        let topics: Vec<&str> = positions.iter().map(|p| &*p.topic).collect();
-        let partitions: Vec<i32> = positions.iter().map(|p| p.partition).collect();
-        let offsets: Vec<i64> = positions.iter().map(|p| p.offset).collect();
+    if let Some((snapshot, token)) = checkpoint {
+        let partitions = &snapshot.partitions;
+        let topics: Vec<&str> = partitions.iter().map(|p| &*p.position.topic).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|p| p.position.partition).collect();
+        let offsets: Vec<i64> = partitions.iter().map(|p| p.position.offset).collect();
+        let states: Vec<Option<&[u8]>> = partitions.iter().map(|p| p.window.as_deref()).collect();
         transaction
             .execute(
-                r#"INSERT INTO weir_offsets (pipeline, topic, "partition", "offset")
-                   SELECT $1, * FROM UNNEST($2::text[], $3::integer[], $4::bigint[])
-                   ON CONFLICT (pipeline, topic, "partition")
-                   DO UPDATE SET "offset" = EXCLUDED."offset", updated_at = now()"#,
-                &[&pipeline, &topics, &partitions, &offsets],
-            )
-            .await?;
-        transaction
-            .execute(
-                "INSERT INTO weir_state (pipeline, window_state, finished, commits)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (pipeline) DO UPDATE SET window_state = EXCLUDED.window_state,
-                 finished = EXCLUDED.finished, commits = EXCLUDED.commits, updated_at = now()",
-                &[&pipeline, &snapshot.window, &snapshot.finished, &number],
+                r#"INSERT INTO weir_offsets
+                     (pipeline, topic, "partition", "offset", window_state, finished, commit_token)
+                   SELECT $1, t, p, o, s, $6, $7
+                   FROM UNNEST($2::text[], $3::integer[], $4::bigint[], $5::bytea[]) AS c(t, p, o, s)
+                   ON CONFLICT (pipeline, topic, "partition") DO UPDATE SET
+                     "offset" = EXCLUDED."offset", window_state = EXCLUDED.window_state,
+                     finished = EXCLUDED.finished, commit_token = EXCLUDED.commit_token,
+                     updated_at = now()"#,
+                &[&pipeline, &topics, &numbers, &offsets, &states, &snapshot.finished, &token],
             )
             .await?;
     }
@@ -377,45 +359,39 @@ pub async fn last_checkpoint(
         .await
         .map_err(|err| fail(explain(&err)))?;
     let exists = client
-        .query_one("SELECT to_regclass('weir_state') IS NOT NULL", &[])
+        .query_one("SELECT to_regclass('weir_offsets') IS NOT NULL", &[])
         .await
         .map_err(|err| fail(explain(&err)))?;
     if !exists.get::<_, bool>(0) {
         return Ok(None);
     }
-    let Some(state) = client
-        .query_opt(
-            "SELECT window_state, finished FROM weir_state WHERE pipeline = $1",
-            &[&pipeline],
-        )
-        .await
-        .map_err(|err| fail(explain(&err)))?
-    else {
-        return Ok(None);
-    };
     let rows = client
         .query(
-            r#"SELECT topic, "partition", "offset" FROM weir_offsets WHERE pipeline = $1"#,
+            r#"SELECT topic, "partition", "offset", window_state, finished
+               FROM weir_offsets WHERE pipeline = $1"#,
             &[&pipeline],
         )
         .await
         .map_err(|err| fail(explain(&err)))?;
-    let positions = (rows.iter())
-        .map(|row| SourcePosition {
-            topic: row.get::<_, String>(0).into(),
-            partition: row.get(1),
-            offset: row.get(2),
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let partitions = (rows.iter())
+        .map(|row| PartitionState {
+            position: SourcePosition {
+                topic: row.get::<_, String>(0).into(),
+                partition: row.get(1),
+                offset: row.get(2),
+            },
+            window: row.get(3),
         })
         .collect();
     Ok(Some(Snapshot {
-        positions: Checkpoint { positions },
-        window: state.get(0),
-        finished: state.get(1),
+        partitions,
+        finished: rows.iter().any(|row| row.get::<_, bool>(4)),
     }))
 }
 
-/// Connects to `url`, named `weir/PIPELINE` in `pg_stat_activity` unless
-/// the url names the application.
 async fn connect(url: &str, pipeline: &str) -> Result<Client, tokio_postgres::Error> {
     // `check` parsed it.
     let mut config: tokio_postgres::Config = url.parse()?;
