@@ -41,7 +41,8 @@ impl Db {
         format!("{prefix}_{}", self.suffix)
     }
 
-    /// The last source position checkpointed for `pipeline`, or 0.
+    /// The source positions checkpointed for `pipeline`, summed over its
+    /// partitions (a file's: its last line), or 0.
     pub(crate) async fn checkpointed(&self, pipeline: &str) -> i64 {
         let exists: bool = (self.client)
             .query_one("SELECT to_regclass('weir_offsets') IS NOT NULL", &[])
@@ -53,7 +54,7 @@ impl Db {
         }
         (self.client)
             .query_one(
-                r#"SELECT coalesce(max("offset"), 0) FROM weir_offsets WHERE pipeline = $1"#,
+                r#"SELECT coalesce(sum("offset"), 0)::bigint FROM weir_offsets WHERE pipeline = $1"#,
                 &[&pipeline],
             )
             .await
@@ -428,4 +429,82 @@ path = "{{dir}}/dead.jsonl"
     );
     db.drop_table(&table).await;
     db.drop_table(&format!("{table}_nokey")).await;
+}
+
+/// Kafka (6 partitions) -> window -> PostgreSQL, the worker killed with
+/// SIGKILL six times mid-stream: every partition resumes from the offset
+/// its checkpoint in PostgreSQL holds (not the group's commit, which lags
+/// it) with its windows as they were, and the table ends up exactly the
+/// windows of the whole input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_windows_to_postgres_survive_sigkills_row_for_row() {
+    const EVENTS: i64 = 30_000;
+    const PARTITIONS: i32 = 6;
+    let broker = crate::broker::Broker::start();
+    broker.create_topic("events", PARTITIONS).await;
+    let db = Db::connect().await;
+    let (table, pipeline) = (db.name("kafka_windows"), db.name("kafka_crash"));
+    let (lines, expected) = events(EVENTS);
+    // Each user's events in one partition, as Kafka's partitioner would
+    // put them; then, in each, an event an hour later that closes every
+    // window before it (its own stays open: it is in no row).
+    let mut by_partition: Vec<Vec<(String, String)>> = vec![Vec::new(); PARTITIONS as usize];
+    for line in &lines {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        let user = event["user_id"].as_str().unwrap().to_owned();
+        let partition = user[1..].parse::<usize>().unwrap() % PARTITIONS as usize;
+        by_partition[partition].push((user, line.clone()));
+    }
+    for (partition, events) in by_partition.iter_mut().enumerate() {
+        let closer = format!(
+            r#"{{"user_id":"closer","ts":{},"amount":0}}"#,
+            1_700_003_600_000i64
+        );
+        events.push(("closer".into(), closer));
+        broker
+            .produce_to_partition("events", partition as i32, events)
+            .await;
+    }
+    let total: i64 = by_partition.iter().map(|p| p.len() as i64 - 1).sum();
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(&format!(
+        r#"
+[[pipeline]]
+name = "{pipeline}"
+parallelism = 2
+commit_interval_ms = 100
+source = {{ type = "kafka", brokers = "{brokers}", topics = ["events"], group = "{pipeline}", start = "earliest" }}
+batch = {{ max_records = 100, linger_ms = 5 }}
+
+[[pipeline.plugin]]
+wasm = "{{plugin:misbehave}}"
+config = {{ pace_us = 150 }}
+{}"#,
+        window_to_table(&table),
+        brokers = broker.brokers(),
+    ));
+    let at_kills = kill_repeatedly(&scratch, &path, &db, &pipeline, (6, 2_000, total)).await;
+    assert!(at_kills.is_sorted(), "{at_kills:?}");
+
+    let mut worker = spawn_worker(&scratch, &path);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while db.checkpointed(&pipeline).await < total
+        || db.windows(&table).await.len() < expected.len()
+    {
+        assert!(worker.try_wait().unwrap().is_none(), "the last run exited");
+        assert!(
+            Instant::now() < deadline,
+            "the last run did not finish in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = worker.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "the last run exited with {status}");
+
+    let got = db.windows(&table).await;
+    assert_eq!(got.len(), expected.len(), "one row per window and key");
+    assert_eq!(got, expected, "every window exactly once, row for row");
+    db.drop_table(&table).await;
 }

@@ -978,8 +978,12 @@ impl SinkWriter {
                 for position in checkpoint.iter().flat_map(|c| &c.positions) {
                     self.handled.advance(position);
                 }
-                let mut windows: HashMap<_, _> =
-                    window.as_mut().map(|w| w.snapshot()).unwrap_or_default().into_iter().collect();
+                let mut windows: HashMap<_, _> = window
+                    .as_mut()
+                    .map(|w| w.snapshot())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
                 let partitions = (self.handled.positions.iter())
                     .map(|position| PartitionState {
                         window: windows.remove(&(position.topic.clone(), position.partition)),

@@ -377,7 +377,10 @@ impl WindowOperator {
     /// An operator with no state yet; `plugins` are the spec's plugin
     /// aggregates, started, in the order of the spec.
     pub fn with_plugins(spec: WindowSpec, plugins: Vec<PluginAggregate>) -> Self {
-        Self::with_shared(spec, plugins.into_iter().map(SharedAggregate::new).collect())
+        Self::with_shared(
+            spec,
+            plugins.into_iter().map(SharedAggregate::new).collect(),
+        )
     }
 
     /// An operator with no state yet; `plugins` are the spec's plugin

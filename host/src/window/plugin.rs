@@ -539,7 +539,9 @@ impl SharedAggregate {
 
     /// The aggregate (a panic while it was held left it as it was).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, PluginAggregate> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -245,7 +245,11 @@ impl From<tokio_postgres::Error> for Failed {
 }
 
 /// Whether the checkpoint of `pipeline` marked `token` committed.
-async fn committed(client: &Client, pipeline: &str, token: i64) -> Result<bool, tokio_postgres::Error> {
+async fn committed(
+    client: &Client,
+    pipeline: &str,
+    token: i64,
+) -> Result<bool, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM weir_offsets WHERE pipeline = $1 AND commit_token = $2)",
