@@ -108,6 +108,26 @@ pub(crate) fn events(count: i64) -> (Vec<String>, WindowRows) {
     (lines, windows)
 }
 
+/// The table has exactly `expected`'s rows; if not, says which differ.
+pub(crate) fn assert_same_rows(got: &WindowRows, expected: &WindowRows) {
+    let differ: Vec<String> = (expected.iter())
+        .filter(|(key, value)| got.get(*key) != Some(*value))
+        .map(|(key, value)| format!("{key:?}: {:?}, expected {value:?}", got.get(key)))
+        .chain(
+            (got.iter())
+                .filter(|(key, _)| !expected.contains_key(*key))
+                .map(|(key, value)| format!("{key:?}: {value:?}, expected no row")),
+        )
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} of {} rows differ, the first: {:#?}",
+        differ.len(),
+        expected.len(),
+        &differ[..differ.len().min(10)]
+    );
+}
+
 /// The window and sink part of a pipeline file: 1 s tumbling windows of
 /// the events' amounts into `table`, created, upserted on (start, key).
 pub(crate) fn window_to_table(table: &str) -> String {
@@ -132,16 +152,45 @@ columns = {{ window_start = "bigint", window_end = "bigint", key = "text", total
     )
 }
 
-pub(crate) fn spawn_worker(scratch: &Scratch, path: &std::path::Path) -> Child {
-    Command::new(weir_bin())
+/// A `weir run` child, killed if the test ends (or fails) first.
+pub(crate) struct Worker(Child);
+
+impl std::ops::Deref for Worker {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Worker `id` of `path` (`""`: a worker with no id, a dynamic member of
+/// its group).
+pub(crate) fn spawn_worker(scratch: &Scratch, path: &std::path::Path, id: &str) -> Worker {
+    let mut command = Command::new(weir_bin());
+    if !id.is_empty() {
+        command.env("WEIR_WORKER_ID", id);
+    }
+    let child = command
         .args(["run", path.to_str().unwrap()])
         .env("WEIR_CACHE_DIR", scratch.path("cache"))
-        .env("WEIR_LOG", "warn")
-        .env("WEIR_WORKER_ID", "1")
+        .env("WEIR_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Worker(child)
 }
 
 /// Kills a worker of `path` with SIGKILL `kills` times, each time once its
@@ -158,7 +207,7 @@ pub(crate) async fn kill_repeatedly(
     let mut at_kills = Vec::new();
     let mut last = db.checkpointed(pipeline).await;
     for kill in 1..=kills {
-        let mut worker = spawn_worker(scratch, path);
+        let mut worker = spawn_worker(scratch, path, "1");
         let deadline = Instant::now() + Duration::from_secs(120);
         while db.checkpointed(pipeline).await < last + step {
             if let Ok(Some(status)) = worker.try_wait() {
@@ -216,12 +265,10 @@ config = {{ pace_us = 150 }}
     ));
     let at_kills = kill_repeatedly(&scratch, &path, &db, &pipeline, (6, 2_000, EVENTS)).await;
     assert!(at_kills.is_sorted(), "{at_kills:?}");
-    let status = spawn_worker(&scratch, &path).wait().unwrap();
+    let status = spawn_worker(&scratch, &path, "1").wait().unwrap();
     assert!(status.success(), "the last run exited with {status}");
 
-    let got = db.windows(&table).await;
-    assert_eq!(got.len(), expected.len(), "one row per window and key");
-    assert_eq!(got, expected, "every window exactly once, row for row");
+    assert_same_rows(&db.windows(&table).await, &expected);
     let finished: bool = (db.client)
         .query_one(
             "SELECT bool_and(finished) FROM weir_offsets WHERE pipeline = $1",
@@ -290,7 +337,7 @@ async fn every_record_arrives_exactly_once_while_its_backends_are_killed() {
     let (table, pipeline) = (db.name("terminated"), db.name("terminated"));
     let scratch = Scratch::new();
     let path = records_to_keyless_table(&scratch, &pipeline, &table, RECORDS);
-    let mut worker = spawn_worker(&scratch, &path);
+    let mut worker = spawn_worker(&scratch, &path, "1");
     let application = format!("weir/{pipeline}");
     let mut terminations = 0;
     let status = loop {
@@ -431,28 +478,23 @@ path = "{{dir}}/dead.jsonl"
     db.drop_table(&format!("{table}_nokey")).await;
 }
 
-/// Kafka (6 partitions) -> window -> PostgreSQL, the worker killed with
-/// SIGKILL six times mid-stream: every partition resumes from the offset
-/// its checkpoint in PostgreSQL holds (not the group's commit, which lags
-/// it) with its windows as they were, and the table ends up exactly the
-/// windows of the whole input.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_windows_to_postgres_survive_sigkills_row_for_row() {
-    const EVENTS: i64 = 30_000;
-    const PARTITIONS: i32 = 6;
-    let broker = crate::broker::Broker::start();
-    broker.create_topic("events", PARTITIONS).await;
-    let db = Db::connect().await;
-    let (table, pipeline) = (db.name("kafka_windows"), db.name("kafka_crash"));
-    let (lines, expected) = events(EVENTS);
-    // Each user's events in one partition, as Kafka's partitioner would
-    // put them; then, in each, an event an hour later that closes every
-    // window before it (its own stays open: it is in no row).
-    let mut by_partition: Vec<Vec<(String, String)>> = vec![Vec::new(); PARTITIONS as usize];
+/// Produces [`events`]`(count)` to a new topic `events` of `partitions`
+/// partitions, each user's in one partition (as Kafka's partitioner would
+/// put them), then in each partition an event an hour later that closes
+/// every window before it (its own stays open: it is in no row). Gives
+/// the sum of the offsets of the last real events, and the windows.
+async fn produce_events(
+    broker: &crate::broker::Broker,
+    count: i64,
+    partitions: i32,
+) -> (i64, WindowRows) {
+    broker.create_topic("events", partitions).await;
+    let (lines, expected) = events(count);
+    let mut by_partition: Vec<Vec<(String, String)>> = vec![Vec::new(); partitions as usize];
     for line in &lines {
         let event: serde_json::Value = serde_json::from_str(line).unwrap();
         let user = event["user_id"].as_str().unwrap().to_owned();
-        let partition = user[1..].parse::<usize>().unwrap() % PARTITIONS as usize;
+        let partition = user[1..].parse::<usize>().unwrap() % partitions as usize;
         by_partition[partition].push((user, line.clone()));
     }
     for (partition, events) in by_partition.iter_mut().enumerate() {
@@ -465,9 +507,20 @@ async fn kafka_windows_to_postgres_survive_sigkills_row_for_row() {
             .produce_to_partition("events", partition as i32, events)
             .await;
     }
-    let total: i64 = by_partition.iter().map(|p| p.len() as i64 - 1).sum();
-    let scratch = Scratch::new();
-    let path = scratch.pipeline(&format!(
+    let total = by_partition.iter().map(|p| p.len() as i64 - 2).sum();
+    (total, expected)
+}
+
+/// The pipeline file of a Kafka -> window -> PostgreSQL worker: topic
+/// `events` of `broker`, through a plugin that takes `pace_us` a record.
+fn kafka_pipeline(
+    scratch: &Scratch,
+    broker: &crate::broker::Broker,
+    pipeline: &str,
+    table: &str,
+    pace_us: u64,
+) -> std::path::PathBuf {
+    scratch.pipeline(&format!(
         r#"
 [[pipeline]]
 name = "{pipeline}"
@@ -478,33 +531,183 @@ batch = {{ max_records = 100, linger_ms = 5 }}
 
 [[pipeline.plugin]]
 wasm = "{{plugin:misbehave}}"
-config = {{ pace_us = 150 }}
+config = {{ pace_us = {pace_us} }}
 {}"#,
-        window_to_table(&table),
+        window_to_table(table),
         brokers = broker.brokers(),
-    ));
-    let at_kills = kill_repeatedly(&scratch, &path, &db, &pipeline, (6, 2_000, total)).await;
-    assert!(at_kills.is_sorted(), "{at_kills:?}");
+    ))
+}
 
-    let mut worker = spawn_worker(&scratch, &path);
+/// Waits until `pipeline` has checkpointed `total` and `table` has every
+/// one of `expected`'s rows, while `worker` runs; then stops it cleanly.
+async fn finish(
+    db: &Db,
+    pipeline: &str,
+    table: &str,
+    (total, expected): (i64, usize),
+    mut worker: Worker,
+) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while db.checkpointed(&pipeline).await < total
-        || db.windows(&table).await.len() < expected.len()
-    {
-        assert!(worker.try_wait().unwrap().is_none(), "the last run exited");
+    while db.checkpointed(pipeline).await < total || db.windows(table).await.len() < expected {
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "the last worker exited"
+        );
         assert!(
             Instant::now() < deadline,
-            "the last run did not finish in 120 s"
+            "the last worker did not finish in 120 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pid = worker.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = worker.wait().unwrap();
-    assert!(status.success(), "the last run exited with {status}");
+    assert!(status.success(), "the last worker exited with {status}");
+    drop(worker);
+}
 
-    let got = db.windows(&table).await;
-    assert_eq!(got.len(), expected.len(), "one row per window and key");
-    assert_eq!(got, expected, "every window exactly once, row for row");
+/// Kafka (6 partitions) -> window -> PostgreSQL, the worker killed with
+/// SIGKILL six times mid-stream: every partition resumes from the offset
+/// its checkpoint in PostgreSQL holds (not the group's commit, which lags
+/// it) with its windows as they were, and the table ends up exactly the
+/// windows of the whole input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_windows_to_postgres_survive_sigkills_row_for_row() {
+    const EVENTS: i64 = 30_000;
+    const PARTITIONS: i32 = 6;
+    let broker = crate::broker::Broker::start();
+    let (total, expected) = produce_events(&broker, EVENTS, PARTITIONS).await;
+    let db = Db::connect().await;
+    let (table, pipeline) = (db.name("kafka_windows"), db.name("kafka_crash"));
+    let scratch = Scratch::new();
+    let path = kafka_pipeline(&scratch, &broker, &pipeline, &table, 150);
+    let at_kills = kill_repeatedly(&scratch, &path, &db, &pipeline, (6, 2_000, total)).await;
+    assert!(at_kills.is_sorted(), "{at_kills:?}");
+    let worker = spawn_worker(&scratch, &path, "1");
+    finish(&db, &pipeline, &table, (total, expected.len()), worker).await;
+
+    assert_same_rows(&db.windows(&table).await, &expected);
+    db.drop_table(&table).await;
+}
+
+/// Two workers of one Kafka -> window -> PostgreSQL pipeline share 6
+/// partitions. The first stops mid-stream (it leaves the group): its
+/// partitions move to the second, which claims them and takes up their
+/// windows from their last checkpoints (no shared disk: they are in
+/// PostgreSQL). Then the second is killed with SIGKILL and its successor
+/// (same worker name, a fresh process) takes everything up from the
+/// checkpoints. The table ends up exactly
+/// the windows of the whole input.
+///
+/// (The test broker never expires the session of a member killed with
+/// SIGKILL, so a survivor is never given its partitions; Apache Kafka
+/// gives them after `session.timeout.ms`, 10 s, and they are claimed
+/// just as here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_s_partitions_and_windows_move_to_the_other_and_survive_sigkill() {
+    const EVENTS: i64 = 30_000;
+    let broker = crate::broker::Broker::start();
+    let (total, expected) = produce_events(&broker, EVENTS, 6).await;
+    let db = Db::connect().await;
+    let (table, pipeline) = (db.name("moved_windows"), db.name("moved"));
+    let scratch = Scratch::new();
+    let path = kafka_pipeline(&scratch, &broker, &pipeline, &table, 300);
+    // The first a dynamic member: it leaves the group when it stops. The
+    // second a static one: killed, it is taken up by a worker of its name.
+    let mut first = spawn_worker(&scratch, &path, "");
+    let mut second = spawn_worker(&scratch, &path, "2");
+    let owned_by = |worker: &Worker| format!("%/{}/%", worker.id());
+    let progress = |pattern: String| {
+        let db = &db;
+        let pipeline = pipeline.clone();
+        async move {
+            // Until a worker has made (or updated) the table, nothing.
+            let row = (db.client)
+                .query_one(
+                    r#"SELECT count(*), coalesce(sum("offset"), 0)::bigint FROM weir_offsets
+                       WHERE pipeline = $1 AND owner LIKE $2 AND "offset" >= 0"#,
+                    &[&pipeline, &pattern],
+                )
+                .await;
+            row.map_or((0, 0), |row| (row.get::<_, i64>(0), row.get::<_, i64>(1)))
+        }
+    };
+    // Both at work, each some way into its partitions.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (mine, handled) = progress(owned_by(&first)).await;
+        let (theirs, done) = progress(owned_by(&second)).await;
+        if mine > 0 && theirs > 0 && handled >= 1_000 && done >= 1_000 {
+            break;
+        }
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first worker exited"
+        );
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the second worker exited"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the two workers did not share the partitions in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_owner = owned_by(&first);
+    let pid = first.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = first.wait().unwrap();
+    assert!(status.success(), "the first worker stopped with {status}");
+    drop(first);
+    let (moved, handled) = progress(first_owner.clone()).await;
+    eprintln!("the first worker left with {moved} partitions, {handled} offsets checkpointed");
+    assert!(
+        handled < total,
+        "the first worker stopped after the end: it tested nothing"
+    );
+
+    // The second takes them over (each claimed from the first), goes on,
+    // and is killed mid-stream.
+    let second_owner = owned_by(&second);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (mine, handled) = progress(second_owner.clone()).await;
+        if mine == 6 && handled >= db.checkpointed(&pipeline).await.min(total) && handled > 0 {
+            let (left, _) = progress(first_owner.clone()).await;
+            assert_eq!(left, 0);
+            break;
+        }
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the second worker exited"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the second worker did not take over in 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = db.checkpointed(&pipeline).await;
+    while db.checkpointed(&pipeline).await < before + 1_000 {
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the second worker exited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    drop(second);
+    let killed_at = db.checkpointed(&pipeline).await;
+    eprintln!("killed the second worker at {killed_at} of {total}");
+    assert!(
+        killed_at < total,
+        "the kill came after the end: it tested nothing"
+    );
+
+    let third = spawn_worker(&scratch, &path, "2");
+    finish(&db, &pipeline, &table, (total, expected.len()), third).await;
+    assert_same_rows(&db.windows(&table).await, &expected);
     db.drop_table(&table).await;
 }

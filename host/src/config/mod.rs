@@ -496,6 +496,12 @@ impl SourceConfig {
     pub fn can_replay(&self) -> bool {
         matches!(self, SourceConfig::Kafka(_))
     }
+
+    /// Whether the source's partitions are assigned to a worker, and move
+    /// between workers (Kafka), rather than all read by one.
+    pub fn assigns_partitions(&self) -> bool {
+        matches!(self, SourceConfig::Kafka(_))
+    }
 }
 
 /// The routes a sink takes when it names none.

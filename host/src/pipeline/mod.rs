@@ -59,7 +59,7 @@ use crate::plugin::{PluginSlot, VersionStore, locate};
 use crate::record::{DEFAULT_ROUTE, Record};
 use crate::sink::{self, Sink, SinkDefaults, SinkError};
 use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, SourceError};
-use crate::state::{PartitionState, Snapshot};
+use crate::state::{Claims, PartitionState, Snapshot};
 use crate::window::{PluginAggregate, ReadBatch, WindowSpec};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
 use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
@@ -286,6 +286,8 @@ pub struct Pipeline {
     keeper: Option<usize>,
     /// The positions its last checkpoint held (where the source resumed).
     resumed: Checkpoint,
+    /// The source partitions this worker holds, when they are assigned.
+    claims: Option<Arc<Claims>>,
 }
 
 impl Pipeline {
@@ -341,9 +343,16 @@ impl Pipeline {
                 PipelineError::Setup(file.error_at(at, format!("pipeline `{name}`: {err}")))
             }
         };
-        // The sink that keeps checkpoints, and the last one it kept.
+        // The sink that keeps checkpoints, and the last one it kept: all
+        // of it, or (a source whose partitions are assigned) each
+        // partition's as it is claimed.
         let keeper = (pipeline.sinks.iter()).position(|s| sink::keeps_checkpoints(s.get_ref()));
+        let source_config = pipeline.source.get_ref();
+        let claims = (keeper.filter(|_| source_config.assigns_partitions()))
+            .and_then(|at| sink::claimer(pipeline.sinks[at].get_ref(), &name))
+            .map(Claims::new);
         let resume = match keeper {
+            Some(_) if claims.is_some() => None,
             Some(at) => {
                 let config = &pipeline.sinks[at];
                 sink::last_checkpoint(config.get_ref(), &name)
@@ -367,7 +376,7 @@ impl Pipeline {
         let source::OpenSource {
             source,
             transaction,
-        } = source::open(pipeline, &resume.positions())
+        } = source::open(pipeline, &resume.positions(), claims.clone())
             .await
             .map_err(|source| PipelineError::Source {
                 pipeline: name.clone(),
@@ -411,7 +420,8 @@ impl Pipeline {
         let metrics = Arc::new(PipelineMetrics::new(&name));
         let window = match window {
             Some((spec, plugins)) => {
-                let mut stage = WindowStage::new(spec, plugins, source.backlog(), metrics.clone());
+                let mut stage = WindowStage::new(spec, plugins, source.backlog(), metrics.clone())
+                    .claimed_by(claims.clone());
                 for part in &resume.partitions {
                     let (Some(state), Some(config)) = (&part.window, &pipeline.window) else {
                         continue;
@@ -463,6 +473,7 @@ impl Pipeline {
             transaction,
             keeper,
             resumed: resume.positions(),
+            claims,
             commit_interval: Duration::from_millis(pipeline.commit_interval_ms),
         })
     }
@@ -505,6 +516,7 @@ impl Pipeline {
             window,
             keeper,
             resumed,
+            claims,
         } = self;
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
@@ -549,6 +561,7 @@ impl Pipeline {
             keeper,
             changed: false,
             handled: resumed,
+            claims,
             finishing: false,
             drained: drained.clone(),
         };
@@ -764,6 +777,9 @@ struct SinkWriter {
     /// With a keeper of checkpoints: every position handled so far (a
     /// checkpoint holds each partition's).
     handled: Checkpoint,
+    /// The source partitions this worker holds, when they are assigned: a
+    /// checkpoint holds only those.
+    claims: Option<Arc<Claims>>,
     /// The last commit is under way, and the source ended.
     finishing: bool,
     /// The source had no more records.
@@ -978,6 +994,13 @@ impl SinkWriter {
                 for position in checkpoint.iter().flat_map(|c| &c.positions) {
                     self.handled.advance(position);
                 }
+                if let Some(claims) = &self.claims {
+                    // Partitions given up are the next owner's to write.
+                    (self.handled.positions).retain(|p| claims.owns(&p.topic, p.partition));
+                    if let Some(window) = window.as_mut() {
+                        window.forget_unowned();
+                    }
+                }
                 let mut windows: HashMap<_, _> = window
                     .as_mut()
                     .map(|w| w.snapshot())
@@ -995,6 +1018,9 @@ impl SinkWriter {
                     finished: self.finishing,
                 };
                 self.sinks[keeper].sink.commit(&snapshot).await?;
+                if let Some(checkpoint) = &checkpoint {
+                    self.committer.checkpointed(checkpoint);
+                }
                 checkpoint
             }
             // With a window, only as far as no open window holds records.

@@ -34,6 +34,7 @@ use crate::batch::Batch;
 use crate::metrics::PipelineMetrics;
 use crate::metrics::events::BatchWindowed;
 use crate::source::{Backlog, Behind, Checkpoint};
+use crate::state::Claims;
 use crate::window::{
     FieldReader, PluginAggregate, ReadBatch, RestoreError, SharedAggregate, WindowImage,
     WindowOperator, WindowOutput, WindowSpec,
@@ -51,7 +52,13 @@ pub(super) struct WindowStage {
     plugins: Vec<SharedAggregate>,
     /// Shared by every partition's operator and the lanes: keys hash alike.
     reader: FieldReader,
-    windows: HashMap<PartitionKey, WindowOperator>,
+    /// Each partition's window, with the generation of the claim it was
+    /// taken up under (0: unclaimed).
+    windows: HashMap<PartitionKey, (u64, WindowOperator)>,
+    /// The partitions this worker holds, when they are assigned (Kafka
+    /// with a sink that keeps checkpoints): a partition claimed again
+    /// starts from the state it was claimed with.
+    claims: Option<Arc<Claims>>,
     late_route: String,
     /// Every source position read so far.
     read: Checkpoint,
@@ -81,6 +88,7 @@ impl WindowStage {
             plugins,
             reader,
             windows: HashMap::new(),
+            claims: None,
             backlog,
             reported: None,
             read: Checkpoint::default(),
@@ -90,15 +98,35 @@ impl WindowStage {
         }
     }
 
+    /// Takes up each partition's window from `claims`, if given.
+    pub(super) fn claimed_by(mut self, claims: Option<Arc<Claims>>) -> Self {
+        self.claims = claims;
+        self
+    }
+
     /// A reader of what the window needs of each record, for a lane.
     pub(super) fn reader(&self) -> FieldReader {
         self.reader.clone()
     }
 
-    /// The window of `partition`, new (and told what the source is behind
-    /// on) if it had none.
+    /// Forgets the windows of partitions this worker no longer holds.
+    pub(super) fn forget_unowned(&mut self) {
+        if let Some(claims) = &self.claims {
+            (self.windows).retain(|(topic, partition), _| claims.owns(topic, *partition));
+        }
+    }
+
+    /// The window of `partition`: new (and told what the source is behind
+    /// on) if it had none, or if the partition was claimed again since
+    /// (then with the state it was claimed with).
     fn window_of(&mut self, partition: &PartitionKey, now: Instant) -> &mut WindowOperator {
-        if !self.windows.contains_key(partition) {
+        let claim = (self.claims.as_ref()).and_then(|c| c.take(&partition.0, partition.1));
+        let stale = match (&claim, self.windows.get(partition)) {
+            (Some((generation, _)), Some((taken_under, _))) => generation != taken_under,
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        if stale {
             let mut operator = WindowOperator::with_shared(self.spec.clone(), self.plugins.clone())
                 .sharing_reader(self.reader.clone());
             if self.backlog.is_some() {
@@ -109,11 +137,26 @@ impl WindowStage {
                     operator.backlog(Some(&behind), now, &mut ignored);
                 }
             }
-            self.windows.insert(partition.clone(), operator);
+            let (generation, state) = claim.unwrap_or((0, None));
+            if let Some(state) = state {
+                let restored = StageImage::decode(&state).and_then(|image| {
+                    self.results = self.results.max(image.results);
+                    operator.restore(image.window, now)
+                });
+                // The checkpoint was this window's own: it reads back
+                // unless it was damaged.
+                if let Err(err) = restored {
+                    tracing::error!(topic = %partition.0, partition = partition.1, %err, "The partition's window state cannot be taken up; its windows start empty.");
+                }
+            }
+            self.windows
+                .insert(partition.clone(), (generation, operator));
         }
-        self.windows
+        let (_, window) = self
+            .windows
             .get_mut(partition)
-            .unwrap_or_else(|| unreachable!("inserted above"))
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        window
     }
 
     /// Runs `records` through the windows of their partitions (`read`:
@@ -162,13 +205,13 @@ impl WindowStage {
         let mut out = WindowOutput::default();
         let now = Instant::now();
         self.read_backlog(now, &mut out);
-        for window in self.windows.values_mut() {
+        for (_, window) in self.windows.values_mut() {
             window.tick(now, &mut out);
         }
         // A quiet partition's windows close as the others move on.
-        let highest = self.windows.values().map(WindowOperator::watermark).max();
+        let highest = self.windows.values().map(|(_, w)| w.watermark()).max();
         if let Some(highest) = highest {
-            for window in self.windows.values_mut() {
+            for (_, window) in self.windows.values_mut() {
                 if window.is_idle(now) && window.watermark() < highest {
                     window.advance(highest, &mut out);
                 }
@@ -189,7 +232,7 @@ impl WindowStage {
         if same {
             return;
         }
-        for (partition, window) in &mut self.windows {
+        for (partition, (_, window)) in &mut self.windows {
             let behind = latest.as_deref().map(|behind| own(behind, partition));
             window.backlog(behind.as_deref(), now, out);
         }
@@ -199,7 +242,7 @@ impl WindowStage {
     /// The input ended: every open window fires.
     pub(super) fn finish(&mut self, dead: &mut Vec<DeadLetter>) -> Batch {
         let mut out = WindowOutput::default();
-        for window in self.windows.values_mut() {
+        for (_, window) in self.windows.values_mut() {
             window.finish(&mut out);
         }
         self.emit(out, None, dead, 0)
@@ -210,7 +253,7 @@ impl WindowStage {
         let now = Instant::now();
         let results = self.results;
         (self.windows.iter_mut())
-            .map(|(partition, window)| {
+            .map(|(partition, (_, window))| {
                 let image = StageImage {
                     results,
                     window: window.snapshot(now),
@@ -305,7 +348,7 @@ impl WindowStage {
             self.read.advance(position);
         }
         let mut capped = self.read.clone();
-        let held = self.windows.values().flat_map(WindowOperator::held);
+        let held = self.windows.values().flat_map(|(_, w)| w.held());
         for (topic, partition, lowest) in held {
             if let Some(position) = (capped.positions.iter_mut())
                 .find(|p| p.partition == partition && &*p.topic == topic)

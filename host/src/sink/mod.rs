@@ -145,6 +145,17 @@ pub fn keeps_checkpoints(config: &SinkConfig) -> bool {
     matches!(config, SinkConfig::Postgres(_))
 }
 
+/// What claims the partitions of `pipeline` in the checkpoints the sink
+/// `config` describes keeps, if it keeps checkpoints.
+pub fn claimer(config: &SinkConfig, pipeline: &str) -> Option<Box<dyn crate::state::Claimer>> {
+    match config {
+        SinkConfig::Postgres(postgres) => {
+            Some(Box::new(postgres::PostgresClaimer::new(postgres, pipeline)))
+        }
+        SinkConfig::Stdout { .. } | SinkConfig::File { .. } | SinkConfig::Kafka(_) => None,
+    }
+}
+
 /// The last checkpoint of `pipeline` that the sink `config` describes
 /// keeps, if it keeps checkpoints and has one.
 pub async fn last_checkpoint(

@@ -23,6 +23,7 @@ use crate::batch::Batch;
 use crate::config::{PipelineConfig, SourceConfig};
 use crate::kafka::KafkaTransaction;
 use crate::record::{Record, SourcePosition};
+use crate::state::Claims;
 
 pub use generator::Generator;
 pub use lines::LineSource;
@@ -234,6 +235,11 @@ pub trait Committer: Send + Sync {
     /// rather than run on replaying everything after a restart.
     async fn commit(&self, checkpoint: &Checkpoint) -> Result<Commit, SourceError>;
 
+    /// A sink that keeps checkpoints committed everything up to
+    /// `checkpoint` with its own writes (see [`crate::state`]): the
+    /// positions are safe, whatever becomes of [`Committer::commit`].
+    fn checkpointed(&self, _checkpoint: &Checkpoint) {}
+
     /// Called before a transaction commits outputs with these positions: an
     /// error means they are no longer this source's to commit, and the
     /// transaction is aborted instead.
@@ -278,12 +284,14 @@ pub struct OpenSource {
     pub transaction: Option<Arc<KafkaTransaction>>,
 }
 
-/// Opens the source `pipeline` describes, resuming after the positions of
-/// `resume` (a checkpoint's) where it can: a file after the line, a Kafka
-/// partition after the offset.
+/// Opens the source `pipeline` describes, resuming a file after the line
+/// `resume` (a checkpoint's) holds; a source whose partitions are assigned
+/// (Kafka) claims them with `claims` as they come, and resumes each from
+/// its own checkpoint.
 pub async fn open(
     pipeline: &PipelineConfig,
     resume: &Checkpoint,
+    claims: Option<Arc<Claims>>,
 ) -> Result<OpenSource, SourceError> {
     let batch = &pipeline.batch;
     let max_record = pipeline.limits().max_record_bytes;
@@ -305,7 +313,7 @@ pub async fn open(
         }
         SourceConfig::Stdin { format } => Box::new(LineSource::stdin(*format, batch, max_record)),
         SourceConfig::Generator(generator) => Box::new(Generator::new(generator.clone(), batch)),
-        SourceConfig::Kafka(kafka) => return kafka::open(kafka, pipeline, resume).await,
+        SourceConfig::Kafka(kafka) => return kafka::open(kafka, pipeline, claims).await,
     };
     Ok(OpenSource {
         source,

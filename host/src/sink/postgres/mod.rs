@@ -31,7 +31,7 @@ use tokio_postgres::{Client, NoTls};
 use super::{Sink, SinkError};
 use crate::batch::{RecordRef, Records};
 use crate::record::SourcePosition;
-use crate::state::{PartitionState, Snapshot};
+use crate::state::{Claimer, PartitionState, Snapshot, worker_id};
 use columns::{Column, Kind, quote};
 
 pub use config::PostgresSinkConfig;
@@ -46,9 +46,16 @@ CREATE TABLE IF NOT EXISTS weir_offsets (
     window_state bytea,
     finished boolean NOT NULL DEFAULT false,
     commit_token bigint NOT NULL DEFAULT 0,
+    owner text,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (pipeline, topic, "partition")
 );
+-- A table made by an earlier version gains what this one writes.
+ALTER TABLE weir_offsets
+    ADD COLUMN IF NOT EXISTS window_state bytea,
+    ADD COLUMN IF NOT EXISTS finished boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS commit_token bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS owner text;
 "#;
 /// Writes records as rows of a PostgreSQL table.
 pub struct PostgresSink {
@@ -287,19 +294,42 @@ async fn transaction(
         let numbers: Vec<i32> = partitions.iter().map(|p| p.position.partition).collect();
         let offsets: Vec<i64> = partitions.iter().map(|p| p.position.offset).collect();
         let states: Vec<Option<&[u8]>> = partitions.iter().map(|p| p.window.as_deref()).collect();
-        transaction
-            .execute(
-                r#"INSERT INTO weir_offsets
-                     (pipeline, topic, "partition", "offset", window_state, finished, commit_token)
-                   SELECT $1, t, p, o, s, $6, $7
+        // A partition another worker has claimed since is not written
+        // (fenced off): its rows are the other worker's now.
+        let written = transaction
+            .query(
+                r#"INSERT INTO weir_offsets (pipeline, topic, "partition", "offset",
+                     window_state, finished, commit_token, owner)
+                   SELECT $1, t, p, o, s, $6, $7, $8
                    FROM UNNEST($2::text[], $3::integer[], $4::bigint[], $5::bytea[]) AS c(t, p, o, s)
                    ON CONFLICT (pipeline, topic, "partition") DO UPDATE SET
                      "offset" = EXCLUDED."offset", window_state = EXCLUDED.window_state,
                      finished = EXCLUDED.finished, commit_token = EXCLUDED.commit_token,
-                     updated_at = now()"#,
-                &[&pipeline, &topics, &numbers, &offsets, &states, &snapshot.finished, &token],
+                     updated_at = now()
+                   WHERE weir_offsets.owner IS NOT DISTINCT FROM EXCLUDED.owner
+                   RETURNING topic, "partition""#,
+                &[
+                    &pipeline,
+                    &topics,
+                    &numbers,
+                    &offsets,
+                    &states,
+                    &snapshot.finished,
+                    &token,
+                    &worker_id(),
+                ],
             )
             .await?;
+        if written.len() < partitions.len() {
+            let written: Vec<(String, i32)> =
+                written.iter().map(|row| (row.get(0), row.get(1))).collect();
+            for p in partitions {
+                let key = (p.position.topic.to_string(), p.position.partition);
+                if !written.contains(&key) {
+                    tracing::warn!(pipeline, topic = %key.0, partition = key.1, "Another worker has claimed this partition: its checkpoint is that worker's to write.");
+                }
+            }
+        }
     }
     transaction.commit().await.map_err(|err| Failed {
         err,
@@ -349,7 +379,8 @@ impl Sink for PostgresSink {
 }
 
 /// The last checkpoint of `pipeline` kept by the `postgres` sink `config`
-/// describes, if there is one.
+/// describes, if there is one, every partition of it claimed by this
+/// worker (for a source with no partitions to be assigned: a file).
 pub async fn last_checkpoint(
     config: &PostgresSinkConfig,
     pipeline: &str,
@@ -369,11 +400,12 @@ pub async fn last_checkpoint(
     if !exists.get::<_, bool>(0) {
         return Ok(None);
     }
+    // Claimed, all of them: a worker still writing them is fenced off.
     let rows = client
         .query(
-            r#"SELECT topic, "partition", "offset", window_state, finished
-               FROM weir_offsets WHERE pipeline = $1"#,
-            &[&pipeline],
+            r#"UPDATE weir_offsets SET owner = $2 WHERE pipeline = $1
+               RETURNING topic, "partition", "offset", window_state, finished"#,
+            &[&pipeline, &worker_id()],
         )
         .await
         .map_err(|err| fail(explain(&err)))?;
@@ -401,6 +433,10 @@ async fn connect(url: &str, pipeline: &str) -> Result<Client, tokio_postgres::Er
     let mut config: tokio_postgres::Config = url.parse()?;
     if config.get_application_name().is_none() {
         config.application_name(format!("weir/{pipeline}"));
+    }
+    // "relation already exists, skipping" and the like are not news.
+    if config.get_options().is_none() {
+        config.options("-c client_min_messages=warning");
     }
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
@@ -586,4 +622,75 @@ fn explain(err: &tokio_postgres::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Claims partitions in the tables a `postgres` sink keeps checkpoints in
+/// (for a source whose partitions are assigned and move: Kafka).
+pub struct PostgresClaimer {
+    url: String,
+    pipeline: String,
+}
+
+impl PostgresClaimer {
+    /// For `pipeline`'s checkpoints, kept by the sink `config` describes.
+    pub fn new(config: &PostgresSinkConfig, pipeline: &str) -> Self {
+        PostgresClaimer {
+            url: config.url.clone(),
+            pipeline: pipeline.to_owned(),
+        }
+    }
+
+    async fn claim_async(
+        &self,
+        partitions: &[(String, i32)],
+    ) -> Result<Vec<PartitionState>, String> {
+        let client = (connect(&self.url, &self.pipeline).await).map_err(|err| explain(&err))?;
+        ignore_races(client.batch_execute(CHECKPOINT_TABLES).await).map_err(|err| explain(&err))?;
+        let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        // A partition with no checkpoint yet gets a row, offset -1, so
+        // that a worker still writing it would be fenced off as well.
+        let rows = client
+            .query(
+                r#"INSERT INTO weir_offsets (pipeline, topic, "partition", "offset", owner)
+                   SELECT $1, t, p, -1, $4 FROM UNNEST($2::text[], $3::integer[]) AS c(t, p)
+                   ON CONFLICT (pipeline, topic, "partition")
+                   DO UPDATE SET owner = EXCLUDED.owner, updated_at = now()
+                   RETURNING topic, "partition", "offset", window_state"#,
+                &[&self.pipeline, &topics, &numbers, &worker_id()],
+            )
+            .await
+            .map_err(|err| explain(&err))?;
+        Ok((rows.iter())
+            .filter(|row| row.get::<_, i64>(2) >= 0)
+            .map(|row| PartitionState {
+                position: SourcePosition {
+                    topic: row.get::<_, String>(0).into(),
+                    partition: row.get(1),
+                    offset: row.get(2),
+                },
+                window: row.get(3),
+            })
+            .collect())
+    }
+}
+
+impl Claimer for PostgresClaimer {
+    fn claim(&self, partitions: &[(String, i32)]) -> Result<Vec<PartitionState>, String> {
+        // Called from a Kafka rebalance, inside the consumer's poll: on a
+        // thread of its own with a runtime of its own, whatever runtime
+        // (if any) the caller is on.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|err| err.to_string())?;
+                    runtime.block_on(self.claim_async(partitions))
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
 }

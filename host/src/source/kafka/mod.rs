@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use crate::config::{Delivery, PipelineConfig, SinkConfig};
 use crate::kafka::KafkaTransaction;
-use crate::source::{Checkpoint, OpenSource, SourceError};
+use crate::source::{OpenSource, SourceError};
+use crate::state::Claims;
 
 /// Names this worker among the workers of one pipeline: static group
 /// membership and, for exactly-once, the transactional id.
@@ -23,7 +24,7 @@ pub const WORKER_ID_VAR: &str = "WEIR_WORKER_ID";
 pub async fn open(
     config: &KafkaSourceConfig,
     pipeline: &PipelineConfig,
-    resume: &Checkpoint,
+    claims: Option<Arc<Claims>>,
 ) -> Result<OpenSource, SourceError> {
     let name = pipeline.name.get_ref();
     let max_record = pipeline.limits().max_record_bytes;
@@ -37,7 +38,7 @@ pub async fn open(
             max_record,
             false,
             backlog,
-            resume,
+            claims,
         )?;
         return Ok(OpenSource {
             source: Box::new(source),
@@ -77,7 +78,7 @@ pub async fn open(
         max_record,
         true,
         backlog,
-        resume,
+        claims,
     )?;
     let id = format!("{}-{worker}", config.group_for(name));
     let consumer = source.consumer();

@@ -19,6 +19,7 @@ use crate::kafka::pack_message;
 use crate::source::{
     Backlog, Checkpoint, Commit, Committer, Rejected, Source, SourceBatch, SourceError, Spread,
 };
+use crate::state::Claims;
 
 /// Per partition: the last offset handed to the pipeline and the last one
 /// committed. A revoke waits on it until what was handed over from the
@@ -167,10 +168,10 @@ fn keys(partitions: &TopicPartitionList) -> Vec<(String, i32)> {
 pub struct RebalanceLog {
     group: String,
     start: Offset,
-    /// Where a checkpoint kept by a sink says each partition resumes
-    /// (the last offset handled): it wins over the group's commit, which
-    /// may lag behind it (committed after the sink's transaction).
-    resume: HashMap<(String, i32), i64>,
+    /// With a sink that keeps checkpoints: claims each assigned partition
+    /// there, and resumes it after the last offset its checkpoint handled
+    /// (that wins over the group's commit, which may lag behind it).
+    claims: Option<Arc<Claims>>,
     progress: Arc<Progress>,
     /// Reported from librdkafka's statistics, when a window needs it.
     backlog: Option<Backlog>,
@@ -241,11 +242,16 @@ impl ConsumerContext for RebalanceLog {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let assigned = keys(partitions);
+                let resume = match &self.claims {
+                    Some(claims) => blocking(|| claims.assign(&assigned)),
+                    None => HashMap::new(),
+                };
                 match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
                     Ok(committed) => {
                         for element in committed.elements() {
-                            let resume = (self.resume)
-                                .get(&(element.topic().to_owned(), element.partition()));
+                            let resume =
+                                resume.get(&(element.topic().to_owned(), element.partition()));
                             let offset = match (resume, element.offset()) {
                                 (Some(&handled), _) => Offset::Offset(handled + 1),
                                 (None, Offset::Offset(offset)) if offset >= 0 => {
@@ -274,16 +280,10 @@ impl ConsumerContext for RebalanceLog {
                 // Runs inside the source's poll, so no new batch starts while
                 // the pipeline finishes and commits the ones in flight.
                 let revoked = keys(partitions);
-                let drain = || self.progress.drain(&revoked);
-                let drained = match tokio::runtime::Handle::try_current() {
-                    Ok(handle)
-                        if handle.runtime_flavor()
-                            == tokio::runtime::RuntimeFlavor::MultiThread =>
-                    {
-                        tokio::task::block_in_place(drain)
-                    }
-                    _ => drain(),
-                };
+                let drained = blocking(|| self.progress.drain(&revoked));
+                if let Some(claims) = &self.claims {
+                    claims.revoke(&revoked);
+                }
                 if !drained {
                     tracing::warn!(group = %self.group, "In-flight batches did not commit before the revoke; their records will be read again by the next owner.");
                 }
@@ -305,6 +305,18 @@ impl ConsumerContext for RebalanceLog {
 /// group's offsets itself.
 pub type GroupConsumer = StreamConsumer<RebalanceLog>;
 
+/// Runs `work`, which blocks, from a rebalance callback (inside the
+/// consumer's poll, on one of the runtime's workers if there is one):
+/// the runtime moves its other tasks elsewhere meanwhile.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Reads batches from Kafka.
 pub struct KafkaSource {
     consumer: Arc<GroupConsumer>,
@@ -315,6 +327,8 @@ pub struct KafkaSource {
     unavailable_since: Option<std::time::Instant>,
     last_warning: Option<std::time::Instant>,
     progress: Arc<Progress>,
+    /// A sink keeps the positions (the source claims its partitions there).
+    checkpointed_elsewhere: bool,
 }
 
 fn io(what: &str, err: KafkaError) -> SourceError {
@@ -335,7 +349,7 @@ impl KafkaSource {
         max_record_bytes: usize,
         read_committed: bool,
         track_backlog: bool,
-        resume: &Checkpoint,
+        claims: Option<Arc<Claims>>,
     ) -> Result<Self, SourceError> {
         let group = config.group_for(pipeline);
         let what = format!(
@@ -372,14 +386,13 @@ impl KafkaSource {
             client.set("statistics.interval.ms", "100");
         }
         let progress = Arc::new(Progress::default());
+        let checkpointed_elsewhere = claims.is_some();
         let consumer: GroupConsumer = client
             .create_with_context(RebalanceLog {
                 group: group.clone(),
                 progress: progress.clone(),
                 backlog: track_backlog.then(Backlog::default),
-                resume: (resume.positions.iter())
-                    .map(|p| ((p.topic.to_string(), p.partition), p.offset))
-                    .collect(),
+                claims,
                 start: match config.start {
                     StartFrom::Earliest => Offset::Beginning,
                     StartFrom::Latest => Offset::End,
@@ -397,6 +410,7 @@ impl KafkaSource {
             unavailable_since: None,
             last_warning: None,
             progress,
+            checkpointed_elsewhere,
         })
     }
 
@@ -543,6 +557,7 @@ impl Source for KafkaSource {
             consumer: self.consumer.clone(),
             what: self.what.clone(),
             enabled: self.commits,
+            checkpointed_elsewhere: self.checkpointed_elsewhere,
         })
     }
 }
@@ -562,6 +577,9 @@ struct KafkaCommitter {
     what: String,
     /// Off when a transaction commits the offsets (exactly-once).
     enabled: bool,
+    /// A sink keeps the positions (see [`crate::state`]): the group's
+    /// commit only shows the lag, and a revoke waits for the sink's.
+    checkpointed_elsewhere: bool,
 }
 
 #[async_trait]
@@ -583,6 +601,10 @@ impl Committer for KafkaCommitter {
                 DRAIN_TIMEOUT.as_secs()
             )),
         })
+    }
+
+    fn checkpointed(&self, checkpoint: &Checkpoint) {
+        self.progress.committed(checkpoint);
     }
 
     async fn commit(&self, checkpoint: &Checkpoint) -> Result<Commit, SourceError> {
@@ -619,7 +641,9 @@ impl Committer for KafkaCommitter {
             };
             match classify_commit_error(&err) {
                 CommitError::Superseded => {
-                    self.progress.refused();
+                    if !self.checkpointed_elsewhere {
+                        self.progress.refused();
+                    }
                     tracing::warn!(source = %self.what, %err, "Offset commit refused after a rebalance; the partitions' new owner reads these records again.");
                     return Ok(Commit::Superseded(err.to_string()));
                 }
