@@ -70,6 +70,10 @@ pub trait Claimer: Send + Sync {
     fn claim(&self, partitions: &[(String, i32)]) -> Result<Vec<PartitionState>, String>;
 }
 
+/// A partition's claim: its generation, and its window state until the
+/// window takes it.
+type Claim = (u64, Option<Vec<u8>>);
+
 /// The source partitions a worker owns, as its source is assigned them
 /// (a Kafka rebalance), with the state each was claimed with, for its
 /// window to take up.
@@ -84,7 +88,7 @@ struct ClaimsState {
     generation: u64,
     /// Per partition: the claim's generation and its window state, until
     /// the window takes it.
-    partitions: std::collections::HashMap<(String, i32), (u64, Option<Vec<u8>>)>,
+    partitions: std::collections::HashMap<(String, i32), Claim>,
 }
 
 impl Claims {
