@@ -10,6 +10,7 @@ mod cli;
 mod engine;
 mod files;
 mod kafka;
+mod parquet;
 mod pipeline;
 mod postgres;
 mod sandbox;

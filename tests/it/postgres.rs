@@ -185,7 +185,7 @@ pub(crate) fn spawn_worker(scratch: &Scratch, path: &std::path::Path, id: &str) 
     let child = command
         .args(["run", path.to_str().unwrap()])
         .env("WEIR_CACHE_DIR", scratch.path("cache"))
-        .env("WEIR_LOG", "info")
+        .env("WEIR_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

@@ -462,6 +462,8 @@ pub enum SinkConfig {
     Kafka(crate::sink::kafka::KafkaSinkConfig),
     /// A PostgreSQL table, upserted; keeps the pipeline's checkpoints.
     Postgres(crate::sink::postgres::PostgresSinkConfig),
+    /// Parquet files in a folder, rolled; keeps the pipeline's checkpoints.
+    Parquet(crate::sink::parquet::ParquetSinkConfig),
     /// A file, one record per line.
     File {
         /// Path, relative to the pipeline file.
@@ -516,7 +518,7 @@ impl SinkConfig {
             SinkConfig::Stdout { format, .. } | SinkConfig::File { format, .. } => {
                 format.unwrap_or(default)
             }
-            SinkConfig::Kafka(_) | SinkConfig::Postgres(_) => default,
+            SinkConfig::Kafka(_) | SinkConfig::Postgres(_) | SinkConfig::Parquet(_) => default,
         }
     }
 
@@ -526,6 +528,7 @@ impl SinkConfig {
             SinkConfig::Stdout { routes, .. } | SinkConfig::File { routes, .. } => routes,
             SinkConfig::Kafka(kafka) => &kafka.routes,
             SinkConfig::Postgres(postgres) => &postgres.routes,
+            SinkConfig::Parquet(parquet) => &parquet.routes,
         }
     }
 }
@@ -882,8 +885,10 @@ impl PipelineFile {
             }
             let sinks = pipeline.sinks.iter_mut().map(Spanned::get_mut);
             for sink in sinks.chain(pipeline.dead_letter.as_mut().map(Spanned::get_mut)) {
-                if let SinkConfig::File { path, .. } = sink {
-                    resolve(path);
+                match sink {
+                    SinkConfig::File { path, .. } => resolve(path),
+                    SinkConfig::Parquet(parquet) => resolve(&mut parquet.path),
+                    _ => {}
                 }
             }
         }

@@ -1017,7 +1017,18 @@ impl SinkWriter {
                     partitions,
                     finished: self.finishing,
                 };
-                self.sinks[keeper].sink.commit(&snapshot).await?;
+                if !self.sinks[keeper].sink.commit(&snapshot).await? {
+                    // Not durable yet: these positions go with a later
+                    // checkpoint, and nothing is committed before.
+                    if let Some(checkpoint) = checkpoint {
+                        let waiting = self.deferred.get_or_insert_with(Checkpoint::default);
+                        for position in &checkpoint.positions {
+                            waiting.advance(position);
+                        }
+                    }
+                    self.changed = false;
+                    return Ok(());
+                }
                 if let Some(checkpoint) = &checkpoint {
                     self.committer.checkpointed(checkpoint);
                 }

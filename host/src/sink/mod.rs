@@ -11,6 +11,7 @@
 mod encode;
 mod file;
 pub mod kafka;
+pub mod parquet;
 pub mod postgres;
 mod stdout;
 
@@ -89,9 +90,12 @@ pub trait Sink: Send {
 
     /// Makes everything written so far durable together with `snapshot`,
     /// atomically: both or neither. Called only on a sink that
-    /// [keeps checkpoints](Sink::keeps_checkpoints).
-    async fn commit(&mut self, _snapshot: &Snapshot) -> Result<(), SinkError> {
-        self.flush().await
+    /// [keeps checkpoints](Sink::keeps_checkpoints). `false`: nothing was
+    /// made durable this time (a Parquet file not due to be finished yet):
+    /// the checkpoint and its writes go with a later one.
+    async fn commit(&mut self, _snapshot: &Snapshot) -> Result<bool, SinkError> {
+        self.flush().await?;
+        Ok(true)
     }
 
     /// Whether the sink holds so much for its next commit that the
@@ -136,13 +140,14 @@ pub async fn build(
         SinkConfig::Postgres(postgres) => {
             Box::new(postgres::PostgresSink::open(postgres.clone(), defaults.pipeline).await?)
         }
+        SinkConfig::Parquet(parquet) => Box::new(parquet::ParquetSink::open(parquet).await?),
     })
 }
 
 /// Whether the sink `config` describes keeps checkpoints (see
 /// [`Sink::keeps_checkpoints`]).
 pub fn keeps_checkpoints(config: &SinkConfig) -> bool {
-    matches!(config, SinkConfig::Postgres(_))
+    matches!(config, SinkConfig::Postgres(_) | SinkConfig::Parquet(_))
 }
 
 /// What claims the partitions of `pipeline` in the checkpoints the sink
@@ -152,7 +157,10 @@ pub fn claimer(config: &SinkConfig, pipeline: &str) -> Option<Box<dyn crate::sta
         SinkConfig::Postgres(postgres) => {
             Some(Box::new(postgres::PostgresClaimer::new(postgres, pipeline)))
         }
-        SinkConfig::Stdout { .. } | SinkConfig::File { .. } | SinkConfig::Kafka(_) => None,
+        SinkConfig::Stdout { .. }
+        | SinkConfig::File { .. }
+        | SinkConfig::Kafka(_)
+        | SinkConfig::Parquet(_) => None,
     }
 }
 
@@ -164,6 +172,7 @@ pub async fn last_checkpoint(
 ) -> Result<Option<Snapshot>, SinkError> {
     match config {
         SinkConfig::Postgres(postgres) => postgres::last_checkpoint(postgres, pipeline).await,
+        SinkConfig::Parquet(parquet) => parquet::last_checkpoint(parquet),
         SinkConfig::Stdout { .. } | SinkConfig::File { .. } | SinkConfig::Kafka(_) => Ok(None),
     }
 }
@@ -177,6 +186,7 @@ pub fn check(config: &SinkConfig) -> Result<(), String> {
         SinkConfig::File { path, .. } => file::check(path),
         SinkConfig::Kafka(kafka) => kafka::check(kafka),
         SinkConfig::Postgres(postgres) => postgres.check(),
+        SinkConfig::Parquet(parquet) => parquet.check(),
     }
 }
 

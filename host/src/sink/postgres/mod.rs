@@ -369,8 +369,9 @@ impl Sink for PostgresSink {
         true
     }
 
-    async fn commit(&mut self, snapshot: &Snapshot) -> Result<(), SinkError> {
-        self.commit_rows(Some(snapshot)).await
+    async fn commit(&mut self, snapshot: &Snapshot) -> Result<bool, SinkError> {
+        self.commit_rows(Some(snapshot)).await?;
+        Ok(true)
     }
 
     fn wants_commit(&self) -> bool {
