@@ -143,6 +143,7 @@ impl WindowStage {
                     self.results = self.results.max(image.results);
                     operator.restore(image.window, now)
                 });
+                operator.touch(now);
                 // The checkpoint was this window's own: it reads back
                 // unless it was damaged.
                 if let Err(err) = restored {
@@ -274,7 +275,10 @@ impl WindowStage {
         self.results = self.results.max(image.results);
         let now = Instant::now();
         self.windows.remove(&partition);
-        self.window_of(&partition, now).restore(image.window, now)
+        let window = self.window_of(&partition, now);
+        window.restore(image.window, now)?;
+        window.touch(now);
+        Ok(())
     }
 
     fn emit(

@@ -433,6 +433,15 @@ impl WindowOperator {
         self.fire(watermark, out);
     }
 
+    /// Counts every partition it has seen as heard from `now`: a window
+    /// taken up from a checkpoint after a restart (or from another worker)
+    /// gives each partition a whole idle timeout before it stops holding
+    /// the watermark, however quiet it was before: its records may be on
+    /// their way.
+    pub fn touch(&mut self, now: Instant) {
+        self.watermarks.touch(now);
+    }
+
     /// Whether every partition it has seen is quiet (idle, and not behind)
     /// as of `now`.
     pub fn is_idle(&self, now: Instant) -> bool {

@@ -121,6 +121,13 @@ impl Watermarks {
         self.current
     }
 
+    /// Counts every partition seen so far as heard from `now`.
+    pub fn touch(&mut self, now: Instant) {
+        for partition in self.partitions.iter_mut().flatten() {
+            partition.last_seen = Some(now);
+        }
+    }
+
     /// Raises the watermark to `watermark`, if higher; gives it after.
     pub fn raise(&mut self, watermark: i64) -> i64 {
         if !self.held {
