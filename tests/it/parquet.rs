@@ -186,14 +186,7 @@ path = "{dir}/dead.jsonl"
     assert_eq!(rows[1]["name"], Field::Null);
     assert_eq!(rows[0]["tags"], Field::Str("[1]".into()));
     assert!(!rows[0].contains_key("extra"));
-    let reasons: Vec<String> = (scratch.json_lines("dead.jsonl").iter())
-        .map(|d| {
-            d["headers"]["weir.error.reason"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let reasons = scratch.dead_letter_reasons("dead.jsonl");
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
         reasons[0].contains("field `id`: \"two\" is not an integer (column `id` is int64)"),

@@ -450,14 +450,7 @@ path = "{{dir}}/dead.jsonl"
         .unwrap();
     let rows: Vec<(i64, Option<i32>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(rows, [(1, Some(5)), (4, None)], "the records that fit");
-    let reasons: Vec<String> = (scratch.json_lines("dead.jsonl").iter())
-        .map(|d| {
-            d["headers"]["weir.error.reason"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let reasons = scratch.dead_letter_reasons("dead.jsonl");
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(
         reasons[0].contains("\"lots\" is not an integer (column `amount` is integer)"),

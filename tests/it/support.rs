@@ -265,6 +265,19 @@ impl Scratch {
         self.write("pipeline.toml", &body)
     }
 
+    /// The `weir.error.reason` of each dead letter in `name` (a file the
+    /// pipeline wrote, as envelopes).
+    pub fn dead_letter_reasons(&self, name: &str) -> Vec<String> {
+        (self.json_lines(name).iter())
+            .map(|d| {
+                d["headers"]["weir.error.reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// The JSON lines of a file the pipeline wrote.
     pub fn json_lines(&self, name: &str) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();

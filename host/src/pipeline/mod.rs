@@ -1019,19 +1019,19 @@ impl SinkWriter {
                 };
                 if !self.sinks[keeper].sink.commit(&snapshot).await? {
                     // Not durable yet: these positions go with a later
-                    // checkpoint, and nothing is committed before.
+                    // checkpoint, nothing is committed before, and the
+                    // next tick tries again.
                     if let Some(checkpoint) = checkpoint {
                         let waiting = self.deferred.get_or_insert_with(Checkpoint::default);
                         for position in &checkpoint.positions {
                             waiting.advance(position);
                         }
                     }
-                    self.changed = false;
+                    self.changed = true;
                     return Ok(());
                 }
-                if let Some(checkpoint) = &checkpoint {
-                    self.committer.checkpointed(checkpoint);
-                }
+                // Everything handled is durable now, what waited included.
+                self.committer.checkpointed(&self.handled);
                 checkpoint
             }
             // With a window, only as far as no open window holds records.

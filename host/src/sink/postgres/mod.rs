@@ -76,7 +76,8 @@ pub struct PostgresSink {
 }
 
 impl PostgresSink {
-    /// Connects, creates the table if asked to, and reads its columns.
+    /// Connects, creates the table if asked to, and reads its columns; a
+    /// server that is away is waited for a while (see [`starting`]).
     pub async fn open(config: PostgresSinkConfig, pipeline: &str) -> Result<Self, SinkError> {
         let described = format!("postgres table {:?}", config.table);
         let fail = |message: String| SinkError::Io {
@@ -84,33 +85,10 @@ impl PostgresSink {
             source: std::io::Error::other(message),
         };
         config.check().map_err(&fail)?;
-        let client = connect(&config.url, pipeline)
+        let (client, columns) = starting(&described, || prepare(&config, pipeline))
             .await
-            .map_err(|err| fail(explain(&err)))?;
-        let table = quote(&config.table);
-        if config.create_table {
-            let mut definition: Vec<String> = (config.columns.iter())
-                .map(|(name, sql_type)| format!("{} {sql_type}", quote(name)))
-                .collect();
-            if !config.key.is_empty() {
-                let key: Vec<String> = config.key.iter().map(|k| quote(k)).collect();
-                definition.push(format!("PRIMARY KEY ({})", key.join(", ")));
-            }
-            let create = format!(
-                "CREATE TABLE IF NOT EXISTS {table} ({})",
-                definition.join(", ")
-            );
-            ignore_races(client.batch_execute(&create).await)
-                .map_err(|err| fail(format!("cannot create it: {}", explain(&err))))?;
-        }
-        ignore_races(client.batch_execute(CHECKPOINT_TABLES).await).map_err(|err| {
-            fail(format!(
-                "cannot create the checkpoint table weir_offsets: {}",
-                explain(&err)
-            ))
-        })?;
-        let columns = read_columns(&client, &config).await.map_err(fail)?;
-        let insert = insert_statement(&table, &columns);
+            .map_err(fail)?;
+        let insert = insert_statement(&quote(&config.table), &columns);
         Ok(PostgresSink {
             pending: vec![Vec::new(); columns.len()],
             columns,
@@ -233,6 +211,90 @@ impl PostgresSink {
         *backoff = (*backoff * 2).min(Duration::from_secs(5));
         Ok(())
     }
+}
+
+/// Why a start-up step failed: the server is away (worth waiting for) or
+/// something is wrong that waiting does not mend.
+enum Startup {
+    Away(String),
+    Wrong(String),
+}
+
+impl From<tokio_postgres::Error> for Startup {
+    fn from(err: tokio_postgres::Error) -> Self {
+        match is_transient(&err) {
+            true => Startup::Away(explain(&err)),
+            false => Startup::Wrong(explain(&err)),
+        }
+    }
+}
+
+impl From<String> for Startup {
+    fn from(message: String) -> Self {
+        Startup::Wrong(message)
+    }
+}
+
+/// How long start-up waits for a server that is away before it gives up.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `step` until it succeeds, trying again with backoff (and a
+/// warning) while the server is away, for [`STARTUP_PATIENCE`] at most.
+async fn starting<T, F>(described: &str, mut step: impl FnMut() -> F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<T, Startup>>,
+{
+    let deadline = tokio::time::Instant::now() + STARTUP_PATIENCE;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match step().await {
+            Ok(done) => return Ok(done),
+            Err(Startup::Wrong(message)) => return Err(message),
+            Err(Startup::Away(message)) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "{message} (still away after {}s)",
+                    STARTUP_PATIENCE.as_secs()
+                ));
+            }
+            Err(Startup::Away(message)) => {
+                tracing::warn!(sink = %described, error = %message, "PostgreSQL is away; trying again.");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Connects, creates the table (if asked to) and the checkpoint table,
+/// and reads the columns to write.
+async fn prepare(
+    config: &PostgresSinkConfig,
+    pipeline: &str,
+) -> Result<(Client, Vec<Column>), Startup> {
+    let client = connect(&config.url, pipeline).await?;
+    let table = quote(&config.table);
+    if config.create_table {
+        let mut definition: Vec<String> = (config.columns.iter())
+            .map(|(name, sql_type)| format!("{} {sql_type}", quote(name)))
+            .collect();
+        if !config.key.is_empty() {
+            let key: Vec<String> = config.key.iter().map(|k| quote(k)).collect();
+            definition.push(format!("PRIMARY KEY ({})", key.join(", ")));
+        }
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({})",
+            definition.join(", ")
+        );
+        ignore_races(client.batch_execute(&create).await).map_err(|err| {
+            match Startup::from(err) {
+                Startup::Wrong(message) => Startup::Wrong(format!("cannot create it: {message}")),
+                away => away,
+            }
+        })?;
+    }
+    ignore_races(client.batch_execute(CHECKPOINT_TABLES).await)?;
+    let columns = read_columns(&client, config).await?;
+    Ok((client, columns))
 }
 
 /// A transaction that failed, and whether it failed at its `COMMIT` (its
@@ -387,17 +449,22 @@ pub async fn last_checkpoint(
     pipeline: &str,
 ) -> Result<Option<Snapshot>, SinkError> {
     let described = format!("postgres table {:?}", config.table);
-    let fail = |message: String| SinkError::Io {
-        sink: described.clone(),
-        source: std::io::Error::other(format!("cannot read the last checkpoint: {message}")),
-    };
-    let client = connect(&config.url, pipeline)
+    starting(&described, || read_checkpoint(config, pipeline))
         .await
-        .map_err(|err| fail(explain(&err)))?;
+        .map_err(|message| SinkError::Io {
+            sink: described.clone(),
+            source: std::io::Error::other(format!("cannot read the last checkpoint: {message}")),
+        })
+}
+
+async fn read_checkpoint(
+    config: &PostgresSinkConfig,
+    pipeline: &str,
+) -> Result<Option<Snapshot>, Startup> {
+    let client = connect(&config.url, pipeline).await?;
     let exists = client
         .query_one("SELECT to_regclass('weir_offsets') IS NOT NULL", &[])
-        .await
-        .map_err(|err| fail(explain(&err)))?;
+        .await?;
     if !exists.get::<_, bool>(0) {
         return Ok(None);
     }
@@ -408,25 +475,30 @@ pub async fn last_checkpoint(
                RETURNING topic, "partition", "offset", window_state, finished"#,
             &[&pipeline, &worker_id()],
         )
-        .await
-        .map_err(|err| fail(explain(&err)))?;
-    if rows.is_empty() {
+        .await?;
+    let partitions: Vec<PartitionState> = rows.iter().filter_map(checkpointed).collect();
+    if partitions.is_empty() {
         return Ok(None);
     }
-    let partitions = (rows.iter())
-        .map(|row| PartitionState {
-            position: SourcePosition {
-                topic: row.get::<_, String>(0).into(),
-                partition: row.get(1),
-                offset: row.get(2),
-            },
-            window: row.get(3),
-        })
-        .collect();
     Ok(Some(Snapshot {
         partitions,
         finished: rows.iter().any(|row| row.get::<_, bool>(4)),
     }))
+}
+
+/// A partition's checkpoint from a `weir_offsets` row (topic, partition,
+/// offset, window state, ...); `None` for a partition claimed but never
+/// checkpointed (offset -1).
+fn checkpointed(row: &tokio_postgres::Row) -> Option<PartitionState> {
+    let offset: i64 = row.get(2);
+    (offset >= 0).then(|| PartitionState {
+        position: SourcePosition {
+            topic: row.get::<_, String>(0).into(),
+            partition: row.get(1),
+            offset,
+        },
+        window: row.get(3),
+    })
 }
 
 async fn connect(url: &str, pipeline: &str) -> Result<Client, tokio_postgres::Error> {
@@ -466,17 +538,19 @@ fn ignore_races(result: Result<(), tokio_postgres::Error>) -> Result<(), tokio_p
 
 /// The columns written to the table `config` names, with their types; an
 /// error names a missing table, column or unique key.
-async fn read_columns(client: &Client, config: &PostgresSinkConfig) -> Result<Vec<Column>, String> {
+async fn read_columns(
+    client: &Client,
+    config: &PostgresSinkConfig,
+) -> Result<Vec<Column>, Startup> {
     let table = quote(&config.table);
     let found = client
         .query_one("SELECT to_regclass($1)::oid", &[&table])
-        .await
-        .map_err(|err| explain(&err))?;
+        .await?;
     let Some(oid) = found.get::<_, Option<tokio_postgres::types::Oid>>(0) else {
-        return Err(
+        return Err(Startup::Wrong(
             "the table does not exist (create it, or set `create_table = true` with `columns`)"
                 .into(),
-        );
+        ));
     };
     let rows = client
         .query(
@@ -485,8 +559,7 @@ async fn read_columns(client: &Client, config: &PostgresSinkConfig) -> Result<Ve
              ORDER BY attnum",
             &[&oid],
         )
-        .await
-        .map_err(|err| explain(&err))?;
+        .await?;
     let table_columns: Vec<(String, String, bool)> = rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -504,7 +577,7 @@ async fn read_columns(client: &Client, config: &PostgresSinkConfig) -> Result<Ve
             continue;
         }
         let Some((_, sql_type, _)) = table_columns.iter().find(|(n, _, _)| n == name) else {
-            return Err(format!("the table has no column `{name}`"));
+            return Err(Startup::Wrong(format!("the table has no column `{name}`")));
         };
         columns.push(Column {
             name: name.clone(),
@@ -523,15 +596,14 @@ async fn read_columns(client: &Client, config: &PostgresSinkConfig) -> Result<Ve
                  GROUP BY i.indexrelid",
                 &[&oid],
             )
-            .await
-            .map_err(|err| explain(&err))?;
+            .await?;
         let mut key = config.key.clone();
         key.sort();
         if !unique.iter().any(|row| row.get::<_, Vec<String>>(0) == key) {
-            return Err(format!(
+            return Err(Startup::Wrong(format!(
                 "no unique index or primary key is on exactly the key columns ({}): an upsert needs one",
                 config.key.join(", ")
-            ));
+            )));
         }
     }
     Ok(columns)
@@ -662,17 +734,7 @@ impl PostgresClaimer {
             )
             .await
             .map_err(|err| explain(&err))?;
-        Ok((rows.iter())
-            .filter(|row| row.get::<_, i64>(2) >= 0)
-            .map(|row| PartitionState {
-                position: SourcePosition {
-                    topic: row.get::<_, String>(0).into(),
-                    partition: row.get(1),
-                    offset: row.get(2),
-                },
-                window: row.get(3),
-            })
-            .collect())
+        Ok(rows.iter().filter_map(checkpointed).collect())
     }
 }
 
