@@ -37,7 +37,7 @@ use crate::source::{Backlog, Behind, Checkpoint};
 use crate::state::Claims;
 use crate::window::{
     FieldReader, PluginAggregate, ReadBatch, RestoreError, SharedAggregate, WindowImage,
-    WindowOperator, WindowOutput, WindowSpec,
+    WindowOperator, WindowOutput, WindowSpec, decode_image, encode_image,
 };
 
 /// The topic window results say they come from.
@@ -378,12 +378,11 @@ struct StageImage {
 
 impl StageImage {
     fn encode(&self) -> Vec<u8> {
-        // Plain data: serialising it cannot fail.
-        postcard::to_stdvec(self).unwrap_or_default()
+        encode_image(self)
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
-        postcard::from_bytes(bytes).map_err(|err| RestoreError::Corrupt(err.to_string()))
+        decode_image(bytes)
     }
 }
 

@@ -27,7 +27,7 @@ pub use config::{
 pub use fields::{FieldReader, ReadBatch, ShortKey};
 pub use operator::{WindowOperator, WindowOutput, WindowResult};
 pub use plugin::{CALL_BYTES, PluginAggregate, SharedAggregate};
-pub use snapshot::{RestoreError, WindowImage};
+pub use snapshot::{RestoreError, WindowImage, decode as decode_image, encode as encode_image};
 
 #[cfg(test)]
 mod tests;

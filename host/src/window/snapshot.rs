@@ -97,17 +97,15 @@ pub fn fingerprint(spec: &WindowSpec) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-impl WindowImage {
-    /// The image as bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        // Plain data: serialising it cannot fail.
-        postcard::to_stdvec(self).unwrap_or_default()
-    }
+/// `value` (an image, plain data) as bytes.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data: serialising it cannot fail.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
 
-    /// An image from [`WindowImage::encode`]'s bytes.
-    pub fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
-        postcard::from_bytes(bytes).map_err(|err| RestoreError::Corrupt(err.to_string()))
-    }
+/// An image from [`encode`]'s bytes.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RestoreError> {
+    postcard::from_bytes(bytes).map_err(|err| RestoreError::Corrupt(err.to_string()))
 }
 
 impl WindowOperator {

@@ -162,11 +162,11 @@ fn a_window_restored_from_a_snapshot_goes_on_as_if_it_never_stopped() {
         let mut before = WindowOperator::new(spec.clone());
         let first = feed_part(&mut before, &steps[..split], start, false);
         let at = start + Duration::from_millis(steps[..split].last().map_or(0, |s| s.now));
-        let bytes = before.snapshot(at).encode();
+        let bytes = super::snapshot::encode(&before.snapshot(at));
         drop(before);
         let mut after = WindowOperator::new(spec.clone());
         after
-            .restore(WindowImage::decode(&bytes).unwrap(), at)
+            .restore(super::snapshot::decode(&bytes).unwrap(), at)
             .unwrap();
         restored_open += after.open_windows();
         let rest = feed_part(&mut after, &steps[split..], start, true);
