@@ -397,20 +397,20 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// Runs `weir run path` as a worker and kills it with SIGKILL three times,
-/// each time once it has written `outputs` more records to `out` (checking
-/// that not every one of the `inputs` on `in` was committed by then: the
-/// kill came mid-stream); then runs it until every input is committed and
-/// stops it cleanly.
-pub(crate) fn kill_three_times_then_finish(
+/// Runs `weir run path` as a worker and kills it with SIGKILL `kills`
+/// times, each time once it has written `outputs` more records to `out`
+/// (checking that not every one of the `inputs` on `in` was committed by
+/// then: the kill came mid-stream); then runs it until every input is
+/// committed and stops it cleanly.
+pub(crate) fn kill_then_finish(
     path: &std::path::Path,
     cache: &std::path::Path,
     watch: &Watcher,
-    inputs: i64,
-    outputs: i64,
+    kills: usize,
+    (inputs, outputs): (i64, i64),
 ) {
     tokio::task::block_in_place(|| {
-        for kill in 1..=3 {
+        for kill in 1..=kills {
             let before = watch.size("out");
             let mut worker = spawn_worker(path, cache, "1");
             wait_for("new output before a kill", Duration::from_secs(90), || {
@@ -457,7 +457,7 @@ async fn kill_and_restart(
     let path = paced_survivor_pipeline(&scratch, &broker, delivery, 50, Some(lanes));
     let cache = scratch.path("cache");
     let watch = Watcher::new(&broker, "survivors", 6);
-    kill_three_times_then_finish(&path, &cache, &watch, RECORDS as i64, 2_000);
+    kill_then_finish(&path, &cache, &watch, 3, (RECORDS as i64, 2_000));
 
     (
         (0..RECORDS).collect(),

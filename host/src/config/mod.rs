@@ -696,15 +696,6 @@ impl PipelineFile {
                     self.error_at(window.span().start, message)
                 };
                 window.get_ref().spec().map_err(blame)?;
-                // Refused rather than quietly weaker: until window state is
-                // checkpointed, a restart may emit a window again.
-                if pipeline.delivery == Delivery::ExactlyOnce {
-                    return Err(blame(
-                        "windows are at-least-once for now (their state is not checkpointed, so a \
-                         restart may emit a window again): use `delivery = \"at_least_once\"`"
-                            .into(),
-                    ));
-                }
             }
             if let SourceConfig::Generator(generator) = pipeline.source.get_ref() {
                 generator

@@ -14,8 +14,10 @@ use weir_guest::abi::RecordParts;
 
 use crate::batch::{Batch, RecordRef};
 
+pub mod changelog;
 pub mod transaction;
 
+pub use changelog::{Changelog, ChangelogClaimer};
 pub use transaction::KafkaTransaction;
 
 /// How to reach a Kafka cluster: the `brokers` and `options` keys of a
@@ -63,10 +65,24 @@ impl KafkaConnection {
     /// auto-creates a topic on the first idempotent produce may serve its
     /// first batches to no reader (seen with the test broker, noida-db).
     pub async fn ensure_topics(&self, topics: &[&str], partitions: i32) -> Result<(), KafkaError> {
+        self.ensure_topics_with(topics, partitions, &[]).await
+    }
+
+    /// [`Self::ensure_topics`], with topic settings (`cleanup.policy`...)
+    /// for the topics it creates.
+    pub async fn ensure_topics_with(
+        &self,
+        topics: &[&str],
+        partitions: i32,
+        settings: &[(&str, &str)],
+    ) -> Result<(), KafkaError> {
         let admin: AdminClient<DefaultClientContext> = self.client_config(&[]).create()?;
         let new: Vec<NewTopic<'_>> = topics
             .iter()
-            .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(-1)))
+            .map(|name| {
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
+                settings.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
+            })
             .collect();
         let mut created = false;
         for result in admin.create_topics(&new, &AdminOptions::new()).await? {

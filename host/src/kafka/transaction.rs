@@ -3,7 +3,9 @@
 //! the same transaction. A reader with `isolation.level=read_committed` sees
 //! a batch's outputs if and only if its offsets were committed; a worker
 //! killed mid-transaction is fenced when it restarts with the same
-//! transactional id, and its open transaction is aborted.
+//! transactional id, and its open transaction is aborted. A pipeline with a
+//! window also writes the window state of each checkpoint in the
+//! transaction (see [`super::changelog`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +14,9 @@ use rdkafka::consumer::Consumer as _;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer as _};
 
-use super::KafkaConnection;
+use super::{Changelog, KafkaConnection};
 use crate::source::Checkpoint;
+use crate::state::Snapshot;
 use crate::source::kafka::{GroupConsumer, next_offsets};
 
 /// How long one transactional call may take before the pipeline fails.
@@ -24,16 +27,19 @@ pub struct KafkaTransaction {
     producer: FutureProducer,
     consumer: Arc<GroupConsumer>,
     id: String,
+    /// Where checkpoints put their window state, with a window.
+    changelog: Option<Changelog>,
 }
 
 impl KafkaTransaction {
     /// Initialises the transactional producer `id` (aborting whatever a
-    /// previous incarnation left open) and begins the first transaction.
-    /// Blocking.
+    /// previous incarnation left open) and begins the first transaction;
+    /// checkpoints put their window state in `changelog`. Blocking.
     pub fn start(
         connection: &KafkaConnection,
         id: &str,
         consumer: Arc<GroupConsumer>,
+        changelog: Option<Changelog>,
     ) -> Result<Self, KafkaError> {
         let mut config = connection.client_config(KafkaConnection::PRODUCER);
         let producer: FutureProducer = config.set("transactional.id", id).create()?;
@@ -44,6 +50,7 @@ impl KafkaTransaction {
             producer,
             consumer,
             id: id.to_owned(),
+            changelog,
         })
     }
 
@@ -56,7 +63,25 @@ impl KafkaTransaction {
     /// offsets up to `checkpoint`, then opens the next transaction. Call
     /// once every sink has flushed.
     pub async fn commit(self: &Arc<Self>, checkpoint: &Checkpoint) -> Result<(), KafkaError> {
-        let offsets = next_offsets(checkpoint)?;
+        self.commit_offsets(next_offsets(checkpoint)?).await
+    }
+
+    /// Commits what was produced since the last commit together with
+    /// `snapshot`: its positions, and its window state in the changelog,
+    /// pointed at by the offsets' metadata. Call once every sink has
+    /// flushed.
+    pub async fn commit_snapshot(self: &Arc<Self>, snapshot: &Snapshot) -> Result<(), KafkaError> {
+        let offsets = match &self.changelog {
+            Some(changelog) => changelog.write(&self.producer, snapshot).await?,
+            None => next_offsets(&snapshot.positions())?,
+        };
+        self.commit_offsets(offsets).await
+    }
+
+    async fn commit_offsets(
+        self: &Arc<Self>,
+        offsets: rdkafka::TopicPartitionList,
+    ) -> Result<(), KafkaError> {
         let this = self.clone();
         let done = tokio::task::spawn_blocking(move || {
             let group = this.consumer.group_metadata().ok_or_else(|| {

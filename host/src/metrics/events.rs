@@ -144,3 +144,30 @@ impl CommitDeferred {
         metrics.commits_deferred.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// A checkpoint committed.
+pub struct Checkpointed {
+    /// How long it paused the sink writer (snapshot, writes, commit).
+    pub pause: std::time::Duration,
+    /// Bytes of window state in it.
+    pub state_bytes: usize,
+}
+
+impl Checkpointed {
+    /// Counts it and remembers its pause.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+        let mut pauses = (metrics.checkpoint_pauses.lock())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pauses.len() == super::RECENT_CHECKPOINTS {
+            pauses.pop_front();
+        }
+        pauses.push_back(self.pause);
+        tracing::debug!(
+            pipeline = %metrics.pipeline,
+            pause_ms = self.pause.as_secs_f64() * 1e3,
+            state_bytes = self.state_bytes,
+            "Checkpoint committed."
+        );
+    }
+}

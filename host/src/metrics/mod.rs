@@ -29,7 +29,14 @@ pub struct PipelineMetrics {
     records_windowed: AtomicU64,
     records_late: AtomicU64,
     window_results: AtomicU64,
+    checkpoints: AtomicU64,
+    /// How long the last [`RECENT_CHECKPOINTS`] checkpoints paused the
+    /// sink writer, oldest first.
+    checkpoint_pauses: std::sync::Mutex<std::collections::VecDeque<Duration>>,
 }
+
+/// How many checkpoint pauses a pipeline remembers.
+pub const RECENT_CHECKPOINTS: usize = 4096;
 
 impl PipelineMetrics {
     /// Zeroed counters for `pipeline`, its clock starting now.
@@ -49,7 +56,17 @@ impl PipelineMetrics {
             records_windowed: AtomicU64::new(0),
             records_late: AtomicU64::new(0),
             window_results: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_pauses: Default::default(),
         }
+    }
+
+    /// How long each of the recent checkpoints (at most
+    /// [`RECENT_CHECKPOINTS`]) paused the sink writer, oldest first.
+    pub fn checkpoint_pauses(&self) -> Vec<Duration> {
+        let pauses = (self.checkpoint_pauses.lock())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pauses.iter().copied().collect()
     }
 
     /// A consistent-enough copy of the counters.
@@ -69,6 +86,7 @@ impl PipelineMetrics {
             records_windowed: self.records_windowed.load(Ordering::Relaxed),
             records_late: self.records_late.load(Ordering::Relaxed),
             window_results: self.window_results.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
         }
     }
 }
@@ -113,6 +131,9 @@ pub struct MetricsSnapshot {
     /// `weir_window_results_total`: window results emitted (updates
     /// included).
     pub window_results: u64,
+    /// `weir_checkpoints_total`: checkpoints committed (positions and
+    /// window state, with the outputs they led to).
+    pub checkpoints: u64,
 }
 
 impl MetricsSnapshot {

@@ -51,8 +51,8 @@ use crate::config::{
 use crate::engine::{PluginEngine, PluginError};
 use crate::kafka::KafkaTransaction;
 use crate::metrics::events::{
-    BatchProcessed, BatchRead, CommitDeferred, CommitFailed, CommitSuperseded, RecordsDeadLettered,
-    RecordsSent,
+    BatchProcessed, BatchRead, Checkpointed, CommitDeferred, CommitFailed, CommitSuperseded,
+    RecordsDeadLettered, RecordsSent,
 };
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, VersionStore, locate};
@@ -282,8 +282,8 @@ pub struct Pipeline {
     handle: PipelineHandle,
     watching: Vec<Option<PathBuf>>,
     window: Option<WindowStage>,
-    /// The sink that keeps checkpoints, by its place.
-    keeper: Option<usize>,
+    /// Where checkpoints are kept, if they are.
+    keeper: Option<Keeper>,
     /// The positions its last checkpoint held (where the source resumed).
     resumed: Checkpoint,
     /// The source partitions this worker holds, when they are assigned.
@@ -343,24 +343,34 @@ impl Pipeline {
                 PipelineError::Setup(file.error_at(at, format!("pipeline `{name}`: {err}")))
             }
         };
-        // The sink that keeps checkpoints, and the last one it kept: all
-        // of it, or (a source whose partitions are assigned) each
-        // partition's as it is claimed.
-        let keeper = (pipeline.sinks.iter()).position(|s| sink::keeps_checkpoints(s.get_ref()));
+        // What keeps checkpoints (a sink, or else the source's own
+        // transactions), and the last one it kept: all of it, or (a source
+        // whose partitions are assigned) each partition's as it is claimed.
         let source_config = pipeline.source.get_ref();
-        let claims = (keeper.filter(|_| source_config.assigns_partitions()))
-            .and_then(|at| sink::claimer(pipeline.sinks[at].get_ref(), &name))
-            .map(Claims::new);
+        let (keeper, claimer) =
+            match (pipeline.sinks.iter()).position(|s| sink::keeps_checkpoints(s.get_ref())) {
+                Some(at) => (
+                    Some(Keeper::Sink(at)),
+                    (source_config.assigns_partitions())
+                        .then(|| sink::claimer(pipeline.sinks[at].get_ref(), &name))
+                        .flatten(),
+                ),
+                None => match source::claimer(pipeline) {
+                    Some(claimer) => (Some(Keeper::Transaction), Some(claimer)),
+                    None => (None, None),
+                },
+            };
+        let claims = claimer.map(Claims::new);
         let resume = match keeper {
             Some(_) if claims.is_some() => None,
-            Some(at) => {
+            Some(Keeper::Sink(at)) => {
                 let config = &pipeline.sinks[at];
                 sink::last_checkpoint(config.get_ref(), &name)
                     .await
                     .map_err(sink_error(config.span().start))?
                     .and_then(|last| last.resume(pipeline.source.get_ref().can_replay()))
             }
-            None => None,
+            Some(Keeper::Transaction) | None => None,
         };
         if let Some(resume) = &resume {
             tracing::info!(
@@ -743,6 +753,16 @@ impl SourceReader {
     }
 }
 
+/// Where a pipeline's checkpoints are kept (see [`crate::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keeper {
+    /// A sink, by its place, in its own transaction with its writes.
+    Sink(usize),
+    /// The exactly-once Kafka transaction, with the outputs and offsets
+    /// (window state in a changelog topic, see [`crate::kafka::changelog`]).
+    Transaction,
+}
+
 /// How often a window looks at the clock when no record comes.
 const WINDOW_TICK: Duration = Duration::from_millis(200);
 
@@ -769,9 +789,9 @@ struct SinkWriter {
     picks: Vec<Vec<u32>>,
     /// The pipeline's window, if it has one.
     window: Option<WindowStage>,
-    /// The sink that keeps checkpoints, by its place: each commit is then
-    /// a checkpoint (positions and window state) in its transaction.
-    keeper: Option<usize>,
+    /// Where checkpoints are kept: each commit is then a checkpoint
+    /// (positions and window state) in its transaction.
+    keeper: Option<Keeper>,
     /// Something was written since the last commit.
     changed: bool,
     /// With a keeper of checkpoints: every position handled so far (a
@@ -808,7 +828,7 @@ impl SinkWriter {
         // its checkpoint, or it would be written again after a restart.
         let keeper = self.keeper;
         let sinks = (self.sinks.iter_mut().enumerate())
-            .filter(|(at, _)| Some(*at) != keeper)
+            .filter(|(at, _)| keeper != Some(Keeper::Sink(*at)))
             .map(|(_, entry)| &mut entry.sink);
         for sink in sinks.chain(std::iter::once(&mut self.dead_letter)) {
             if let Err(err) = sink.flush().await {
@@ -848,7 +868,9 @@ impl SinkWriter {
                             }
                         }
                     }
-                    if self.keeper.is_some_and(|at| self.sinks[at].sink.wants_commit()) {
+                    if let Some(Keeper::Sink(at)) = self.keeper
+                        && self.sinks[at].sink.wants_commit()
+                    {
                         self.commit(pending.take()).await?;
                     }
                 }
@@ -973,6 +995,30 @@ impl SinkWriter {
         Ok(())
     }
 
+    /// Exactly-once: checks that no partition was taken away before its
+    /// batches committed, then commits the open transaction with `commit`.
+    /// An error ends the writer, which aborts the transaction.
+    async fn commit_transaction<F>(
+        transaction: Option<Arc<KafkaTransaction>>,
+        committer: Arc<dyn Committer>,
+        commit: impl FnOnce(Arc<KafkaTransaction>) -> F,
+    ) -> Result<(), SinkError>
+    where
+        F: Future<Output = Result<(), rdkafka::error::KafkaError>>,
+    {
+        let Some(transaction) = transaction else {
+            return Ok(());
+        };
+        let failed = |err: String| SinkError::Io {
+            sink: "kafka transaction".into(),
+            source: std::io::Error::other(err),
+        };
+        committer.verify().map_err(|err| failed(err.to_string()))?;
+        commit(transaction)
+            .await
+            .map_err(|err| failed(err.to_string()))
+    }
+
     fn count_sent(&mut self) {
         RecordsSent {
             count: std::mem::take(&mut self.unflushed_sent),
@@ -981,8 +1027,9 @@ impl SinkWriter {
     }
 
     async fn commit(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), SinkError> {
+        let started = std::time::Instant::now();
         for (at, entry) in self.sinks.iter_mut().enumerate() {
-            if Some(at) != self.keeper {
+            if self.keeper != Some(Keeper::Sink(at)) {
                 entry.sink.flush().await?;
             }
         }
@@ -991,6 +1038,10 @@ impl SinkWriter {
             // A checkpoint: the positions with the state that reflects
             // them, in the keeper's transaction with its writes.
             (Some(keeper), window) => {
+                if keeper == Keeper::Transaction && checkpoint.is_none() && !self.changed {
+                    // Nothing new: no empty transaction.
+                    return Ok(());
+                }
                 for position in checkpoint.iter().flat_map(|c| &c.positions) {
                     self.handled.advance(position);
                 }
@@ -1017,7 +1068,22 @@ impl SinkWriter {
                     partitions,
                     finished: self.finishing,
                 };
-                if !self.sinks[keeper].sink.commit(&snapshot).await? {
+                let state_bytes = (snapshot.partitions.iter())
+                    .map(|p| p.window.as_ref().map_or(0, Vec::len))
+                    .sum();
+                let durable = match keeper {
+                    Keeper::Sink(at) => self.sinks[at].sink.commit(&snapshot).await?,
+                    Keeper::Transaction => {
+                        let (transaction, committer) =
+                            (self.transaction.clone(), self.committer.clone());
+                        Self::commit_transaction(transaction, committer, |transaction| async move {
+                            transaction.commit_snapshot(&snapshot).await
+                        })
+                        .await?;
+                        true
+                    }
+                };
+                if !durable {
                     // Not durable yet: these positions go with a later
                     // checkpoint, nothing is committed before, and the
                     // next tick tries again.
@@ -1031,6 +1097,11 @@ impl SinkWriter {
                     return Ok(());
                 }
                 // Everything handled is durable now, what waited included.
+                Checkpointed {
+                    pause: started.elapsed(),
+                    state_bytes,
+                }
+                .emit(&self.metrics);
                 self.committer.checkpointed(&self.handled);
                 checkpoint
             }
@@ -1054,19 +1125,13 @@ impl SinkWriter {
             self.count_sent();
             return Ok(());
         };
-        if let Some(transaction) = &self.transaction {
-            // An error here ends the writer, which aborts the transaction.
-            self.committer.verify().map_err(|err| SinkError::Io {
-                sink: "kafka transaction".into(),
-                source: std::io::Error::other(err),
-            })?;
-            transaction
-                .commit(&checkpoint)
-                .await
-                .map_err(|err| SinkError::Io {
-                    sink: "kafka transaction".into(),
-                    source: std::io::Error::other(err),
-                })?;
+        if self.keeper != Some(Keeper::Transaction) {
+            let checkpoint = &checkpoint;
+            let (transaction, committer) = (self.transaction.clone(), self.committer.clone());
+            Self::commit_transaction(transaction, committer, |transaction| async move {
+                transaction.commit(checkpoint).await
+            })
+            .await?;
         }
         self.count_sent();
         // With a transaction this only tells the source what is committed.

@@ -14,7 +14,8 @@
 //! `idle_timeout` (and that the source is not behind on) has its windows
 //! closed by the watermark of the pipeline's other partitions.
 //!
-//! Delivery without a sink that keeps checkpoints stays at-least-once: a
+//! Delivery without checkpoints (no sink that keeps them, and not
+//! exactly-once Kafka, whose transactions keep them) stays at-least-once: a
 //! source position is committed only as far as no open window still holds
 //! a record at or after it, so after a crash the records of every unfired
 //! window are read again (and their windows fire, maybe twice).

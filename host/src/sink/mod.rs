@@ -147,7 +147,11 @@ pub async fn build(
 /// Whether the sink `config` describes keeps checkpoints (see
 /// [`Sink::keeps_checkpoints`]).
 pub fn keeps_checkpoints(config: &SinkConfig) -> bool {
-    matches!(config, SinkConfig::Postgres(_) | SinkConfig::Parquet(_))
+    match config {
+        SinkConfig::Postgres(postgres) => postgres.checkpoints,
+        SinkConfig::Parquet(_) => true,
+        SinkConfig::Stdout { .. } | SinkConfig::File { .. } | SinkConfig::Kafka(_) => false,
+    }
 }
 
 /// What claims the partitions of `pipeline` in the checkpoints the sink

@@ -321,6 +321,18 @@ pub async fn open(
     })
 }
 
+/// What claims the partitions of `pipeline`'s source when the source's
+/// own transactions keep the checkpoints (exactly-once Kafka with a
+/// window); `None` for every other source.
+pub fn claimer(pipeline: &PipelineConfig) -> Option<Box<dyn crate::state::Claimer>> {
+    match pipeline.source.get_ref() {
+        SourceConfig::Kafka(kafka) => kafka::claimer(kafka, pipeline),
+        SourceConfig::File { .. } | SourceConfig::Stdin { .. } | SourceConfig::Generator(_) => {
+            None
+        }
+    }
+}
+
 fn position(topic: &Arc<str>, partition: i32, offset: i64) -> SourcePosition {
     SourcePosition {
         topic: topic.clone(),

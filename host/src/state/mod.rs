@@ -9,6 +9,11 @@
 //! them. So the outputs, the positions and the state can never disagree
 //! after a crash, with no two-phase protocol between two systems, and a
 //! worker on another machine finds them where the outputs are.
+//!
+//! An exactly-once Kafka pipeline (all its sinks Kafka) has no such sink:
+//! its transaction, which commits the outputs with the offsets, keeps the
+//! checkpoints too, the window state in a changelog topic
+//! ([`crate::kafka::changelog`]).
 
 use crate::record::SourcePosition;
 use crate::source::Checkpoint;

@@ -34,6 +34,17 @@ pub struct PostgresSinkConfig {
     /// The routes this sink takes.
     #[serde(default = "crate::config::default_routes")]
     pub routes: Vec<String>,
+    /// Keep the pipeline's checkpoints (positions and window state) with
+    /// the rows, in one transaction: exact after a crash. `false`: rows are
+    /// only upserted, and the source commits its own positions
+    /// (at-least-once; with `key`, a window that fires again replaces its
+    /// row).
+    #[serde(default = "default_checkpoints")]
+    pub checkpoints: bool,
+}
+
+fn default_checkpoints() -> bool {
+    true
 }
 
 fn default_batch_rows() -> usize {

@@ -428,7 +428,7 @@ impl Sink for PostgresSink {
     }
 
     fn keeps_checkpoints(&self) -> bool {
-        true
+        self.config.checkpoints
     }
 
     async fn commit(&mut self, snapshot: &Snapshot) -> Result<bool, SinkError> {

@@ -19,6 +19,9 @@ pub struct KafkaSourceConfig {
     /// Where a group with no committed offset starts.
     #[serde(default)]
     pub start: StartFrom,
+    /// Exactly-once with a window: the compacted topic its window state is
+    /// kept in; `<group>-state` by default (created if missing).
+    pub state_topic: Option<String>,
 }
 
 /// Where a new consumer group starts reading.
@@ -38,6 +41,16 @@ impl KafkaSourceConfig {
         KafkaConnection {
             brokers: self.brokers.clone(),
             options: self.options.clone(),
+        }
+    }
+
+    /// Where an exactly-once `pipeline` with a window keeps its state.
+    pub fn changelog(&self, pipeline: &str) -> crate::kafka::Changelog {
+        let group = self.group_for(pipeline);
+        crate::kafka::Changelog {
+            connection: self.connection(),
+            topic: (self.state_topic.clone()).unwrap_or_else(|| format!("{group}-state")),
+            group,
         }
     }
 

@@ -11,9 +11,20 @@ pub use source::{GroupConsumer, KafkaSource, RebalanceLog, next_offsets};
 use std::sync::Arc;
 
 use crate::config::{Delivery, PipelineConfig, SinkConfig};
-use crate::kafka::KafkaTransaction;
+use crate::kafka::{ChangelogClaimer, KafkaTransaction};
 use crate::source::{OpenSource, SourceError};
-use crate::state::Claims;
+use crate::state::{Claimer, Claims};
+
+/// What claims the partitions of an exactly-once `pipeline` with a
+/// window, whose transactions keep its checkpoints (see
+/// [`crate::kafka::changelog`]).
+pub fn claimer(config: &KafkaSourceConfig, pipeline: &PipelineConfig) -> Option<Box<dyn Claimer>> {
+    let keeps = pipeline.delivery == Delivery::ExactlyOnce && pipeline.window.is_some();
+    keeps.then(|| {
+        let changelog = config.changelog(pipeline.name.get_ref());
+        Box::new(ChangelogClaimer::new(changelog)) as Box<dyn Claimer>
+    })
+}
 
 /// Names this worker among the workers of one pipeline: static group
 /// membership and, for exactly-once, the transactional id.
@@ -82,8 +93,17 @@ pub async fn open(
     )?;
     let id = format!("{}-{worker}", config.group_for(name));
     let consumer = source.consumer();
-    let started =
-        tokio::task::spawn_blocking(move || KafkaTransaction::start(&connection, &id, consumer));
+    // With a window, checkpoints keep its state in a changelog topic.
+    let changelog = pipeline.window.as_ref().map(|_| config.changelog(name));
+    if let Some(changelog) = &changelog {
+        changelog.ensure_topic().await.map_err(|err| SourceError::Io {
+            what: format!("window state topic `{}` of pipeline `{name}`", changelog.topic),
+            source: std::io::Error::other(err),
+        })?;
+    }
+    let started = tokio::task::spawn_blocking(move || {
+        KafkaTransaction::start(&connection, &id, consumer, changelog)
+    });
     let transaction = match started.await {
         Ok(started) => started.map_err(|err| transactions(std::io::Error::other(err)))?,
         Err(panic) => std::panic::resume_unwind(panic.into_panic()),
