@@ -145,27 +145,35 @@ impl CommitDeferred {
     }
 }
 
+/// A commit that had something to commit is done.
+pub struct Committed {
+    /// How long it held the sink writer.
+    pub pause: std::time::Duration,
+}
+
+impl Committed {
+    /// Remembers its pause.
+    pub fn emit(&self, metrics: &PipelineMetrics) {
+        metrics.commit_pauses.push(self.pause);
+    }
+}
+
 /// A checkpoint committed.
 pub struct Checkpointed {
-    /// How long it paused the sink writer (snapshot, writes, commit).
-    pub pause: std::time::Duration,
+    /// How long taking its window images took.
+    pub snapshot: std::time::Duration,
     /// Bytes of window state in it.
     pub state_bytes: usize,
 }
 
 impl Checkpointed {
-    /// Counts it and remembers its pause.
+    /// Counts it.
     pub fn emit(&self, metrics: &PipelineMetrics) {
         metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
-        let mut pauses = (metrics.checkpoint_pauses.lock())
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if pauses.len() == super::RECENT_CHECKPOINTS {
-            pauses.pop_front();
-        }
-        pauses.push_back(self.pause);
+        metrics.state_snapshots.push(self.snapshot);
         tracing::debug!(
             pipeline = %metrics.pipeline,
-            pause_ms = self.pause.as_secs_f64() * 1e3,
+            snapshot_ms = self.snapshot.as_secs_f64() * 1e3,
             state_bytes = self.state_bytes,
             "Checkpoint committed."
         );

@@ -30,13 +30,39 @@ pub struct PipelineMetrics {
     records_late: AtomicU64,
     window_results: AtomicU64,
     checkpoints: AtomicU64,
-    /// How long the last [`RECENT_CHECKPOINTS`] checkpoints paused the
-    /// sink writer, oldest first.
-    checkpoint_pauses: std::sync::Mutex<std::collections::VecDeque<Duration>>,
+    /// How long each recent commit held the sink writer (flushes, the
+    /// checkpoint, the source's commit).
+    commit_pauses: Recent,
+    /// How long each recent checkpoint took to snapshot its windows.
+    state_snapshots: Recent,
 }
 
-/// How many checkpoint pauses a pipeline remembers.
-pub const RECENT_CHECKPOINTS: usize = 4096;
+/// The most recent durations of something, oldest first: at most
+/// [`Recent::KEPT`].
+#[derive(Debug, Default)]
+pub struct Recent(std::sync::Mutex<std::collections::VecDeque<Duration>>);
+
+impl Recent {
+    /// How many are kept.
+    pub const KEPT: usize = 4096;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Duration>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn push(&self, duration: Duration) {
+        let mut kept = self.lock();
+        if kept.len() == Self::KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(duration);
+    }
+
+    /// Every duration kept, oldest first.
+    pub fn all(&self) -> Vec<Duration> {
+        self.lock().iter().copied().collect()
+    }
+}
 
 impl PipelineMetrics {
     /// Zeroed counters for `pipeline`, its clock starting now.
@@ -57,16 +83,20 @@ impl PipelineMetrics {
             records_late: AtomicU64::new(0),
             window_results: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
-            checkpoint_pauses: Default::default(),
+            commit_pauses: Recent::default(),
+            state_snapshots: Recent::default(),
         }
     }
 
-    /// How long each of the recent checkpoints (at most
-    /// [`RECENT_CHECKPOINTS`]) paused the sink writer, oldest first.
-    pub fn checkpoint_pauses(&self) -> Vec<Duration> {
-        let pauses = (self.checkpoint_pauses.lock())
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        pauses.iter().copied().collect()
+    /// How long each recent commit that had something to commit held the
+    /// sink writer (with checkpoints, each is one).
+    pub fn commit_pauses(&self) -> &Recent {
+        &self.commit_pauses
+    }
+
+    /// How long each recent checkpoint took to snapshot its windows.
+    pub fn state_snapshots(&self) -> &Recent {
+        &self.state_snapshots
     }
 
     /// A consistent-enough copy of the counters.

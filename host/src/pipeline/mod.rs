@@ -52,7 +52,7 @@ use crate::engine::{PluginEngine, PluginError};
 use crate::kafka::KafkaTransaction;
 use crate::metrics::events::{
     BatchProcessed, BatchRead, Checkpointed, CommitDeferred, CommitFailed, CommitSuperseded,
-    RecordsDeadLettered, RecordsSent,
+    Committed, RecordsDeadLettered, RecordsSent,
 };
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{PluginSlot, VersionStore, locate};
@@ -1026,8 +1026,21 @@ impl SinkWriter {
         .emit(&self.metrics);
     }
 
+    /// Commits, timing the pause when there was something to commit.
     async fn commit(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), SinkError> {
+        let busy = checkpoint.is_some() || self.changed;
         let started = std::time::Instant::now();
+        self.commit_now(checkpoint).await?;
+        if busy {
+            Committed {
+                pause: started.elapsed(),
+            }
+            .emit(&self.metrics);
+        }
+        Ok(())
+    }
+
+    async fn commit_now(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), SinkError> {
         for (at, entry) in self.sinks.iter_mut().enumerate() {
             if self.keeper != Some(Keeper::Sink(at)) {
                 entry.sink.flush().await?;
@@ -1052,12 +1065,14 @@ impl SinkWriter {
                         window.forget_unowned();
                     }
                 }
+                let imaging = std::time::Instant::now();
                 let mut windows: HashMap<_, _> = window
                     .as_mut()
                     .map(|w| w.snapshot())
                     .unwrap_or_default()
                     .into_iter()
                     .collect();
+                let imaging = imaging.elapsed();
                 let partitions = (self.handled.positions.iter())
                     .map(|position| PartitionState {
                         window: windows.remove(&(position.topic.clone(), position.partition)),
@@ -1098,7 +1113,7 @@ impl SinkWriter {
                 }
                 // Everything handled is durable now, what waited included.
                 Checkpointed {
-                    pause: started.elapsed(),
+                    snapshot: imaging,
                     state_bytes,
                 }
                 .emit(&self.metrics);
