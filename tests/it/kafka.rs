@@ -235,32 +235,45 @@ path = "dead.jsonl"
 
 /// A `weir run` child process whose log goes to the test's output.
 fn spawn_worker(path: &std::path::Path, cache: &std::path::Path, worker: &str) -> Child {
-    spawn(path, cache, worker, Stdio::inherit())
+    spawn(path, cache, worker, Stdio::inherit(), "warn")
 }
 
 /// A `weir run` child process whose log (and summary) the test reads. The
 /// log goes to a file, not a pipe: a pipe nobody reads until the end would
 /// stall a worker that logs more than the pipe holds.
-struct LoggedWorker {
-    child: Child,
-    log: std::path::PathBuf,
+pub(crate) struct LoggedWorker {
+    pub(crate) child: Child,
+    pub(crate) log: std::path::PathBuf,
 }
 
 impl LoggedWorker {
-    fn spawn(scratch: &Scratch, path: &std::path::Path, worker: &str) -> Self {
+    pub(crate) fn spawn(scratch: &Scratch, path: &std::path::Path, worker: &str) -> Self {
+        Self::spawn_logging(scratch, path, worker, "warn")
+    }
+
+    /// A worker whose log goes by `filter` (`WEIR_LOG`); each start of a
+    /// worker appends to its log.
+    pub(crate) fn spawn_logging(
+        scratch: &Scratch,
+        path: &std::path::Path,
+        worker: &str,
+        filter: &str,
+    ) -> Self {
         let log = scratch.path(&format!("worker-{worker}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = spawn(path, &scratch.path("cache"), worker, Stdio::from(file));
+        let file = (std::fs::OpenOptions::new().create(true).append(true))
+            .open(&log)
+            .unwrap();
+        let child = spawn(path, &scratch.path("cache"), worker, Stdio::from(file), filter);
         LoggedWorker { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Stops it with SIGTERM and returns its log, which ends with its
     /// summary; fails if it did not exit cleanly.
-    fn stop(mut self) -> String {
+    pub(crate) fn stop(mut self) -> String {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -273,7 +286,7 @@ impl LoggedWorker {
 
 /// Waits for `check` while every worker runs. If one exits, or the time is
 /// up, kills them all and fails with each one's log.
-fn wait_for_workers(
+pub(crate) fn wait_for_workers(
     what: &str,
     limit: Duration,
     workers: &mut [LoggedWorker],
@@ -302,11 +315,17 @@ fn wait_for_workers(
     }
 }
 
-fn spawn(path: &std::path::Path, cache: &std::path::Path, worker: &str, stderr: Stdio) -> Child {
+fn spawn(
+    path: &std::path::Path,
+    cache: &std::path::Path,
+    worker: &str,
+    stderr: Stdio,
+    log: &str,
+) -> Child {
     Command::new(weir_bin())
         .args(["run", path.to_str().unwrap()])
         .env("WEIR_CACHE_DIR", cache)
-        .env("WEIR_LOG", "warn")
+        .env("WEIR_LOG", log)
         .env("WEIR_WORKER_ID", worker)
         .stdout(Stdio::null())
         .stderr(stderr)

@@ -190,12 +190,17 @@ struct WindowedRun {
     dead: usize,
 }
 
-/// Kafka (6 partitions) -> window -> Kafka with `delivery`, the worker
-/// killed with SIGKILL `kills` times mid-stream and restarted, then run
-/// until every input is committed; the outputs read committed only, with
-/// exactly-once.
-async fn windowed_kafka_run(delivery: &str, kills: usize) -> WindowedRun {
-    use crate::kafka::{Watcher, kill_then_finish};
+/// Kafka (6 partitions) -> window -> Kafka with `delivery`: `drive` runs
+/// the workers (given the scratch folder, the pipeline file, a watch on
+/// the group and the number of inputs to commit) until every one is;
+/// then the outputs are read, committed only with exactly-once. The input
+/// is produced before (a backlog, which a consumer of the test broker
+/// reads a partition at a time), or `live`, while the workers run.
+async fn windowed_kafka_run(
+    delivery: &str,
+    live: bool,
+    drive: impl FnOnce(&Scratch, &std::path::Path, &crate::kafka::Watcher, i64),
+) -> WindowedRun {
 
     const EVENTS: usize = 60_000;
     const PARTITIONS: i32 = 6;
@@ -225,15 +230,31 @@ async fn windowed_kafka_run(delivery: &str, kills: usize) -> WindowedRun {
             (user.clone(), value)
         })
         .collect();
-    broker.produce("in", &input).await;
     // One event far ahead in every partition closes every window before it
     // (its own stays open, holding its offset: nothing after is committed).
-    for partition in 0..PARTITIONS {
-        let end = base + 36_000_000;
-        let value = format!(r#"{{"user":"end","ts":{end},"amount":0}}"#);
-        broker
-            .produce_to_partition("in", partition, &[("end".to_owned(), value)])
-            .await;
+    let end = format!(r#"{{"user":"end","ts":{},"amount":0}}"#, base + 36_000_000);
+    let producer = crate::broker::Broker::producer_for(&broker.connection());
+    let producing = tokio::spawn(async move {
+        // Live: 2,000 events every 400 ms (slower than the workers read),
+        // so that every partition is under way whenever the test acts.
+        let chunk = if live { 2_000 } else { input.len() };
+        for events in input.chunks(chunk) {
+            crate::broker::Broker::send_all(&producer, "in", events).await;
+            if live {
+                tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            }
+        }
+        for partition in 0..PARTITIONS {
+            let record = rdkafka::producer::FutureRecord::to("in")
+                .partition(partition)
+                .key("end")
+                .payload(&end);
+            producer.send_result(record).unwrap().await.unwrap().unwrap();
+        }
+    });
+    let mut producing = Some(producing);
+    if !live && let Some(producing) = producing.take() {
+        producing.await.unwrap();
     }
 
     let scratch = Scratch::new();
@@ -278,9 +299,17 @@ topic = "dlq"
 "#,
         b = broker.brokers()
     ));
-    let cache = scratch.path("cache");
-    let watch = Watcher::new(&broker, "windowers", PARTITIONS);
-    kill_then_finish(&path, &cache, &watch, kills, (EVENTS as i64, 1_500));
+    let watch = crate::kafka::Watcher::new(&broker, "windowers", PARTITIONS);
+    // Exactly-once commits the end events too (their windows are in the
+    // state); at-least-once holds them back with their open windows.
+    let inputs = match delivery {
+        "exactly_once" => EVENTS as i64 + i64::from(PARTITIONS),
+        _ => EVENTS as i64,
+    };
+    drive(&scratch, &path, &watch, inputs);
+    if let Some(producing) = producing {
+        producing.await.unwrap();
+    }
 
     let mut expected: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
     for (user, ts, amount) in &events {
@@ -322,7 +351,11 @@ topic = "dlq"
 /// watermark waits for every partition the consumer is still behind on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_windows_survive_sigkill_with_every_window_present() {
-    let run = windowed_kafka_run("at_least_once", 3).await;
+    let run = windowed_kafka_run("at_least_once", false, |scratch, path, watch, inputs| {
+        let cache = scratch.path("cache");
+        crate::kafka::kill_then_finish(path, &cache, watch, 3, (inputs, 1_500));
+    })
+    .await;
     let WindowedRun {
         expected,
         got,
@@ -371,7 +404,80 @@ async fn kafka_windows_survive_sigkill_with_every_window_present() {
 /// a restart takes each window up where the last commit left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_windows_exactly_once_survive_sigkills_each_window_once() {
-    let run = windowed_kafka_run("exactly_once", 6).await;
+    let run = windowed_kafka_run("exactly_once", false, |scratch, path, watch, inputs| {
+        let cache = scratch.path("cache");
+        crate::kafka::kill_then_finish(path, &cache, watch, 6, (inputs, 1_500));
+    })
+    .await;
+    assert_each_window_once(&run);
+}
+
+/// Two exactly-once workers of one Kafka -> window -> Kafka pipeline, the
+/// input produced while they run: the second joins mid-stream and the
+/// group moves some of the 6 partitions to it, each with its open windows,
+/// read from the changelog topic the first worker's transactions wrote
+/// them to (no shared disk). Then the first is killed with SIGKILL and
+/// restarted. Read committed, every window comes out exactly once with its
+/// exact figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_windows_exactly_once_move_with_their_state_to_a_joining_worker() {
+    use crate::kafka::{LoggedWorker, wait_for_workers};
+    use std::time::Duration;
+
+    let run = windowed_kafka_run("exactly_once", true, |scratch, path, watch, inputs| {
+        tokio::task::block_in_place(|| {
+            let limit = Duration::from_secs(90);
+            let mut workers = vec![LoggedWorker::spawn(scratch, path, "1")];
+            wait_for_workers("the first worker at work", limit, &mut workers, || {
+                watch.committed("in") > inputs / 6
+            });
+            let joined_at = watch.committed("in");
+            let second =
+                LoggedWorker::spawn_logging(scratch, path, "2", "warn,weir::source=info");
+            let second_log = second.log.clone();
+            workers.push(second);
+            // Given partitions (and their windows), the second commits too.
+            let assigned = || {
+                let log = std::fs::read_to_string(&second_log).unwrap_or_default();
+                (log.lines().rev())
+                    .filter(|line| line.contains("Partitions assigned"))
+                    .filter_map(|line| line.split("partitions=").nth(1))
+                    .find_map(|n| n.split_whitespace().next()?.parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            wait_for_workers("partitions moved to the second", limit, &mut workers, || {
+                assigned() > 0 && watch.committed("in") > joined_at + inputs / 6
+            });
+            eprintln!(
+                "the second worker joined at {joined_at} of {inputs} committed and took {} partitions",
+                assigned()
+            );
+            assert!(
+                assigned() < 6,
+                "the second worker took every partition: nothing was shared"
+            );
+            let mut first = workers.remove(0);
+            first.child.kill().unwrap();
+            first.child.wait().unwrap();
+            let killed_at = watch.committed("in");
+            eprintln!("the first worker killed at {killed_at} of {inputs} committed");
+            assert!(killed_at < inputs, "the kill came after the end: it tested nothing");
+            workers.insert(0, LoggedWorker::spawn(scratch, path, "1"));
+            wait_for_workers("every input committed", Duration::from_secs(180), &mut workers, || {
+                watch.committed("in") >= inputs
+            });
+            for worker in workers {
+                worker.stop();
+            }
+        });
+    })
+    .await;
+    assert_each_window_once(&run);
+}
+
+/// Read committed, every window came out exactly once, with its exact
+/// figures, and nothing else did.
+fn assert_each_window_once(run: &WindowedRun) {
     let wrong: Vec<String> = (run.expected.iter())
         .filter(|(window, exact)| run.got.get(*window) != Some(&vec![**exact]))
         .map(|(window, exact)| format!("{window:?}: {:?}, expected [{exact:?}]", run.got.get(window)))
@@ -386,9 +492,12 @@ async fn kafka_windows_exactly_once_survive_sigkills_each_window_once() {
     );
     assert!(
         wrong.is_empty(),
-        "{} of {} windows not out exactly once with their figures, e.g. {:#?}",
+        "{} of {} windows not out exactly once with their figures ({} late events, {} dead \
+         letters), e.g. {:#?}",
         wrong.len(),
         run.expected.len(),
+        run.late,
+        run.dead,
         &wrong[..wrong.len().min(5)],
     );
     assert!(
