@@ -16,6 +16,8 @@
 //! - [`metrics`]: counters and typed telemetry events.
 //! - [`cli`]: the `weir` command.
 //! - [`window`]: event-time windows, watermarks and aggregates.
+//! - [`state`]: checkpoints: positions and window state, and who keeps them.
+//! - [`tenant`]: tenants' budgets and grants over their pipelines.
 //! - [`testkit`]: run a built plugin in the real engine from a test.
 
 pub mod admin;
@@ -31,5 +33,6 @@ pub mod record;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod tenant;
 pub mod testkit;
 pub mod window;

@@ -107,6 +107,44 @@ fn config_mistakes_are_reported_at_their_line_with_the_bad_key() {
     );
 }
 
+/// Two tenants, each granted its own topics: a pipeline of one that
+/// would write the other's topic is refused by `run` before anything is
+/// read, naming the sink's line, the tenant and the topic.
+#[test]
+fn a_tenant_cannot_write_another_tenant_s_topic() {
+    let scratch = Scratch::new();
+    let path = scratch.write(
+        "pipeline.toml",
+        r#"[[tenant]]
+name = "payments"
+topics = ["payments.*"]
+
+[[tenant]]
+name = "clicks"
+topics = ["clicks.*"]
+
+[[pipeline]]
+name = "sneaky"
+tenant = "clicks"
+source = { type = "stdin" }
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "127.0.0.1:9"
+topic = "payments.large"
+"#,
+    );
+    let output = weir(&["run", path.to_str().unwrap()], &scratch.path("cache"));
+    let err = stderr(&output);
+    assert!(!output.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{}:14:", path.display()))
+            && err.contains("tenant `clicks` may not write Kafka topic `payments.large`")
+            && err.contains("its `topics` grant: clicks.*"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_quarantined_pipeline_stops_and_the_others_finish() {
     let scratch = Scratch::new();

@@ -26,6 +26,7 @@ use toml::Spanned;
 
 use crate::engine::Limits;
 use crate::record::DEFAULT_ROUTE;
+use crate::tenant::TenantConfig;
 
 /// A config error, with the place it was found.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,8 @@ pub struct PipelineFile {
     pub cache_dir: Option<PathBuf>,
     /// The admin API, if the file turns it on (`[admin]`).
     pub admin: Option<AdminConfig>,
+    /// The tenants its pipelines belong to (`[[tenant]]`).
+    pub tenants: Vec<TenantConfig>,
     source: String,
 }
 
@@ -85,6 +88,8 @@ struct RawFile {
     cache_dir: Option<PathBuf>,
     admin: Option<AdminConfig>,
     #[serde(default)]
+    tenant: Vec<TenantConfig>,
+    #[serde(default)]
     pipeline: Vec<PipelineConfig>,
 }
 
@@ -94,6 +99,8 @@ struct RawFile {
 pub struct PipelineConfig {
     /// Unique name, used in logs, metrics and dead-letter headers.
     pub name: Spanned<String>,
+    /// The `[[tenant]]` it belongs to, whose budgets and grants bound it.
+    pub tenant: Option<Spanned<String>>,
     /// Where records come from.
     pub source: Spanned<SourceConfig>,
     /// How records are grouped into batches for the plugins.
@@ -211,6 +218,11 @@ pub enum SourceConfig {
     Kafka(crate::source::kafka::KafkaSourceConfig),
 }
 
+/// A tenant's grant list as a message shows it.
+fn granted(list: &Option<Spanned<Vec<String>>>) -> String {
+    list.as_ref().map_or_else(|| "any".into(), |list| list.get_ref().join(", "))
+}
+
 /// How a line-based source checks its lines.
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -259,7 +271,7 @@ impl BatchConfig {
 
 /// What each plugin instance of a pipeline may use, and how many faults the
 /// pipeline takes before it is quarantined.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, serde::Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Memory of a plugin instance, in MiB: all its linear memories and
@@ -579,8 +591,10 @@ impl PipelineFile {
                 admin
             }),
             pipelines: raw.pipeline,
+            tenants: raw.tenant,
             source,
         };
+        file.apply_tenants()?;
         file.check()?;
         file.resolve_paths();
         file.check_paths()?;
@@ -607,6 +621,140 @@ impl PipelineFile {
             line: line_of(&self.source, at),
             message: message.into(),
         }
+    }
+
+    /// Gives each pipeline of a tenant its limits under the tenant's (see
+    /// [`crate::tenant`]) and checks what the tenant grants: its memory
+    /// budget, topics and routes.
+    fn apply_tenants(&mut self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for tenant in &self.tenants {
+            let name = &tenant.name;
+            if name.get_ref().is_empty() || !names.insert(name.get_ref().as_str()) {
+                return Err(self.error_at(
+                    name.span().start,
+                    format!("tenant names must be unique and not empty: `{}`", name.get_ref()),
+                ));
+            }
+            if let Err(message) = tenant.limits() {
+                let at = tenant.limits.as_ref().map_or(name.span().start, |l| l.span().start);
+                return Err(self.error_at(at, format!("tenant `{}`: {message}", name.get_ref())));
+            }
+        }
+        // The keys each pipeline's own `[pipeline.limits]` sets (the parsed
+        // limits have every key, defaults included).
+        let raw: toml::Table = toml::from_str(&self.source).unwrap_or_default();
+        let raw_pipelines = raw.get("pipeline").and_then(toml::Value::as_array);
+        let mut resolved = Vec::new();
+        for (index, pipeline) in self.pipelines.iter().enumerate() {
+            let Some(wanted) = &pipeline.tenant else { continue };
+            let name = pipeline.name.get_ref();
+            let Some(tenant) = self.tenants.iter().find(|t| t.name.get_ref() == wanted.get_ref())
+            else {
+                return Err(self.error_at(
+                    wanted.span().start,
+                    format!(
+                        "pipeline `{name}`: no `[[tenant]]` is named `{}`",
+                        wanted.get_ref()
+                    ),
+                ));
+            };
+            let own = (raw_pipelines.and_then(|all| all.get(index)))
+                .and_then(|raw| raw.get("limits"))
+                .and_then(toml::Value::as_table);
+            let at = (pipeline.limits.as_ref()).map_or(wanted.span(), |l| l.span());
+            let limits = crate::tenant::limits_under(tenant, own)
+                .map_err(|message| self.error_at(at.start, format!("pipeline `{name}`: {message}")))?;
+            resolved.push((index, Spanned::new(at, limits)));
+            self.check_grants(pipeline, tenant)?;
+        }
+        for (index, limits) in resolved {
+            self.pipelines[index].limits = Some(limits);
+        }
+        for tenant in &self.tenants {
+            let Some(budget) = &tenant.memory_mb_total else { continue };
+            let mut total = 0u64;
+            let mut parts = Vec::new();
+            let members = (self.pipelines.iter())
+                .filter(|p| p.tenant.as_ref().is_some_and(|t| t.get_ref() == tenant.name.get_ref()));
+            for pipeline in members {
+                let lanes = pipeline.lanes() as u64;
+                let plugins = pipeline.plugins.len() as u64
+                    + (pipeline.window.as_ref()).map_or(0, |w| {
+                        let aggregates = &w.get_ref().aggregates;
+                        aggregates.iter().filter(|a| a.function.is_none()).count() as u64
+                    });
+                let memory = pipeline.limits().memory_mb;
+                total = total.saturating_add(lanes * plugins * memory);
+                parts.push(format!(
+                    "`{}`: {lanes} lane(s) x {plugins} plugin(s) x {memory} MiB",
+                    pipeline.name.get_ref()
+                ));
+            }
+            if total > *budget.get_ref() {
+                return Err(self.error_at(
+                    budget.span().start,
+                    format!(
+                        "tenant `{}`: its plugins may use up to {total} MiB ({}), over its \
+                         `memory_mb_total` of {} MiB; lower their `memory_mb` or `parallelism`",
+                        tenant.name.get_ref(),
+                        parts.join(", "),
+                        budget.get_ref()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a pipeline whose sinks write a topic, or take a route, its
+    /// tenant does not grant.
+    fn check_grants(
+        &self,
+        pipeline: &PipelineConfig,
+        tenant: &TenantConfig,
+    ) -> Result<(), ConfigError> {
+        let (name, owner) = (pipeline.name.get_ref(), tenant.name.get_ref());
+        for sink in pipeline.sinks.iter().chain(&pipeline.dead_letter) {
+            let at = sink.span().start;
+            if let Some(route) = (sink.get_ref().routes().iter()).find(|r| !tenant.allows_route(r)) {
+                return Err(self.error_at(
+                    at,
+                    format!(
+                        "pipeline `{name}`: tenant `{owner}` may not take route `{route}` \
+                         (its `routes` grant: default, {})",
+                        granted(&tenant.routes)
+                    ),
+                ));
+            }
+            let SinkConfig::Kafka(kafka) = sink.get_ref() else { continue };
+            let topics = std::iter::once(&kafka.topic).chain(kafka.route_topics.values());
+            if let Some(topic) = topics.into_iter().find(|t| !tenant.allows_topic(t)) {
+                return Err(self.error_at(
+                    at,
+                    format!(
+                        "pipeline `{name}`: tenant `{owner}` may not write Kafka topic `{topic}` \
+                         (its `topics` grant: {})",
+                        granted(&tenant.topics)
+                    ),
+                ));
+            }
+        }
+        if let (SourceConfig::Kafka(kafka), Some(_), Delivery::ExactlyOnce) =
+            (pipeline.source.get_ref(), &pipeline.window, pipeline.delivery)
+        {
+            let state = kafka.changelog(name).topic;
+            if !tenant.allows_topic(&state) {
+                return Err(self.error_at(
+                    pipeline.source.span().start,
+                    format!(
+                        "pipeline `{name}`: tenant `{owner}` may not write its window state topic \
+                         `{state}` (set `state_topic` to one its `topics` grant)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check(&self) -> Result<(), ConfigError> {

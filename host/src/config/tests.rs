@@ -280,3 +280,145 @@ fn absurd_numbers_are_refused_at_their_line_not_panicked_on() {
         "{err}"
     );
 }
+
+const TENANTS: &str = r#"
+[[tenant]]
+name = "payments"
+limits = { memory_mb = 32, batch_timeout_ms = 200 }
+memory_mb_total = 128
+topics = ["payments.*", "payments-dlq"]
+routes = ["alerts"]
+
+[[tenant]]
+name = "clicks"
+topics = ["clicks.*"]
+"#;
+
+/// A Kafka -> Kafka pipeline of tenant `payments` with `extra` lines in
+/// its table and `sink` as its sink's lines.
+fn tenant_pipeline(extra: &str, sink: &str) -> String {
+    format!(
+        r#"{TENANTS}
+[[pipeline]]
+name = "p"
+tenant = "payments"
+parallelism = 2
+source = {{ type = "kafka", brokers = "k:9092", topics = ["payments"] }}
+{extra}
+
+[[pipeline.plugin]]
+crate = "plugins/f"
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "k:9092"
+{sink}
+"#
+    )
+}
+
+#[test]
+fn a_tenant_s_limits_are_its_pipelines_defaults_and_ceilings() {
+    let file = parse(&tenant_pipeline("", r#"topic = "payments.large""#)).unwrap();
+    let limits = file.pipelines[0].limits();
+    assert_eq!((limits.memory_mb, limits.batch_timeout_ms), (32, 200));
+    // Set by the pipeline, at or under the tenant's: taken; the rest the
+    // tenant's.
+    let lower = tenant_pipeline(
+        "limits = { memory_mb = 16 }",
+        r#"topic = "payments.large""#,
+    );
+    let limits = parse(&lower).unwrap().pipelines[0].limits();
+    assert_eq!((limits.memory_mb, limits.batch_timeout_ms), (16, 200));
+    let over = tenant_pipeline(
+        "limits = { batch_timeout_ms = 5000 }",
+        r#"topic = "payments.large""#,
+    );
+    let err = parse(&over).unwrap_err();
+    assert_eq!(err.line, 18, "{err}");
+    assert!(
+        err.message.contains("`limits.batch_timeout_ms = 5000` is over what tenant `payments` grants (200)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pipeline_cannot_write_a_topic_or_take_a_route_its_tenant_does_not_grant() {
+    // Another tenant's topic, as the sink's topic or a route's.
+    for sink in [
+        r#"topic = "clicks.raw""#,
+        r#"topic = "payments.large"
+route_topics = { alerts = "clicks.alerts" }
+routes = ["default", "alerts"]"#,
+    ] {
+        let err = parse(&tenant_pipeline("", sink)).unwrap_err();
+        assert_eq!(err.line, 23, "{err}");
+        assert!(
+            err.message.contains("tenant `payments` may not write Kafka topic `clicks."),
+            "{err}"
+        );
+    }
+    let err = parse(&tenant_pipeline(
+        "",
+        r#"topic = "payments.large"
+routes = ["audit"]"#,
+    ))
+    .unwrap_err();
+    assert!(
+        err.message.contains("tenant `payments` may not take route `audit`"),
+        "{err}"
+    );
+    // What it grants passes: a prefix, a route.
+    parse(&tenant_pipeline(
+        "",
+        r#"topic = "payments.large"
+route_topics = { alerts = "payments.alerts" }
+routes = ["default", "alerts"]"#,
+    ))
+    .unwrap();
+}
+
+#[test]
+fn a_tenant_s_memory_budget_bounds_all_its_instances_together() {
+    // Each pipeline: 2 lanes x 1 plugin x 32 MiB (the tenant's default) =
+    // 64 MiB. One fits the budget of 128 MiB; three make 192.
+    parse(&tenant_pipeline("", r#"topic = "payments.a""#)).unwrap();
+    let mut text = tenant_pipeline("", r#"topic = "payments.a""#);
+    for name in ["q", "r"] {
+        text += &format!(
+            r#"
+[[pipeline]]
+name = "{name}"
+tenant = "payments"
+parallelism = 2
+source = {{ type = "kafka", brokers = "k:9092", topics = ["payments"] }}
+
+[[pipeline.plugin]]
+crate = "plugins/f"
+
+[[pipeline.sink]]
+type = "kafka"
+brokers = "k:9092"
+topic = "payments.{name}"
+"#
+        );
+    }
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.line, 5, "{err}");
+    assert!(
+        err.message.contains("tenant `payments`: its plugins may use up to 192 MiB")
+            && err.message.contains("over its `memory_mb_total` of 128 MiB"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pipeline_names_a_tenant_that_exists() {
+    let text = tenant_pipeline("", r#"topic = "payments.a""#).replace(
+        r#"tenant = "payments""#,
+        r#"tenant = "nobody""#,
+    );
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.line, 15, "{err}");
+    assert!(err.message.contains("no `[[tenant]]` is named `nobody`"), "{err}");
+}
