@@ -91,8 +91,8 @@ async fn produce(connection: &KafkaConnection, events: usize) -> Windows {
             r#"{{"user_id":"{user}","ts":{ts},"amount":{amount},"currency":"EUR","merchant":"m-{:03}"}}"#,
             rng.u32(0..1000)
         );
-        let window = (windows.entry((user.clone(), ts.div_euclid(WINDOW_MS) * WINDOW_MS)))
-            .or_default();
+        let window =
+            (windows.entry((user.clone(), ts.div_euclid(WINDOW_MS) * WINDOW_MS))).or_default();
         window.0 += amount;
         window.1 += 1;
         let record = FutureRecord::to("events").key(&user).payload(&value);
@@ -104,13 +104,21 @@ async fn produce(connection: &KafkaConnection, events: usize) -> Windows {
     for delivery in deliveries {
         delivery.await.unwrap().unwrap();
     }
-    let closer = format!(r#"{{"user_id":"closer","ts":{},"amount":0}}"#, base + 3_600_000_000);
+    let closer = format!(
+        r#"{{"user_id":"closer","ts":{},"amount":0}}"#,
+        base + 3_600_000_000
+    );
     for partition in 0..PARTITIONS {
         let record = FutureRecord::to("events")
             .key("closer")
             .payload(&closer)
             .partition(partition);
-        producer.send_result(record).unwrap().await.unwrap().unwrap();
+        producer
+            .send_result(record)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
     }
     windows
 }
@@ -238,7 +246,10 @@ columns = {{ window_start = "bigint", window_end = "bigint", key = "text", total
     let (client, connection) = tokio_postgres::connect(POSTGRES, NoTls).await.unwrap();
     tokio::spawn(connection);
     let rows = client
-        .query(&format!("SELECT key, window_start, total, n FROM {name}"), &[])
+        .query(
+            &format!("SELECT key, window_start, total, n FROM {name}"),
+            &[],
+        )
         .await
         .unwrap();
     let got: Windows = rows
@@ -300,7 +311,10 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let brokers = broker.brokers();
     let (native_s, native_windows) = tokio::task::block_in_place(|| native(&brokers, events));
-    assert!(native_windows == expected, "the native baseline's windows differ");
+    assert!(
+        native_windows == expected,
+        "the native baseline's windows differ"
+    );
 
     let (mut on, mut off) = (Vec::new(), Vec::new());
     let (mut on_pauses, mut off_pauses, mut snapshots) = (Vec::new(), Vec::new(), Vec::new());

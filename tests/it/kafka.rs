@@ -263,7 +263,13 @@ impl LoggedWorker {
         let file = (std::fs::OpenOptions::new().create(true).append(true))
             .open(&log)
             .unwrap();
-        let child = spawn(path, &scratch.path("cache"), worker, Stdio::from(file), filter);
+        let child = spawn(
+            path,
+            &scratch.path("cache"),
+            worker,
+            Stdio::from(file),
+            filter,
+        );
         LoggedWorker { child, log }
     }
 

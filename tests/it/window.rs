@@ -201,7 +201,6 @@ async fn windowed_kafka_run(
     live: bool,
     drive: impl FnOnce(&Scratch, &std::path::Path, &crate::kafka::Watcher, i64),
 ) -> WindowedRun {
-
     const EVENTS: usize = 60_000;
     const PARTITIONS: i32 = 6;
     // Event time an hour ago: a broker's retention would delete results
@@ -249,7 +248,12 @@ async fn windowed_kafka_run(
                 .partition(partition)
                 .key("end")
                 .payload(&end);
-            producer.send_result(record).unwrap().await.unwrap().unwrap();
+            producer
+                .send_result(record)
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
         }
     });
     let mut producing = Some(producing);
@@ -480,7 +484,12 @@ async fn kafka_windows_exactly_once_move_with_their_state_to_a_joining_worker() 
 fn assert_each_window_once(run: &WindowedRun) {
     let wrong: Vec<String> = (run.expected.iter())
         .filter(|(window, exact)| run.got.get(*window) != Some(&vec![**exact]))
-        .map(|(window, exact)| format!("{window:?}: {:?}, expected [{exact:?}]", run.got.get(window)))
+        .map(|(window, exact)| {
+            format!(
+                "{window:?}: {:?}, expected [{exact:?}]",
+                run.got.get(window)
+            )
+        })
         .collect();
     let unexpected: Vec<_> = (run.got.keys())
         .filter(|w| !run.expected.contains_key(*w))

@@ -220,7 +220,8 @@ pub enum SourceConfig {
 
 /// A tenant's grant list as a message shows it.
 fn granted(list: &Option<Spanned<Vec<String>>>) -> String {
-    list.as_ref().map_or_else(|| "any".into(), |list| list.get_ref().join(", "))
+    list.as_ref()
+        .map_or_else(|| "any".into(), |list| list.get_ref().join(", "))
 }
 
 /// How a line-based source checks its lines.
@@ -633,11 +634,17 @@ impl PipelineFile {
             if name.get_ref().is_empty() || !names.insert(name.get_ref().as_str()) {
                 return Err(self.error_at(
                     name.span().start,
-                    format!("tenant names must be unique and not empty: `{}`", name.get_ref()),
+                    format!(
+                        "tenant names must be unique and not empty: `{}`",
+                        name.get_ref()
+                    ),
                 ));
             }
             if let Err(message) = tenant.limits() {
-                let at = tenant.limits.as_ref().map_or(name.span().start, |l| l.span().start);
+                let at = tenant
+                    .limits
+                    .as_ref()
+                    .map_or(name.span().start, |l| l.span().start);
                 return Err(self.error_at(at, format!("tenant `{}`: {message}", name.get_ref())));
             }
         }
@@ -647,9 +654,14 @@ impl PipelineFile {
         let raw_pipelines = raw.get("pipeline").and_then(toml::Value::as_array);
         let mut resolved = Vec::new();
         for (index, pipeline) in self.pipelines.iter().enumerate() {
-            let Some(wanted) = &pipeline.tenant else { continue };
+            let Some(wanted) = &pipeline.tenant else {
+                continue;
+            };
             let name = pipeline.name.get_ref();
-            let Some(tenant) = self.tenants.iter().find(|t| t.name.get_ref() == wanted.get_ref())
+            let Some(tenant) = self
+                .tenants
+                .iter()
+                .find(|t| t.name.get_ref() == wanted.get_ref())
             else {
                 return Err(self.error_at(
                     wanted.span().start,
@@ -663,8 +675,9 @@ impl PipelineFile {
                 .and_then(|raw| raw.get("limits"))
                 .and_then(toml::Value::as_table);
             let at = (pipeline.limits.as_ref()).map_or(wanted.span(), |l| l.span());
-            let limits = crate::tenant::limits_under(tenant, own)
-                .map_err(|message| self.error_at(at.start, format!("pipeline `{name}`: {message}")))?;
+            let limits = crate::tenant::limits_under(tenant, own).map_err(|message| {
+                self.error_at(at.start, format!("pipeline `{name}`: {message}"))
+            })?;
             resolved.push((index, Spanned::new(at, limits)));
             self.check_grants(pipeline, tenant)?;
         }
@@ -672,11 +685,16 @@ impl PipelineFile {
             self.pipelines[index].limits = Some(limits);
         }
         for tenant in &self.tenants {
-            let Some(budget) = &tenant.memory_mb_total else { continue };
+            let Some(budget) = &tenant.memory_mb_total else {
+                continue;
+            };
             let mut total = 0u64;
             let mut parts = Vec::new();
-            let members = (self.pipelines.iter())
-                .filter(|p| p.tenant.as_ref().is_some_and(|t| t.get_ref() == tenant.name.get_ref()));
+            let members = (self.pipelines.iter()).filter(|p| {
+                p.tenant
+                    .as_ref()
+                    .is_some_and(|t| t.get_ref() == tenant.name.get_ref())
+            });
             for pipeline in members {
                 let lanes = pipeline.lanes() as u64;
                 let plugins = pipeline.plugins.len() as u64
@@ -717,7 +735,8 @@ impl PipelineFile {
         let (name, owner) = (pipeline.name.get_ref(), tenant.name.get_ref());
         for sink in pipeline.sinks.iter().chain(&pipeline.dead_letter) {
             let at = sink.span().start;
-            if let Some(route) = (sink.get_ref().routes().iter()).find(|r| !tenant.allows_route(r)) {
+            if let Some(route) = (sink.get_ref().routes().iter()).find(|r| !tenant.allows_route(r))
+            {
                 return Err(self.error_at(
                     at,
                     format!(
@@ -727,7 +746,9 @@ impl PipelineFile {
                     ),
                 ));
             }
-            let SinkConfig::Kafka(kafka) = sink.get_ref() else { continue };
+            let SinkConfig::Kafka(kafka) = sink.get_ref() else {
+                continue;
+            };
             let topics = std::iter::once(&kafka.topic).chain(kafka.route_topics.values());
             if let Some(topic) = topics.into_iter().find(|t| !tenant.allows_topic(t)) {
                 return Err(self.error_at(
@@ -740,9 +761,11 @@ impl PipelineFile {
                 ));
             }
         }
-        if let (SourceConfig::Kafka(kafka), Some(_), Delivery::ExactlyOnce) =
-            (pipeline.source.get_ref(), &pipeline.window, pipeline.delivery)
-        {
+        if let (SourceConfig::Kafka(kafka), Some(_), Delivery::ExactlyOnce) = (
+            pipeline.source.get_ref(),
+            &pipeline.window,
+            pipeline.delivery,
+        ) {
             let state = kafka.changelog(name).topic;
             if !tenant.allows_topic(&state) {
                 return Err(self.error_at(

@@ -324,20 +324,41 @@ fn a_tenant_s_limits_are_its_pipelines_defaults_and_ceilings() {
     assert_eq!((limits.memory_mb, limits.batch_timeout_ms), (32, 200));
     // Set by the pipeline, at or under the tenant's: taken; the rest the
     // tenant's.
-    let lower = tenant_pipeline(
-        "limits = { memory_mb = 16 }",
-        r#"topic = "payments.large""#,
-    );
+    let lower = tenant_pipeline("limits = { memory_mb = 16 }", r#"topic = "payments.large""#);
     let limits = parse(&lower).unwrap().pipelines[0].limits();
     assert_eq!((limits.memory_mb, limits.batch_timeout_ms), (16, 200));
     let over = tenant_pipeline(
         "limits = { batch_timeout_ms = 5000 }",
         r#"topic = "payments.large""#,
     );
+    // A longer fault window is stricter (more faults count): taken; a
+    // shorter one is not.
+    let stricter = tenant_pipeline(
+        "limits = { fault_window_s = 600 }",
+        r#"topic = "payments.large""#,
+    );
+    assert_eq!(
+        parse(&stricter).unwrap().pipelines[0]
+            .limits()
+            .fault_window_s,
+        600
+    );
+    let looser = tenant_pipeline(
+        "limits = { fault_window_s = 5 }",
+        r#"topic = "payments.large""#,
+    );
+    let err = parse(&looser).unwrap_err();
+    assert!(
+        err.message
+            .contains("is under what tenant `payments` grants (60)"),
+        "{err}"
+    );
     let err = parse(&over).unwrap_err();
     assert_eq!(err.line, 18, "{err}");
     assert!(
-        err.message.contains("`limits.batch_timeout_ms = 5000` is over what tenant `payments` grants (200)"),
+        err.message.contains(
+            "`limits.batch_timeout_ms = 5000` is over what tenant `payments` grants (200)"
+        ),
         "{err}"
     );
 }
@@ -354,7 +375,8 @@ routes = ["default", "alerts"]"#,
         let err = parse(&tenant_pipeline("", sink)).unwrap_err();
         assert_eq!(err.line, 23, "{err}");
         assert!(
-            err.message.contains("tenant `payments` may not write Kafka topic `clicks."),
+            err.message
+                .contains("tenant `payments` may not write Kafka topic `clicks."),
             "{err}"
         );
     }
@@ -365,7 +387,8 @@ routes = ["audit"]"#,
     ))
     .unwrap_err();
     assert!(
-        err.message.contains("tenant `payments` may not take route `audit`"),
+        err.message
+            .contains("tenant `payments` may not take route `audit`"),
         "{err}"
     );
     // What it grants passes: a prefix, a route.
@@ -406,19 +429,23 @@ topic = "payments.{name}"
     let err = parse(&text).unwrap_err();
     assert_eq!(err.line, 5, "{err}");
     assert!(
-        err.message.contains("tenant `payments`: its plugins may use up to 192 MiB")
-            && err.message.contains("over its `memory_mb_total` of 128 MiB"),
+        err.message
+            .contains("tenant `payments`: its plugins may use up to 192 MiB")
+            && err
+                .message
+                .contains("over its `memory_mb_total` of 128 MiB"),
         "{err}"
     );
 }
 
 #[test]
 fn a_pipeline_names_a_tenant_that_exists() {
-    let text = tenant_pipeline("", r#"topic = "payments.a""#).replace(
-        r#"tenant = "payments""#,
-        r#"tenant = "nobody""#,
-    );
+    let text = tenant_pipeline("", r#"topic = "payments.a""#)
+        .replace(r#"tenant = "payments""#, r#"tenant = "nobody""#);
     let err = parse(&text).unwrap_err();
     assert_eq!(err.line, 15, "{err}");
-    assert!(err.message.contains("no `[[tenant]]` is named `nobody`"), "{err}");
+    assert!(
+        err.message.contains("no `[[tenant]]` is named `nobody`"),
+        "{err}"
+    );
 }

@@ -124,7 +124,9 @@ impl Changelog {
             )?;
             let Some(image) = &part.window else { continue };
             // An empty image is still one (empty) chunk.
-            let chunks = image.chunks(CHUNK_BYTES).chain(image.is_empty().then_some(&[][..]));
+            let chunks = image
+                .chunks(CHUNK_BYTES)
+                .chain(image.is_empty().then_some(&[][..]));
             let mut deliveries = Vec::new();
             for (index, chunk) in chunks.enumerate() {
                 let key = chunk_key(&position.topic, position.partition, index);
@@ -143,15 +145,16 @@ impl Changelog {
                 };
                 first.get_or_insert((delivered.partition, delivered.offset));
             }
-            let Some((partition, first)) = first else { continue };
+            let Some((partition, first)) = first else {
+                continue;
+            };
             let pointer = Pointer {
                 partition,
                 first,
                 chunks,
                 token,
             };
-            if let Some(mut element) = offsets.find_partition(&position.topic, position.partition)
-            {
+            if let Some(mut element) = offsets.find_partition(&position.topic, position.partition) {
                 element.set_metadata(pointer.format());
             }
         }
@@ -227,7 +230,9 @@ impl ChangelogClaimer {
         let mut states = Vec::new();
         let mut pointers: Vec<(usize, Pointer)> = Vec::new();
         for element in committed.elements() {
-            let Offset::Offset(next) = element.offset() else { continue };
+            let Offset::Offset(next) = element.offset() else {
+                continue;
+            };
             if next <= 0 {
                 continue;
             }
@@ -284,7 +289,9 @@ impl ChangelogClaimer {
                 Some(Ok(message)) => message,
             };
             let key = String::from_utf8_lossy(message.key().unwrap_or_default());
-            let Some(&(at, pointer)) = wanted.get(&*key) else { continue };
+            let Some(&(at, pointer)) = wanted.get(&*key) else {
+                continue;
+            };
             let token = (message.headers())
                 .and_then(|headers| headers.iter().find(|h| h.key == TOKEN_HEADER))
                 .and_then(|h| h.value)
@@ -312,7 +319,9 @@ impl ChangelogClaimer {
 fn missing(wanted: &HashMap<String, (usize, Pointer)>, why: &str) -> String {
     let mut keys: Vec<&String> = wanted.keys().collect();
     keys.sort();
-    let (first, pointer) = keys.first().map_or(("", None), |k| (k.as_str(), wanted.get(*k)));
+    let (first, pointer) = keys
+        .first()
+        .map_or(("", None), |k| (k.as_str(), wanted.get(*k)));
     format!(
         "the window state a committed offset points at {why}: {} chunk(s) missing, the first \
          `{first}` of the checkpoint at offset {}",

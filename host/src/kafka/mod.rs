@@ -81,7 +81,9 @@ impl KafkaConnection {
             .iter()
             .map(|name| {
                 let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
-                settings.iter().fold(topic, |topic, (key, value)| topic.set(key, value))
+                settings
+                    .iter()
+                    .fold(topic, |topic, (key, value)| topic.set(key, value))
             })
             .collect();
         let mut created = false;

@@ -16,8 +16,8 @@ use rdkafka::producer::{FutureProducer, Producer as _};
 
 use super::{Changelog, KafkaConnection};
 use crate::source::Checkpoint;
-use crate::state::Snapshot;
 use crate::source::kafka::{GroupConsumer, next_offsets};
+use crate::state::Snapshot;
 
 /// How long one transactional call may take before the pipeline fails.
 const TIMEOUT: Duration = Duration::from_secs(30);

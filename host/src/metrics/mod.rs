@@ -47,7 +47,9 @@ impl Recent {
     pub const KEPT: usize = 4096;
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Duration>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn push(&self, duration: Duration) {

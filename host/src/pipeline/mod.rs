@@ -763,6 +763,13 @@ enum Keeper {
     Transaction,
 }
 
+fn transaction_failed(err: impl std::fmt::Display) -> SinkError {
+    SinkError::Io {
+        sink: "kafka transaction".into(),
+        source: std::io::Error::other(err.to_string()),
+    }
+}
+
 /// How often a window looks at the clock when no record comes.
 const WINDOW_TICK: Duration = Duration::from_millis(200);
 
@@ -995,28 +1002,15 @@ impl SinkWriter {
         Ok(())
     }
 
-    /// Exactly-once: checks that no partition was taken away before its
-    /// batches committed, then commits the open transaction with `commit`.
-    /// An error ends the writer, which aborts the transaction.
-    async fn commit_transaction<F>(
-        transaction: Option<Arc<KafkaTransaction>>,
-        committer: Arc<dyn Committer>,
-        commit: impl FnOnce(Arc<KafkaTransaction>) -> F,
-    ) -> Result<(), SinkError>
-    where
-        F: Future<Output = Result<(), rdkafka::error::KafkaError>>,
-    {
-        let Some(transaction) = transaction else {
-            return Ok(());
+    /// Exactly-once: the open transaction, once it is checked that no
+    /// partition was taken away before its batches committed. An error
+    /// (here or committing) ends the writer, which aborts the transaction.
+    fn transaction_to_commit(&self) -> Result<Option<Arc<KafkaTransaction>>, SinkError> {
+        let Some(transaction) = &self.transaction else {
+            return Ok(None);
         };
-        let failed = |err: String| SinkError::Io {
-            sink: "kafka transaction".into(),
-            source: std::io::Error::other(err),
-        };
-        committer.verify().map_err(|err| failed(err.to_string()))?;
-        commit(transaction)
-            .await
-            .map_err(|err| failed(err.to_string()))
+        self.committer.verify().map_err(transaction_failed)?;
+        Ok(Some(transaction.clone()))
     }
 
     fn count_sent(&mut self) {
@@ -1089,12 +1083,10 @@ impl SinkWriter {
                 let durable = match keeper {
                     Keeper::Sink(at) => self.sinks[at].sink.commit(&snapshot).await?,
                     Keeper::Transaction => {
-                        let (transaction, committer) =
-                            (self.transaction.clone(), self.committer.clone());
-                        Self::commit_transaction(transaction, committer, |transaction| async move {
-                            transaction.commit_snapshot(&snapshot).await
-                        })
-                        .await?;
+                        if let Some(transaction) = self.transaction_to_commit()? {
+                            let committed = transaction.commit_snapshot(&snapshot).await;
+                            committed.map_err(transaction_failed)?;
+                        }
                         true
                     }
                 };
@@ -1140,13 +1132,11 @@ impl SinkWriter {
             self.count_sent();
             return Ok(());
         };
-        if self.keeper != Some(Keeper::Transaction) {
-            let checkpoint = &checkpoint;
-            let (transaction, committer) = (self.transaction.clone(), self.committer.clone());
-            Self::commit_transaction(transaction, committer, |transaction| async move {
-                transaction.commit(checkpoint).await
-            })
-            .await?;
+        if self.keeper != Some(Keeper::Transaction)
+            && let Some(transaction) = self.transaction_to_commit()?
+        {
+            let committed = transaction.commit(&checkpoint).await;
+            committed.map_err(transaction_failed)?;
         }
         self.count_sent();
         // With a transaction this only tells the source what is committed.

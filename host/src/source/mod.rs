@@ -327,9 +327,7 @@ pub async fn open(
 pub fn claimer(pipeline: &PipelineConfig) -> Option<Box<dyn crate::state::Claimer>> {
     match pipeline.source.get_ref() {
         SourceConfig::Kafka(kafka) => kafka::claimer(kafka, pipeline),
-        SourceConfig::File { .. } | SourceConfig::Stdin { .. } | SourceConfig::Generator(_) => {
-            None
-        }
+        SourceConfig::File { .. } | SourceConfig::Stdin { .. } | SourceConfig::Generator(_) => None,
     }
 }
 

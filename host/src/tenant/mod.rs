@@ -39,24 +39,32 @@ pub struct TenantConfig {
 impl TenantConfig {
     /// Its limits: the defaults overlaid with the keys it sets.
     pub fn limits(&self) -> Result<LimitsConfig, String> {
-        let table = self.limits.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default();
+        let table = self
+            .limits
+            .as_ref()
+            .map(|t| t.get_ref().clone())
+            .unwrap_or_default();
         LimitsConfig::deserialize(toml::Value::Table(table)).map_err(|err| err.message().to_owned())
     }
 
     /// Whether its pipelines may write Kafka topic `topic`.
     pub fn allows_topic(&self, topic: &str) -> bool {
         self.topics.as_ref().is_none_or(|allowed| {
-            allowed.get_ref().iter().any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => topic.starts_with(prefix),
-                None => topic == pattern,
-            })
+            allowed
+                .get_ref()
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => topic.starts_with(prefix),
+                    None => topic == pattern,
+                })
         })
     }
 
     /// Whether its pipelines' sinks may take route `route`.
     pub fn allows_route(&self, route: &str) -> bool {
         route == DEFAULT_ROUTE
-            || (self.routes.as_ref()).is_none_or(|allowed| allowed.get_ref().iter().any(|r| r == route))
+            || (self.routes.as_ref())
+                .is_none_or(|allowed| allowed.get_ref().iter().any(|r| r == route))
     }
 }
 
@@ -71,13 +79,21 @@ pub fn limits_under(
     let mut merged = toml::Table::try_from(&ceiling).map_err(|err| err.to_string())?;
     let ceilings = merged.clone();
     for (key, value) in own.into_iter().flatten() {
-        if let (Some(asked), Some(most)) = (value.as_integer(), ceilings.get(key).and_then(toml::Value::as_integer))
-            && asked > most
-        {
-            return Err(format!(
-                "`limits.{key} = {asked}` is over what tenant `{}` grants ({most})",
-                tenant.name.get_ref()
-            ));
+        if let (Some(asked), Some(granted)) = (
+            value.as_integer(),
+            ceilings.get(key).and_then(toml::Value::as_integer),
+        ) {
+            // A longer fault window counts more faults: stricter.
+            let (looser, than) = match key.as_str() {
+                "fault_window_s" => (asked < granted, "under"),
+                _ => (asked > granted, "over"),
+            };
+            if looser {
+                return Err(format!(
+                    "`limits.{key} = {asked}` is {than} what tenant `{}` grants ({granted})",
+                    tenant.name.get_ref()
+                ));
+            }
         }
         merged.insert(key.clone(), value.clone());
     }

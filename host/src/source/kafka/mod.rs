@@ -96,10 +96,16 @@ pub async fn open(
     // With a window, checkpoints keep its state in a changelog topic.
     let changelog = pipeline.window.as_ref().map(|_| config.changelog(name));
     if let Some(changelog) = &changelog {
-        changelog.ensure_topic().await.map_err(|err| SourceError::Io {
-            what: format!("window state topic `{}` of pipeline `{name}`", changelog.topic),
-            source: std::io::Error::other(err),
-        })?;
+        changelog
+            .ensure_topic()
+            .await
+            .map_err(|err| SourceError::Io {
+                what: format!(
+                    "window state topic `{}` of pipeline `{name}`",
+                    changelog.topic
+                ),
+                source: std::io::Error::other(err),
+            })?;
     }
     let started = tokio::task::spawn_blocking(move || {
         KafkaTransaction::start(&connection, &id, consumer, changelog)
