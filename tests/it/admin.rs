@@ -149,8 +149,13 @@ address = "127.0.0.1:0"
 token = "s3cret"
 max_upload_mb = 1
 
+[[tenant]]
+name = "payments"
+limits = { memory_mb = 48 }
+
 [[pipeline]]
 name = "live"
+tenant = "payments"
 parallelism = 2
 source = { type = "generator", kind = "payments", rate = 2000 }
 batch = { max_records = 8, linger_ms = 1 }
@@ -168,9 +173,11 @@ path = "{dir}/out.txt"
 
     let shown = worker.ok(&scratch, &["status"]);
     assert!(
-        shown.contains("pipeline `live`: running, 2 lane(s)") && shown.contains("tag-a 0.1.0"),
+        shown.contains("pipeline `live` of tenant `payments`: running, 2 lane(s)")
+            && shown.contains("tag-a 0.1.0"),
         "{shown}"
     );
+    assert_eq!(worker.status(&scratch)["tenant"], "payments");
 
     // Refusals, each with its own message.
     let err = worker.refused(&scratch, &["status"], None);

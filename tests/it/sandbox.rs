@@ -58,6 +58,44 @@ path = "out.jsonl"
     );
 }
 
+/// A pipeline that sets no limits of its own runs under its tenant's: the
+/// same hostile plugin is stopped at the tenant's 16 MiB.
+#[test]
+fn a_pipeline_without_limits_of_its_own_is_held_to_its_tenant_s() {
+    let scratch = Scratch::new();
+    scratch.write("in.jsonl", "{\"n\":1}\n");
+    let wasm = hostile("many-memories");
+    let path = scratch.pipeline(&format!(
+        r#"
+[[tenant]]
+name = "guests"
+limits = {{ memory_mb = 16 }}
+
+[[pipeline]]
+name = "hostile"
+tenant = "guests"
+source = {{ type = "file", path = "in.jsonl" }}
+
+[[pipeline.plugin]]
+wasm = "{}"
+
+[[pipeline.sink]]
+type = "file"
+path = "out.jsonl"
+"#,
+        wasm.display()
+    ));
+    let run = run_measured(&mut weir(&scratch, &["run", path.to_str().unwrap()]), HANG);
+    let err = stderr(&run.output);
+    assert!(!run.output.status.success(), "{err}");
+    assert!(err.contains("exceeded its memory cap of 16 MiB"), "{err}");
+    assert!(
+        run.peak_rss_mib < 200,
+        "weir reached {} MiB running a plugin its tenant caps at 16 MiB",
+        run.peak_rss_mib
+    );
+}
+
 #[test]
 fn a_plugin_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
     let limits = Limits {

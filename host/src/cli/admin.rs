@@ -112,8 +112,11 @@ fn describe(status: &PipelineStatus) -> String {
     use std::fmt::Write as _;
     let c = &status.counters;
     let mut out = format!(
-        "pipeline `{}`: {}{}, {} lane(s)\n  {} in, {} out, {} dropped, {} dead-lettered, {} plugin faults, {} batches in {:.1} s\n",
+        "pipeline `{}`{}: {}{}, {} lane(s)\n  {} in, {} out, {} dropped, {} dead-lettered, {} plugin faults, {} batches in {:.1} s\n",
         status.name,
+        (status.tenant.as_ref())
+            .map(|t| format!(" of tenant `{t}`"))
+            .unwrap_or_default(),
         status.state,
         status
             .reason

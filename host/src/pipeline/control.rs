@@ -248,6 +248,9 @@ impl From<MetricsSnapshot> for Counters {
 pub struct PipelineStatus {
     /// Its name.
     pub name: String,
+    /// The tenant it belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// What it is doing.
     pub state: RunState,
     /// Why it is quarantined, failed or paused, when it is.
@@ -524,6 +527,7 @@ pub(super) struct Controller {
 /// What the controller of a pipeline starts from.
 pub(super) struct ControlledPipeline<'a> {
     pub name: &'a str,
+    pub tenant: Option<&'a str>,
     pub engine: &'a PluginEngine,
     pub lanes: usize,
     /// The first lane's plugins.
@@ -552,6 +556,7 @@ impl Controller {
     ) -> (Self, PipelineHandle) {
         let ControlledPipeline {
             name: pipeline,
+            tenant,
             engine,
             lanes,
             slots,
@@ -581,6 +586,7 @@ impl Controller {
             .collect();
         let board = Arc::new(Mutex::new(PipelineStatus {
             name: pipeline.to_owned(),
+            tenant: tenant.map(str::to_owned),
             state: RunState::Running,
             reason: None,
             lanes,

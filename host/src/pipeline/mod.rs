@@ -458,6 +458,7 @@ impl Pipeline {
         let (controller, handle) = Controller::new(
             ControlledPipeline {
                 name: &name,
+                tenant: pipeline.tenant.as_ref().map(|t| t.get_ref().as_str()),
                 engine,
                 lanes: lanes.len(),
                 slots: lanes[0].slots(),
