@@ -20,17 +20,20 @@ fn records(values: &[&str]) -> Vec<TestRecord> {
 /// Long enough for any honest run here; a run past it has hung.
 const HANG: Duration = Duration::from_secs(120);
 
-#[test]
-fn a_component_with_many_memories_is_held_to_one_cap_for_the_whole_instance() {
+/// Runs the `many-memories` plugin (40 memories of 24 MiB, each under any
+/// cap here) over one record, `before` the pipeline and `within` its
+/// table; checks that the run failed, naming a cap of `cap_mib`, and that
+/// weir stayed far under what the memories would take. Gives the log.
+fn run_many_memories(before: &str, within: &str, cap_mib: u64) -> (std::path::PathBuf, String) {
     let scratch = Scratch::new();
     scratch.write("in.jsonl", "{\"n\":1}\n");
     let wasm = hostile("many-memories");
     let path = scratch.pipeline(&format!(
-        r#"
+        r#"{before}
 [[pipeline]]
 name = "hostile"
 source = {{ type = "file", path = "in.jsonl" }}
-limits = {{ memory_mb = 32 }}
+{within}
 
 [[pipeline.plugin]]
 wasm = "{}"
@@ -45,54 +48,36 @@ path = "out.jsonl"
     let err = stderr(&run.output);
     assert!(!run.output.status.success(), "{err}");
     assert!(
-        err.contains("exceeded its memory cap of 32 MiB")
-            && err.contains("all its memories and tables together"),
+        err.contains(&format!("exceeded its memory cap of {cap_mib} MiB")),
+        "{err}"
+    );
+    // 40 memories of 24 MiB would be 960 MiB.
+    assert!(
+        run.peak_rss_mib < 200,
+        "weir reached {} MiB running a plugin capped at {cap_mib} MiB",
+        run.peak_rss_mib
+    );
+    (path, err)
+}
+
+#[test]
+fn a_component_with_many_memories_is_held_to_one_cap_for_the_whole_instance() {
+    let (path, err) = run_many_memories("", "limits = { memory_mb = 32 }", 32);
+    assert!(
+        err.contains("all its memories and tables together"),
         "{err}"
     );
     assert!(err.contains(&format!("{}:8:", path.display())), "{err}");
-    // 40 memories of 24 MiB, each under the cap, would be 960 MiB.
-    assert!(
-        run.peak_rss_mib < 200,
-        "weir reached {} MiB running a plugin capped at 32 MiB",
-        run.peak_rss_mib
-    );
 }
 
 /// A pipeline that sets no limits of its own runs under its tenant's: the
 /// same hostile plugin is stopped at the tenant's 16 MiB.
 #[test]
 fn a_pipeline_without_limits_of_its_own_is_held_to_its_tenant_s() {
-    let scratch = Scratch::new();
-    scratch.write("in.jsonl", "{\"n\":1}\n");
-    let wasm = hostile("many-memories");
-    let path = scratch.pipeline(&format!(
-        r#"
-[[tenant]]
-name = "guests"
-limits = {{ memory_mb = 16 }}
-
-[[pipeline]]
-name = "hostile"
-tenant = "guests"
-source = {{ type = "file", path = "in.jsonl" }}
-
-[[pipeline.plugin]]
-wasm = "{}"
-
-[[pipeline.sink]]
-type = "file"
-path = "out.jsonl"
-"#,
-        wasm.display()
-    ));
-    let run = run_measured(&mut weir(&scratch, &["run", path.to_str().unwrap()]), HANG);
-    let err = stderr(&run.output);
-    assert!(!run.output.status.success(), "{err}");
-    assert!(err.contains("exceeded its memory cap of 16 MiB"), "{err}");
-    assert!(
-        run.peak_rss_mib < 200,
-        "weir reached {} MiB running a plugin its tenant caps at 16 MiB",
-        run.peak_rss_mib
+    run_many_memories(
+        "[[tenant]]\nname = \"guests\"\nlimits = { memory_mb = 16 }\n",
+        "tenant = \"guests\"",
+        16,
     );
 }
 
