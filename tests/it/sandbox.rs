@@ -390,6 +390,46 @@ path = "dead.jsonl"
     (run, out.lines().map(str::to_owned).collect(), dead)
 }
 
+/// A CPU-time budget charges what a plugin runs, not what it waits: the
+/// record that spins is stopped by `cpu_ms_per_batch` (long before the
+/// deadline), the one that sleeps in a host call by the deadline, never by
+/// the CPU budget; every other record goes on, in order.
+#[test]
+fn a_spinning_plugin_is_stopped_by_its_cpu_budget_and_a_waiting_one_is_not_charged() {
+    let scratch = Scratch::new();
+    let mut lines: Vec<String> = (0..200).map(|i| format!("line-{i}")).collect();
+    lines[50] = "spin".into();
+    lines[150] = "sleep".into();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let (run, out, dead) = run_lines(
+        &scratch,
+        &lines,
+        "batch_timeout_ms = 3000, cpu_ms_per_batch = 100",
+        "",
+    );
+    let err = stderr(&run.output);
+    assert!(run.output.status.success(), "{err}");
+    let kept: Vec<&str> = (lines.iter().enumerate())
+        .filter(|(i, _)| ![50, 150].contains(i))
+        .map(|(_, l)| *l)
+        .collect();
+    assert_eq!(out, kept, "every other line, in order");
+    let offsets: Vec<i64> = dead.iter().map(|(line, _)| *line).collect();
+    assert_eq!(offsets, [51, 151], "line numbers");
+    assert!(
+        dead[0]
+            .1
+            .contains("used more than its 100ms of CPU time per call"),
+        "{:?}",
+        dead[0]
+    );
+    assert!(
+        dead[1].1.contains("exceeded its deadline of 3s"),
+        "{:?}",
+        dead[1]
+    );
+}
+
 #[test]
 fn poison_records_are_dead_lettered_alone_and_the_rest_go_on_in_order() {
     let scratch = Scratch::new();

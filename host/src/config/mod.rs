@@ -281,6 +281,11 @@ pub struct LimitsConfig {
     /// Wall-clock budget for one plugin call (one batch, or `init`), in
     /// milliseconds; sleeps and other host calls end by it too.
     pub batch_timeout_ms: u64,
+    /// CPU time budget for one plugin call, in milliseconds, counted on the
+    /// thread that runs it: a plugin descheduled by a busy neighbour, or
+    /// waiting in a host call, is not charged for it. 0: none (only
+    /// `batch_timeout_ms`).
+    pub cpu_ms_per_batch: u64,
     /// Most outputs one input record may have; a record with more is
     /// dead-lettered.
     pub outputs_per_record: u32,
@@ -313,6 +318,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             memory_mb: limits.memory_bytes >> 20,
             batch_timeout_ms: limits.batch_deadline.as_millis() as u64,
+            cpu_ms_per_batch: 0,
             outputs_per_record: limits.outputs_per_record,
             output_mb_per_batch: limits.output_bytes_per_batch >> 20,
             counter_name_bytes: limits.counter_name_bytes,
@@ -382,6 +388,12 @@ impl LimitsConfig {
         )?;
         range("fault_window_s", self.fault_window_s, 1, 7 * 24 * 3600)?;
         range(
+            "cpu_ms_per_batch",
+            self.cpu_ms_per_batch,
+            0,
+            self.batch_timeout_ms,
+        )?;
+        range(
             "max_record_bytes",
             self.max_record_bytes as u64,
             1 << 10,
@@ -395,6 +407,8 @@ impl LimitsConfig {
         Limits {
             memory_bytes: self.memory_mb << 20,
             batch_deadline: Duration::from_millis(self.batch_timeout_ms),
+            cpu_per_call: (self.cpu_ms_per_batch > 0)
+                .then(|| Duration::from_millis(self.cpu_ms_per_batch)),
             outputs_per_record: self.outputs_per_record,
             output_bytes_per_batch: self.output_mb_per_batch << 20,
             counter_name_bytes: self.counter_name_bytes,

@@ -350,14 +350,28 @@ fn a_tenant_s_limits_are_its_pipelines_defaults_and_ceilings() {
     let err = parse(&looser).unwrap_err();
     assert!(
         err.message
-            .contains("is under what tenant `payments` grants (60)"),
+            .contains("is looser than what tenant `payments` grants (60)"),
+        "{err}"
+    );
+    // A tenant's CPU budget cannot be turned off (0) by a pipeline.
+    let cpu = TENANTS.replace("memory_mb = 32,", "memory_mb = 32, cpu_ms_per_batch = 50,");
+    let free = tenant_pipeline(
+        "limits = { cpu_ms_per_batch = 0 }",
+        r#"topic = "payments.large""#,
+    )
+    .replace(TENANTS, &cpu);
+    let err = parse(&free).unwrap_err();
+    assert!(
+        err.message.contains(
+            "`limits.cpu_ms_per_batch = 0` is looser than what tenant `payments` grants (50)"
+        ),
         "{err}"
     );
     let err = parse(&over).unwrap_err();
     assert_eq!(err.line, 18, "{err}");
     assert!(
         err.message.contains(
-            "`limits.batch_timeout_ms = 5000` is over what tenant `payments` grants (200)"
+            "`limits.batch_timeout_ms = 5000` is looser than what tenant `payments` grants (200)"
         ),
         "{err}"
     );

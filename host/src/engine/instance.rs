@@ -47,6 +47,11 @@ pub enum PluginErrorKind {
     /// The plugin ran past its deadline (in its code or in a host call).
     #[error("exceeded its deadline of {0:?} per call and was stopped")]
     Deadline(Duration),
+    /// The plugin used more CPU time in one call than its budget.
+    #[error(
+        "used more than its {0:?} of CPU time per call (`limits.cpu_ms_per_batch`) and was stopped"
+    )]
+    CpuTime(Duration),
     /// The plugin asked for more memory than its budget, counting every
     /// memory and table of the instance.
     #[error(
@@ -113,6 +118,10 @@ pub(super) struct StoreState {
     /// Raised when a sleep was cut by the deadline: the call has failed even
     /// if the plugin goes on to return.
     pub(super) deadline_hit: Arc<AtomicBool>,
+    /// The calling thread's CPU time when the current call started.
+    cpu_started: Duration,
+    /// Raised when the current call used up its CPU time.
+    cpu_hit: bool,
     /// Zero of the plugin's monotonic clock.
     pub(super) clock_start: Instant,
     /// "name version", for log lines.
@@ -268,6 +277,8 @@ impl Instance {
             budget: InstanceBudget::new(limits.memory_bytes),
             deadline: None,
             deadline_hit: Arc::default(),
+            cpu_started: Duration::ZERO,
+            cpu_hit: false,
             clock_start,
             plugin: label.clone(),
             limits: limits.clone(),
@@ -277,7 +288,22 @@ impl Instance {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.budget);
-        store.epoch_deadline_trap();
+        match limits.cpu_per_call {
+            // Checked at every epoch tick: the CPU time used, and the
+            // deadline (the epoch deadline is one tick at a time).
+            Some(budget) => store.epoch_deadline_callback(move |mut store| {
+                let state = store.data_mut();
+                if state.deadline.is_some_and(|end| Instant::now() >= end) {
+                    return Ok(wasmtime::UpdateDeadline::Interrupt);
+                }
+                if thread_cpu_time().saturating_sub(state.cpu_started) >= budget {
+                    state.cpu_hit = true;
+                    return Ok(wasmtime::UpdateDeadline::Interrupt);
+                }
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            }),
+            None => store.epoch_deadline_trap(),
+        }
         // Never shorter than asked: the epoch may tick right after it is set.
         let tick = EPOCH_TICK.as_micros().max(1);
         let deadline_ticks = u64::try_from(limits.batch_deadline.as_micros().div_ceil(tick))
@@ -455,6 +481,7 @@ impl Instance {
         let drained = self.capture.drain();
         let state = self.store.data_mut();
         state.deadline = None;
+        let cpu_hit = std::mem::take(&mut state.cpu_hit);
         if state.deadline_hit.swap(false, Ordering::Relaxed) {
             state.pending = PluginCounters::default();
             let deadline = state.limits.batch_deadline;
@@ -469,7 +496,7 @@ impl Instance {
             Err(err) => {
                 state.pending = PluginCounters::default();
                 self.bindings = None;
-                Err(self.error(export, &err, &drained))
+                Err(self.error(export, &err, &drained, cpu_hit))
             }
         }
     }
@@ -484,7 +511,14 @@ impl Instance {
     }
 
     /// Turns a wasmtime error into the specific limit or trap it was.
-    fn error(&self, export: &'static str, err: &wasmtime::Error, drained: &Drained) -> PluginError {
+    /// `cpu_hit`: the call used up its CPU time.
+    fn error(
+        &self,
+        export: &'static str,
+        err: &wasmtime::Error,
+        drained: &Drained,
+        cpu_hit: bool,
+    ) -> PluginError {
         let state = self.store.data();
         let kind = if let Some(wanted) = state.budget.exceeded {
             PluginErrorKind::Memory {
@@ -497,7 +531,10 @@ impl Instance {
                 detail: hit.detail.clone(),
             }
         } else if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            PluginErrorKind::Deadline(state.limits.batch_deadline)
+            match state.limits.cpu_per_call.filter(|_| cpu_hit) {
+                Some(budget) => PluginErrorKind::CpuTime(budget),
+                None => PluginErrorKind::Deadline(state.limits.batch_deadline),
+            }
         } else if let Some(trap) = err.downcast_ref::<Trap>() {
             let panic = drained.stderr_tail();
             PluginErrorKind::Trap {
@@ -524,9 +561,30 @@ impl Instance {
 /// bounds the plugin's sleeps and waits in host calls. A free function so
 /// that a call can hold the bindings while the store is armed.
 fn arm(store: &mut Store<StoreState>, ticks: u64) {
-    store.set_epoch_deadline(ticks);
+    // With a CPU budget, the epoch callback looks every tick.
+    let counts_cpu = store.data().limits.cpu_per_call.is_some();
+    store.set_epoch_deadline(if counts_cpu { 1 } else { ticks });
+    let state = store.data_mut();
     let ticks = u32::try_from(ticks).unwrap_or(u32::MAX);
-    store.data_mut().deadline = Some(Instant::now() + EPOCH_TICK * ticks);
+    state.deadline = Some(Instant::now() + EPOCH_TICK * ticks);
+    state.cpu_hit = false;
+    if counts_cpu {
+        state.cpu_started = thread_cpu_time();
+    }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let done = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if done != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// The trap and where it happened in the plugin's own code: innermost frame

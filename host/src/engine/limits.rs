@@ -14,6 +14,10 @@ pub struct Limits {
     /// Wall-clock budget for one call into the plugin (one batch, or its
     /// `init`). Host calls (a sleep, a poll) end by it too.
     pub batch_deadline: Duration,
+    /// CPU time budget for one call, counted on the thread that runs it:
+    /// time the plugin is descheduled (a busy neighbour) or waits in a
+    /// host call does not count. `None`: only the deadline bounds a call.
+    pub cpu_per_call: Option<Duration>,
     /// Most outputs one input record may have; a record with more is
     /// dead-lettered.
     pub outputs_per_record: u32,
@@ -37,6 +41,7 @@ impl Default for Limits {
         Limits {
             memory_bytes: 64 << 20,
             batch_deadline: Duration::from_secs(5),
+            cpu_per_call: None,
             outputs_per_record: 1000,
             output_bytes_per_batch: 64 << 20,
             counter_name_bytes: 128,

@@ -83,14 +83,16 @@ pub fn limits_under(
             value.as_integer(),
             ceilings.get(key).and_then(toml::Value::as_integer),
         ) {
-            // A longer fault window counts more faults: stricter.
-            let (looser, than) = match key.as_str() {
-                "fault_window_s" => (asked < granted, "under"),
-                _ => (asked > granted, "over"),
+            let looser = match key.as_str() {
+                // A longer fault window counts more faults: stricter.
+                "fault_window_s" => asked < granted,
+                // No CPU budget (0) is the loosest.
+                "cpu_ms_per_batch" => granted > 0 && (asked == 0 || asked > granted),
+                _ => asked > granted,
             };
             if looser {
                 return Err(format!(
-                    "`limits.{key} = {asked}` is {than} what tenant `{}` grants ({granted})",
+                    "`limits.{key} = {asked}` is looser than what tenant `{}` grants ({granted})",
                     tenant.name.get_ref()
                 ));
             }
