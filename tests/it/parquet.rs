@@ -186,16 +186,11 @@ path = "{dir}/dead.jsonl"
     assert_eq!(rows[1]["name"], Field::Null);
     assert_eq!(rows[0]["tags"], Field::Str("[1]".into()));
     assert!(!rows[0].contains_key("extra"));
-    let reasons = scratch.dead_letter_reasons("dead.jsonl");
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
-    assert!(
-        reasons[0].contains("field `id`: \"two\" is not an integer (column `id` is int64)"),
-        "{}",
-        reasons[0]
-    );
-    assert!(
-        reasons[1].contains("field `ok`: \"yes\" is not true or false"),
-        "{}",
-        reasons[1]
+    scratch.assert_dead_letter_reasons(
+        "dead.jsonl",
+        &[
+            "field `id`: \"two\" is not an integer (column `id` is int64)",
+            "field `ok`: \"yes\" is not true or false",
+        ],
     );
 }

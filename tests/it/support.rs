@@ -278,6 +278,16 @@ impl Scratch {
             .collect()
     }
 
+    /// Checks that `name` holds exactly as many dead letters as `expected`,
+    /// in order, each one's reason containing its text.
+    pub fn assert_dead_letter_reasons(&self, name: &str, expected: &[&str]) {
+        let reasons = self.dead_letter_reasons(name);
+        assert_eq!(reasons.len(), expected.len(), "{reasons:?}");
+        for (reason, wanted) in reasons.iter().zip(expected) {
+            assert!(reason.contains(wanted), "{reason:?} should say {wanted:?}");
+        }
+    }
+
     /// The JSON lines of a file the pipeline wrote.
     pub fn json_lines(&self, name: &str) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
