@@ -216,6 +216,7 @@ columns = {{ window_start = "bigint", window_end = "bigint", key = "text", total
     let file = PipelineFile::load(&path).unwrap();
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: Some(dir.path().join("cache")),
+        ..Default::default()
     })
     .unwrap();
     let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine)

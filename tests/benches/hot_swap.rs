@@ -52,6 +52,7 @@ fn main() {
         let scratch = support::Scratch::new();
         let engine = PluginEngine::new(EngineOptions {
             cache_dir: Some(scratch.path("cache")),
+            ..Default::default()
         })
         .unwrap();
         let (a, b) = (support::plugin("tag-a"), support::plugin("tag-b"));

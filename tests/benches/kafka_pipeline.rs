@@ -205,6 +205,7 @@ topic = "dlq"
     let file = PipelineFile::load(&path).expect("config");
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: Some(dir.path().join("cache")),
+        ..Default::default()
     })
     .expect("engine");
     let pipeline = Pipeline::build(&file, &file.pipelines[0], &engine)

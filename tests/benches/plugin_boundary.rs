@@ -222,6 +222,7 @@ fn main() {
     let cache = tempfile::tempdir().expect("temp dir");
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: Some(cache.path().to_owned()),
+        ..Default::default()
     })
     .expect("engine");
 

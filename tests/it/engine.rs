@@ -16,6 +16,7 @@ fn records(values: &[&str]) -> Vec<TestRecord> {
 fn engine(scratch: &Scratch) -> PluginEngine {
     PluginEngine::new(EngineOptions {
         cache_dir: Some(scratch.path("cache")),
+        ..Default::default()
     })
     .unwrap()
 }

@@ -239,6 +239,7 @@ fn a_cache_folder_others_can_write_is_refused() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let err = PluginEngine::new(EngineOptions {
         cache_dir: Some(shared.clone()),
+        ..Default::default()
     })
     .err()
     .expect("a world-writable cache is refused");
@@ -257,6 +258,7 @@ fn a_compiled_artifact_planted_under_another_plugins_name_is_never_run() {
     let engine = || {
         PluginEngine::new(EngineOptions {
             cache_dir: Some(cache.clone()),
+            ..Default::default()
         })
         .unwrap()
     };

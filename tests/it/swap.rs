@@ -67,6 +67,7 @@ fn assert_no_call_mixes_versions(lines: &[Tagged]) -> usize {
 pub fn engine(scratch: &Scratch) -> PluginEngine {
     PluginEngine::new(EngineOptions {
         cache_dir: Some(scratch.path("cache")),
+        ..Default::default()
     })
     .unwrap()
 }

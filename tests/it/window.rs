@@ -642,6 +642,7 @@ path = "{{dir}}/dead.jsonl"
         .remove(0);
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: Some(scratch.path("cache")),
+        ..Default::default()
     })
     .unwrap();
     let got: Vec<String> = (scratch.json_lines("windows.jsonl").iter())

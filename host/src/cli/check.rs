@@ -12,6 +12,7 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let file = PipelineFile::load(path)?;
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: file.cache_dir.clone(),
+        plugin_threads: file.plugin_threads,
     })?;
     for pipeline in &file.pipelines {
         if let SourceConfig::File { path: input, .. } = pipeline.source.get_ref() {

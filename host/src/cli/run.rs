@@ -66,6 +66,7 @@ async fn run_file(
 ) -> anyhow::Result<ExitCode> {
     let engine = PluginEngine::new(EngineOptions {
         cache_dir: file.cache_dir.clone(),
+        plugin_threads: file.plugin_threads,
     })?;
     let mut pipelines = Vec::new();
     for config in &file.pipelines {

@@ -50,6 +50,9 @@ pub struct PipelineFile {
     /// Where compiled plugins are cached (`cache_dir`), relative paths
     /// resolved against the file's folder.
     pub cache_dir: Option<PathBuf>,
+    /// How many threads run plugin batches for all its pipelines
+    /// (`plugin_threads`); `None`: `WEIR_PLUGIN_THREADS`, else the cores.
+    pub plugin_threads: Option<usize>,
     /// The admin API, if the file turns it on (`[admin]`).
     pub admin: Option<AdminConfig>,
     /// The tenants its pipelines belong to (`[[tenant]]`).
@@ -86,6 +89,7 @@ fn default_max_upload_mb() -> u64 {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     cache_dir: Option<PathBuf>,
+    plugin_threads: Option<usize>,
     admin: Option<AdminConfig>,
     #[serde(default)]
     tenant: Vec<TenantConfig>,
@@ -163,6 +167,17 @@ impl PipelineConfig {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
         }
         .clamp(1, MAX_PARALLELISM)
+    }
+
+    /// Who its batches are run for on the plugin threads: its tenant, or
+    /// itself if it has none.
+    pub fn party(&self, file: &PipelineFile) -> crate::engine::Party {
+        let tenant = (self.tenant.as_ref())
+            .and_then(|wanted| file.tenants.iter().find(|t| t.name.get_ref() == wanted.get_ref()));
+        match tenant {
+            Some(tenant) => tenant.party(),
+            None => crate::engine::Party::pipeline(self.name.get_ref()),
+        }
     }
 
     /// Its limits, the defaults where the file sets none.
@@ -594,6 +609,7 @@ impl PipelineFile {
         let mut file = PipelineFile {
             path: path.to_owned(),
             cache_dir: raw.cache_dir.map(|dir| base.join(dir)),
+            plugin_threads: raw.plugin_threads.map(|threads| threads.clamp(1, 1024)),
             admin: raw.admin.map(|mut admin| {
                 admin.state_dir = Some(
                     base.join(
@@ -651,6 +667,19 @@ impl PipelineFile {
                     format!(
                         "tenant names must be unique and not empty: `{}`",
                         name.get_ref()
+                    ),
+                ));
+            }
+            if let Some(weight) = &tenant.weight
+                && !(1..=crate::tenant::MAX_WEIGHT).contains(weight.get_ref())
+            {
+                return Err(self.error_at(
+                    weight.span().start,
+                    format!(
+                        "tenant `{}`: `weight` must be 1 to {}, not {}",
+                        name.get_ref(),
+                        crate::tenant::MAX_WEIGHT,
+                        weight.get_ref()
                     ),
                 ));
             }

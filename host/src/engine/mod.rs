@@ -29,6 +29,7 @@ mod cache;
 mod instance;
 mod limits;
 mod sandbox;
+mod scheduler;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -41,6 +42,7 @@ use wasmtime::{Config, Engine, OptLevel, StoreContextMut};
 pub use cache::{CacheError, CompileCache};
 pub use instance::{Instance, PluginError, PluginErrorKind};
 pub use limits::Limits;
+pub use scheduler::{Party, Scheduler, Usage, THREADS_VAR};
 
 use instance::StoreState;
 
@@ -167,6 +169,9 @@ pub struct EngineOptions {
     /// (`$WEIR_CACHE_DIR`, else `$XDG_CACHE_HOME/weir/components`, else
     /// `~/.cache/weir/components`; with none of them set, nothing is cached).
     pub cache_dir: Option<PathBuf>,
+    /// How many threads run plugin batches; `None` for
+    /// [`Scheduler::default_threads`].
+    pub plugin_threads: Option<usize>,
 }
 
 /// The process-wide engine. Cheap to clone.
@@ -179,6 +184,7 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<StoreState>,
     cache: CompileCache,
+    scheduler: Scheduler,
 }
 
 impl PluginEngine {
@@ -201,10 +207,12 @@ impl PluginEngine {
         link_bounded_sleeps(&mut linker)?;
 
         let cache = CompileCache::open(&engine, options.cache_dir)?;
+        let threads = (options.plugin_threads).unwrap_or_else(Scheduler::default_threads);
         let inner = Arc::new(EngineInner {
             engine,
             linker,
             cache,
+            scheduler: Scheduler::new(threads)?,
         });
         spawn_epoch_ticker(Arc::downgrade(&inner));
         Ok(PluginEngine { inner })
@@ -213,6 +221,11 @@ impl PluginEngine {
     /// The compile cache.
     pub fn cache(&self) -> &CompileCache {
         &self.inner.cache
+    }
+
+    /// The threads that run plugin batches, shared between tenants.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.inner.scheduler
     }
 
     /// Loads `path`, compiling it (or reusing the cached compilation), and

@@ -1,5 +1,5 @@
 //! Lanes: a pipeline processes several batches at once, each lane with its
-//! own plugin chain on its own blocking thread. The fan-out numbers every
+//! own plugin chain, run on the engine's plugin threads (`Scheduler`). The fan-out numbers every
 //! source batch and hands it to a lane, or, for a source whose partitions
 //! must each stay in one lane (Kafka), hands each lane its part of it. The
 //! fan-in puts processed parts back in source order before the sinks see
@@ -21,7 +21,7 @@ use super::chain::Chain;
 use super::dead_letter::{DeadLetter, Stage};
 use super::trial::Change;
 use crate::batch::Batch;
-use crate::engine::{Instance, PluginError};
+use crate::engine::{Instance, Party, PluginError, Scheduler};
 use crate::source::{Checkpoint, Rejected, SourceBatch, Spread, Validate};
 use crate::window::{FieldReader, ReadBatch};
 
@@ -210,17 +210,21 @@ impl FanOut {
     }
 }
 
-/// One lane: runs each job through `chain`, reads what the pipeline's
-/// window needs of its outputs (with `window`, if it has one) and sends
-/// them on. Stops when the jobs end, the sinks stop listening, or the
-/// pipeline is quarantined (by this lane or another).
-pub(super) fn run_lane(
+/// One lane: runs each job through `chain` on the plugin threads, in its
+/// party's fair turn, reads what the pipeline's window needs of its outputs
+/// (with `window`, if it has one) and sends them on. Stops when the jobs
+/// end, the sinks stop listening, or the pipeline is quarantined (by this
+/// lane or another). A lane is a task, not a thread: it holds a plugin
+/// thread only while a batch runs.
+pub(super) async fn run_lane(
     mut chain: Chain,
-    window: Option<FieldReader>,
+    mut window: Option<FieldReader>,
     mut orders: mpsc::Receiver<Order>,
     processed: mpsc::Sender<Processed>,
+    pool: Scheduler,
+    party: Party,
 ) -> Result<(), ChainStop> {
-    while let Some(order) = orders.blocking_recv() {
+    while let Some(order) = orders.recv().await {
         let job = match order {
             Order::Process(job) => job,
             Order::Install(install) => {
@@ -237,50 +241,68 @@ pub(super) fn run_lane(
             // processed nor committed.
             break;
         }
-        let mut rejected = job.rejected;
-        // With no plugin to change the records first, a window's read of
-        // them checks them too (one pass, not two), when all pass.
-        let checked = match (&window, job.validate) {
-            (Some(reader), Validate::Json) if chain.slots().is_empty() => {
-                reader.read_checked(&job.records)
-            }
-            _ => None,
-        };
-        let records = match checked {
-            Some(_) => job.records,
-            None => job.validate.apply(job.records, &mut rejected),
-        };
-        let mut dead: Vec<DeadLetter> = rejected
-            .into_iter()
-            .map(|rejected| DeadLetter {
-                record: rejected.record,
-                reason: rejected.reason,
-                stage: Stage::Source,
+        let (back, done) = pool
+            .run(&party, move || {
+                let done = process(&mut chain, window.as_ref(), job);
+                ((chain, window), done)
             })
-            .collect();
-        let output = chain.process(records).map_err(ChainStop::Plugin)?;
-        dead.extend(output.dead);
-        let read = checked.or_else(|| window.as_ref().map(|reader| reader.read(&output.records)));
-        let part = Processed {
-            seq: job.seq,
-            lane: job.lane,
-            parts: job.parts,
-            records: output.records,
-            read,
-            dead,
-            dropped: output.dropped,
-            faults: output.faults,
-            checkpoint: job.checkpoint,
-        };
-        if processed.blocking_send(part).is_err() {
+            .await;
+        (chain, window) = back;
+        let (part, quarantined) = done.map_err(ChainStop::Plugin)?;
+        if processed.send(part).await.is_err() {
             break;
         }
-        if let Some(reason) = output.quarantined {
+        if let Some(reason) = quarantined {
             // What was processed is written and committed; nothing more is.
             return Err(ChainStop::Quarantined(reason));
         }
     }
     Ok(())
+}
+
+/// Runs `job` through `chain` (on a plugin thread): the processed part, and
+/// the quarantine reason if its faults quarantined the pipeline.
+fn process(
+    chain: &mut Chain,
+    window: Option<&FieldReader>,
+    job: Job,
+) -> Result<(Processed, Option<String>), PluginError> {
+    let mut rejected = job.rejected;
+    // With no plugin to change the records first, a window's read of
+    // them checks them too (one pass, not two), when all pass.
+    let checked = match (window, job.validate) {
+        (Some(reader), Validate::Json) if chain.slots().is_empty() => {
+            reader.read_checked(&job.records)
+        }
+        _ => None,
+    };
+    let records = match checked {
+        Some(_) => job.records,
+        None => job.validate.apply(job.records, &mut rejected),
+    };
+    let mut dead: Vec<DeadLetter> = rejected
+        .into_iter()
+        .map(|rejected| DeadLetter {
+            record: rejected.record,
+            reason: rejected.reason,
+            stage: Stage::Source,
+        })
+        .collect();
+    let output = chain.process(records)?;
+    dead.extend(output.dead);
+    let read = checked.or_else(|| window.map(|reader| reader.read(&output.records)));
+    let part = Processed {
+        seq: job.seq,
+        lane: job.lane,
+        parts: job.parts,
+        records: output.records,
+        read,
+        dead,
+        dropped: output.dropped,
+        faults: output.faults,
+        checkpoint: job.checkpoint,
+    };
+    Ok((part, output.quarantined))
 }
 
 /// Puts processed parts back in source order.

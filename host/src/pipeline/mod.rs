@@ -48,7 +48,7 @@ use crate::batch::{Batch, Records};
 use crate::config::{
     ConfigError, FileMode, PipelineConfig, PipelineFile, RecordFormat, SinkConfig,
 };
-use crate::engine::{PluginEngine, PluginError};
+use crate::engine::{Party, PluginEngine, PluginError, Scheduler};
 use crate::kafka::KafkaTransaction;
 use crate::metrics::events::{
     BatchProcessed, BatchRead, Checkpointed, CommitDeferred, CommitFailed, CommitSuperseded,
@@ -288,6 +288,8 @@ pub struct Pipeline {
     resumed: Checkpoint,
     /// The source partitions this worker holds, when they are assigned.
     claims: Option<Arc<Claims>>,
+    /// The plugin threads its lanes run on, and whom for.
+    pool: (Scheduler, Party),
 }
 
 impl Pipeline {
@@ -486,6 +488,7 @@ impl Pipeline {
             resumed: resume.positions(),
             claims,
             commit_interval: Duration::from_millis(pipeline.commit_interval_ms),
+            pool: (engine.scheduler().clone(), pipeline.party(file)),
         })
     }
 
@@ -528,6 +531,7 @@ impl Pipeline {
             keeper,
             resumed,
             claims,
+            pool: (scheduler, party),
         } = self;
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
@@ -537,7 +541,8 @@ impl Pipeline {
             senders.push(to_lane);
             let processed = to_sinks.clone();
             let reader = window.as_ref().map(WindowStage::reader);
-            running.spawn_blocking(move || run_lane(chain, reader, orders, processed));
+            let (scheduler, party) = (scheduler.clone(), party.clone());
+            running.spawn(run_lane(chain, reader, orders, processed, scheduler, party));
         }
         drop(to_sinks);
         let mut fan_out = FanOut::new(senders, source.spread());

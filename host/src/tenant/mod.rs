@@ -7,13 +7,17 @@
 //! grants, or writes where its tenant may not, is refused at its line, so
 //! nothing is found out mid-run.
 //!
+//! A tenant's `weight` is its share of the plugin threads against other busy
+//! tenants (the engine's `Scheduler` enforces it at run time).
+//!
 //! A pipeline with no tenant belongs to none: only its own `limits` bound
-//! it.
+//! it, and it has a share of weight 1 of its own.
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::LimitsConfig;
+use crate::engine::Party;
 use crate::record::DEFAULT_ROUTE;
 
 /// One `[[tenant]]`.
@@ -34,9 +38,24 @@ pub struct TenantConfig {
     pub topics: Option<Spanned<Vec<String>>>,
     /// Output routes its sinks may take (`default` always). Absent: any.
     pub routes: Option<Spanned<Vec<String>>>,
+    /// Its share of the plugin threads against other busy tenants (1 to
+    /// [`MAX_WEIGHT`]; default 1): a tenant of weight 3 gets three times
+    /// the thread time of one of weight 1 while both have batches waiting.
+    pub weight: Option<Spanned<u32>>,
 }
 
+/// The largest tenant weight.
+pub const MAX_WEIGHT: u32 = 1000;
+
 impl TenantConfig {
+    /// Who its pipelines' batches are run for on the plugin threads.
+    pub fn party(&self) -> Party {
+        Party::tenant(
+            self.name.get_ref(),
+            self.weight.as_ref().map_or(1, |w| *w.get_ref()),
+        )
+    }
+
     /// Its limits: the defaults overlaid with the keys it sets.
     pub fn limits(&self) -> Result<LimitsConfig, String> {
         let table = self
