@@ -403,3 +403,77 @@ type = "stdout"
         "{err}"
     );
 }
+
+/// With an admin API, a quarantine pauses the pipeline for its operator
+/// instead of ending it: status shows why; a rollback puts the previous
+/// version back and reads again; a resume reads again with the faults
+/// counted afresh (here the bad version quarantines it once more); a
+/// worker stopped while a pipeline is quarantined exits non-zero.
+#[test]
+fn a_quarantined_pipeline_waits_for_its_operator_to_roll_back_or_resume() {
+    let scratch = Scratch::new();
+    let path = scratch.pipeline(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+token = "s3cret"
+
+[[pipeline]]
+name = "live"
+parallelism = 2
+source = { type = "generator", kind = "payments", rate = 2000 }
+batch = { max_records = 8, linger_ms = 1 }
+limits = { faults_before_quarantine = 3, fault_window_s = 600 }
+
+[[pipeline.plugin]]
+wasm = "{plugin:tag-a}"
+watch = false
+config = { always = "panic" }
+
+[[pipeline.sink]]
+type = "file"
+path = "{dir}/out.txt"
+"#,
+    );
+    let worker = Worker::start(&scratch, &path);
+    let counter = |status: &serde_json::Value, name: &str| status["counters"][name].as_u64().unwrap();
+    worker.wait_for(&scratch, "records out", |s| counter(s, "records_out") > 0);
+
+    // A version that panics on every record: quarantined after 3 faults.
+    let bad = plugin("misbehave");
+    worker.ok(&scratch, &["deploy", "live", bad.to_str().unwrap()]);
+    worker.wait_for(&scratch, "quarantined", |s| s["state"] == "quarantined");
+    let status = worker.status(&scratch);
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("quarantined after 3 plugin faults within 600 s")
+            && reason.contains("asked for a panic"),
+        "{reason}"
+    );
+    let shown = worker.ok(&scratch, &["status"]);
+    assert!(shown.contains("quarantined") && shown.contains("asked for a panic"), "{shown}");
+
+    // Rolled back: the previous version serves and records flow again.
+    let out = worker.ok(&scratch, &["rollback", "live"]);
+    assert!(out.contains("-> tag-a 0.1.0"), "{out}");
+    let before = counter(&worker.status(&scratch), "records_out");
+    worker.wait_for(&scratch, "running and writing again", |s| {
+        s["state"] == "running" && counter(s, "records_out") > before + 100
+    });
+    let faults = counter(&worker.status(&scratch), "plugin_faults");
+
+    // Resumed under the bad version: its faults count afresh, and it is
+    // quarantined again after 3 more.
+    worker.ok(&scratch, &["deploy", "live", bad.to_str().unwrap()]);
+    worker.wait_for(&scratch, "quarantined again", |s| s["state"] == "quarantined");
+    let faults_then = counter(&worker.status(&scratch), "plugin_faults");
+    assert!(faults_then >= faults + 3, "{faults} -> {faults_then}");
+    worker.ok(&scratch, &["resume", "live"]);
+    worker.wait_for(&scratch, "quarantined after the resume", |s| {
+        s["state"] == "quarantined" && counter(s, "plugin_faults") >= faults_then + 3
+    });
+
+    let (status, log) = worker.stop();
+    assert!(!status.success(), "a quarantined pipeline fails the run: {log}");
+    assert!(log.contains("quarantined"), "{log}");
+}

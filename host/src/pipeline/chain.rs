@@ -68,6 +68,9 @@ struct FaultLog {
     recent: VecDeque<Instant>,
     /// Why the pipeline was quarantined, once it is.
     quarantined: Option<String>,
+    /// Tells the run loop, the controller and the lanes when the
+    /// quarantine starts (the reason) and when it is lifted (`None`).
+    news: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl FaultLog {
@@ -75,8 +78,9 @@ impl FaultLog {
     /// the threshold.
     fn record(&mut self, fault: &str) -> Option<String> {
         let reason = self.count(fault);
-        if self.quarantined.is_none() {
+        if self.quarantined.is_none() && reason.is_some() {
             self.quarantined.clone_from(&reason);
+            self.news.send_replace(reason.clone());
         }
         reason
     }
@@ -99,6 +103,37 @@ impl FaultLog {
             )
         })
     }
+}
+
+/// A pipeline's quarantine, shared by its lanes: watched by the run loop,
+/// lifted by an operator (resume, or a rollback).
+#[derive(Clone)]
+pub struct Quarantine {
+    log: Arc<Mutex<FaultLog>>,
+}
+
+impl Quarantine {
+    /// The reason, while the pipeline is quarantined: `None` when it is not.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        lock_log(&self.log).news.subscribe()
+    }
+
+    /// Lifts the quarantine and forgets the faults that led to it; `false`
+    /// if there was none.
+    pub fn lift(&self) -> bool {
+        let mut log = lock_log(&self.log);
+        log.recent.clear();
+        let lifted = log.quarantined.take().is_some();
+        if lifted {
+            log.news.send_replace(None);
+        }
+        lifted
+    }
+}
+
+fn lock_log(log: &Mutex<FaultLog>) -> std::sync::MutexGuard<'_, FaultLog> {
+    // A lane that panicked holding the log left counts, not broken state.
+    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A pipeline's plugins, in order: one chain per lane.
@@ -130,7 +165,15 @@ impl Chain {
                 window: Duration::from_secs(60),
                 recent: VecDeque::new(),
                 quarantined: None,
+                news: tokio::sync::watch::Sender::new(None),
             })),
+        }
+    }
+
+    /// The pipeline's quarantine (the same for every lane).
+    pub fn quarantine(&self) -> Quarantine {
+        Quarantine {
+            log: self.faults.clone(),
         }
     }
 
@@ -159,10 +202,7 @@ impl Chain {
     }
 
     fn fault_log(&self) -> std::sync::MutexGuard<'_, FaultLog> {
-        // A lane that panicked holding the log left counts, not broken state.
-        self.faults
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_log(&self.faults)
     }
 
     /// The plugins, in order.
@@ -650,25 +690,37 @@ fn push_output(
 
 #[cfg(test)]
 mod tests {
-    use super::FaultLog;
+    use super::{lock_log, FaultLog, Quarantine};
     use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     #[test]
-    fn the_fault_log_quarantines_at_its_threshold() {
-        let mut log = FaultLog {
+    fn the_fault_log_quarantines_at_its_threshold_and_a_lift_starts_it_afresh() {
+        let log = Arc::new(Mutex::new(FaultLog {
             threshold: 3,
             window: Duration::from_secs(3600),
             recent: VecDeque::new(),
             quarantined: None,
-        };
-        assert_eq!(log.record("a"), None);
-        assert_eq!(log.record("b"), None);
-        let reason = log.record("the third").unwrap();
+            news: tokio::sync::watch::Sender::new(None),
+        }));
+        let quarantine = Quarantine { log: log.clone() };
+        let news = quarantine.watch();
+        assert_eq!(lock_log(&log).record("a"), None);
+        assert_eq!(lock_log(&log).record("b"), None);
+        let reason = lock_log(&log).record("the third").unwrap();
         assert!(
             reason.starts_with("quarantined after 3 plugin faults within 3600 s")
                 && reason.ends_with("the last: the third"),
             "{reason}"
         );
+        assert_eq!(news.borrow().as_deref(), Some(reason.as_str()));
+        assert!(quarantine.lift());
+        assert_eq!(*news.borrow(), None);
+        assert!(!quarantine.lift());
+        // The faults before the lift no longer count.
+        assert_eq!(lock_log(&log).record("d"), None);
+        assert_eq!(lock_log(&log).record("e"), None);
+        assert!(lock_log(&log).record("f").is_some());
     }
 }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::chain::Quarantine;
 use super::lanes::Installed;
 use super::trial::{
     CanaryEnded, CanaryReport, CanaryRule, CanaryTally, Change, ShadowReport, ShadowTally, Verdict,
@@ -516,6 +517,7 @@ pub(super) struct Controller {
     trials: Arc<Mutex<Vec<Trials>>>,
     requests: mpsc::Receiver<Request>,
     store: Option<VersionStore>,
+    quarantine: Quarantine,
     /// Where the lanes tell canary verdicts, and the id of the last canary.
     canary_verdicts: (
         mpsc::UnboundedSender<CanaryEnded>,
@@ -539,6 +541,8 @@ pub(super) struct ControlledPipeline<'a> {
     pub keep_versions: usize,
     /// Where uploads are kept, with the record of what serves.
     pub store: Option<VersionStore>,
+    /// The pipeline's quarantine, which a resume or a rollback lifts.
+    pub quarantine: Quarantine,
 }
 
 /// The run loop's ends of the controller's channels.
@@ -564,6 +568,7 @@ impl Controller {
             watching,
             keep_versions,
             store,
+            quarantine,
         } = setup;
         let plugins = slots
             .iter()
@@ -614,6 +619,7 @@ impl Controller {
             trials: trials.clone(),
             requests,
             store,
+            quarantine,
             canary_verdicts: mpsc::unbounded_channel(),
             canaries: 0,
         };
@@ -632,6 +638,20 @@ impl Controller {
         let mut status = lock(board);
         status.state = state;
         status.reason = reason;
+    }
+
+    /// Marks the pipeline quarantined if it still is, with the reason. The
+    /// news is read under the board's lock, so a lift racing with this
+    /// (which changes the board after lifting) is never overwritten.
+    pub(super) fn mark_quarantined(
+        board: &Mutex<PipelineStatus>,
+        news: &mut watch::Receiver<Option<String>>,
+    ) -> Option<String> {
+        let mut status = lock(board);
+        let reason = news.borrow_and_update().clone()?;
+        status.state = RunState::Quarantined;
+        status.reason = Some(reason.clone());
+        Some(reason)
     }
 
     /// The status board, for the run loop to mark the end on.
@@ -686,10 +706,17 @@ impl Controller {
                 }
                 Request::Rollback { plugin, to, reply } => {
                     let result = self.rollback(plugin, to, &installs).await;
+                    if result.is_ok() {
+                        // The operator's fix: the pipeline reads again.
+                        self.lift_quarantine(*paused.borrow(), "rolled back");
+                    }
                     let _ = reply.send(result);
                 }
                 Request::Pause { pause, reply } => {
                     paused.send_replace(pause);
+                    if !pause {
+                        self.lift_quarantine(false, "resumed");
+                    }
                     let mut status = lock(&self.board);
                     if matches!(status.state, RunState::Running | RunState::Paused) {
                         status.state = if pause {
@@ -705,6 +732,25 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Lifts the pipeline's quarantine, if it is quarantined: it reads
+    /// again (unless `paused`), its faults counted afresh.
+    fn lift_quarantine(&self, paused: bool, how: &str) {
+        if !self.quarantine.lift() {
+            return;
+        }
+        let mut status = lock(&self.board);
+        if status.state == RunState::Quarantined {
+            status.state = if paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            };
+            status.reason = paused.then(|| "paused by request".to_owned());
+        }
+        drop(status);
+        tracing::info!(pipeline = %self.pipeline, "Quarantine lifted ({how}): reading again.");
     }
 
     fn slot(&self, plugin: usize) -> Result<&ControlledSlot, ControlError> {

@@ -12,7 +12,7 @@
 //! every lane's queue between two source batches, so every lane switches at
 //! the same source batch, and no batch (nor any part of one) mixes versions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -210,39 +210,75 @@ impl FanOut {
     }
 }
 
+/// Where a lane runs its batches, and what it does under quarantine.
+pub(super) struct LaneRun {
+    pub pool: Scheduler,
+    pub party: Party,
+    /// Keep the batches that arrive while the pipeline is quarantined, to
+    /// process once an operator lifts it (there is an admin API to); else
+    /// the lane ends at the quarantine.
+    pub hold: bool,
+}
+
 /// One lane: runs each job through `chain` on the plugin threads, in its
 /// party's fair turn, reads what the pipeline's window needs of its outputs
 /// (with `window`, if it has one) and sends them on. Stops when the jobs
-/// end, the sinks stop listening, or the pipeline is quarantined (by this
-/// lane or another). A lane is a task, not a thread: it holds a plugin
-/// thread only while a batch runs.
+/// end or the sinks stop listening; at a quarantine (by this lane or
+/// another) it stops too, or, with `hold`, keeps its batches (and takes
+/// swaps) until the quarantine is lifted. A lane is a task, not a thread:
+/// it holds a plugin thread only while a batch runs.
 pub(super) async fn run_lane(
     mut chain: Chain,
     mut window: Option<FieldReader>,
     mut orders: mpsc::Receiver<Order>,
     processed: mpsc::Sender<Processed>,
-    pool: Scheduler,
-    party: Party,
+    run: LaneRun,
 ) -> Result<(), ChainStop> {
-    while let Some(order) = orders.recv().await {
-        let job = match order {
-            Order::Process(job) => job,
-            Order::Install(install) => {
-                let Install { slot, change, done } = *install;
-                let started = Instant::now();
-                let replaced = chain.apply(slot, change);
-                let pause = started.elapsed();
-                let _ = done.send(Installed { pause, replaced });
+    let mut lifted = chain.quarantine().watch();
+    let mut held = VecDeque::new();
+    loop {
+        let quarantined = chain.quarantined();
+        let job = match held.pop_front() {
+            Some(job) if quarantined.is_none() => job,
+            Some(job) => {
+                held.push_front(job);
+                let order = tokio::select! {
+                    order = orders.recv() => order,
+                    Ok(()) = lifted.changed() => continue,
+                };
+                match order {
+                    Some(Order::Process(job)) => {
+                        held.push_back(job);
+                        continue;
+                    }
+                    Some(Order::Install(install)) => {
+                        install_in(&mut chain, *install);
+                        continue;
+                    }
+                    // Held batches are neither processed nor committed.
+                    None => break,
+                }
+            }
+            None => match orders.recv().await {
+                Some(Order::Process(job)) => job,
+                Some(Order::Install(install)) => {
+                    install_in(&mut chain, *install);
+                    continue;
+                }
+                None => break,
+            },
+        };
+        if let Some(reason) = quarantined {
+            if run.hold {
+                held.push_back(job);
                 continue;
             }
-        };
-        if chain.quarantined().is_some() {
-            // Another lane quarantined the pipeline: this batch is neither
+            // The pipeline is quarantined and stops: this batch is neither
             // processed nor committed.
-            break;
+            return Err(ChainStop::Quarantined(reason));
         }
-        let (back, done) = pool
-            .run(&party, move || {
+        let (back, done) = (run.pool)
+            .run(&run.party, move || {
                 let done = process(&mut chain, window.as_ref(), job);
                 ((chain, window), done)
             })
@@ -252,12 +288,21 @@ pub(super) async fn run_lane(
         if processed.send(part).await.is_err() {
             break;
         }
-        if let Some(reason) = quarantined {
+        if let (Some(reason), false) = (quarantined, run.hold) {
             // What was processed is written and committed; nothing more is.
             return Err(ChainStop::Quarantined(reason));
         }
     }
     Ok(())
+}
+
+/// Makes an install order's change in `chain` and answers it.
+fn install_in(chain: &mut Chain, install: Install) {
+    let Install { slot, change, done } = install;
+    let started = Instant::now();
+    let replaced = chain.apply(slot, change);
+    let pause = started.elapsed();
+    let _ = done.send(Installed { pause, replaced });
 }
 
 /// Runs `job` through `chain` (on a plugin thread): the processed part, and

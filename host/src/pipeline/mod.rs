@@ -62,7 +62,7 @@ use crate::source::{self, Checkpoint, Commit, Committer, Source, SourceBatch, So
 use crate::state::{Claims, PartitionState, Snapshot};
 use crate::window::{PluginAggregate, ReadBatch, WindowSpec};
 use control::{ControlledPipeline, Controller, InstallOrder, RunControl};
-use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, Processed, run_lane};
+use lanes::{ChainStop, FanIn, FanOut, IN_FLIGHT, LaneRun, Processed, run_lane};
 use windowing::WindowStage;
 
 pub use chain::{Chain, ChainOutput};
@@ -290,6 +290,9 @@ pub struct Pipeline {
     claims: Option<Arc<Claims>>,
     /// The plugin threads its lanes run on, and whom for.
     pool: (Scheduler, Party),
+    /// Whether a quarantine pauses it for an operator (there is an admin
+    /// API to lift it) rather than ending it.
+    hold_quarantined: bool,
 }
 
 impl Pipeline {
@@ -468,6 +471,7 @@ impl Pipeline {
                 watching: &watching,
                 keep_versions: pipeline.keep_versions,
                 store,
+                quarantine: lanes[0].quarantine(),
             },
             metrics.clone(),
         );
@@ -489,6 +493,7 @@ impl Pipeline {
             claims,
             commit_interval: Duration::from_millis(pipeline.commit_interval_ms),
             pool: (engine.scheduler().clone(), pipeline.party(file)),
+            hold_quarantined: file.admin.is_some(),
         })
     }
 
@@ -532,7 +537,10 @@ impl Pipeline {
             resumed,
             claims,
             pool: (scheduler, party),
+            hold_quarantined,
         } = self;
+        let quarantine = lanes[0].quarantine();
+        let mut quarantined = quarantine.watch();
         let (to_sinks, from_lanes) = mpsc::channel::<Processed>(IN_FLIGHT * lanes.len());
         let mut senders = Vec::with_capacity(lanes.len());
         let mut running = tokio::task::JoinSet::new();
@@ -541,8 +549,12 @@ impl Pipeline {
             senders.push(to_lane);
             let processed = to_sinks.clone();
             let reader = window.as_ref().map(WindowStage::reader);
-            let (scheduler, party) = (scheduler.clone(), party.clone());
-            running.spawn(run_lane(chain, reader, orders, processed, scheduler, party));
+            let run = LaneRun {
+                pool: scheduler.clone(),
+                party: party.clone(),
+                hold: hold_quarantined,
+            };
+            running.spawn(run_lane(chain, reader, orders, processed, run));
         }
         drop(to_sinks);
         let mut fan_out = FanOut::new(senders, source.spread());
@@ -627,7 +639,13 @@ impl Pipeline {
                 }
                 // Wakes the loop to look at the flag again.
                 Ok(()) = paused.changed() => continue,
-                batch = batches.recv(), if !*paused.borrow() => batch,
+                Ok(()) = quarantined.changed() => {
+                    if let Some(reason) = Controller::mark_quarantined(&board, &mut quarantined) {
+                        tracing::error!(pipeline = %name, %reason, "Pipeline quarantined: it stopped reading until an operator resumes it or rolls it back.");
+                    }
+                    continue;
+                }
+                batch = batches.recv(), if !*paused.borrow() && quarantined.borrow().is_none() => batch,
             };
             match batch {
                 Some(Ok(Some(batch))) if batch.is_empty() => {}
@@ -668,7 +686,8 @@ impl Pipeline {
             Some(done) => done,
             None => writer.await,
         };
-        let failed = failure(name, processed, written, source_result);
+        let still_quarantined = quarantine.watch().borrow().clone();
+        let failed = failure(name, processed, written, source_result, still_quarantined);
         let (state, reason) = match &failed {
             None => (RunState::Stopped, None),
             Some(PipelineError::Quarantined { reason, .. }) => {
@@ -690,6 +709,7 @@ fn failure(
     processed: Result<Result<(), ChainStop>, tokio::task::JoinError>,
     written: Result<Result<(), SinkError>, tokio::task::JoinError>,
     source_result: Result<(), SourceError>,
+    quarantined: Option<String>,
 ) -> Option<PipelineError> {
     let pipeline = name;
     let sink_failed = match written {
@@ -707,6 +727,11 @@ fn failure(
             tracing::error!(pipeline = %pipeline, %reason, "Pipeline quarantined: it stopped reading.");
             Some(PipelineError::Quarantined { pipeline, reason })
         }
+        // Stopped while quarantined, waiting for an operator.
+        (Ok(Ok(())), None) if quarantined.is_some() => Some(PipelineError::Quarantined {
+            pipeline,
+            reason: quarantined.unwrap_or_default(),
+        }),
         (Ok(Ok(())), None) => source_result
             .err()
             .map(|source| PipelineError::Source { pipeline, source }),

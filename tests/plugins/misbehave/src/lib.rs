@@ -9,7 +9,8 @@
 //! - probes of ambient capabilities: `env`, `read`, `connect`, `random`.
 //!
 //! With `sleep_in_init`, `init` sleeps for an hour; with `pace_us`, every
-//! record takes that long (a slow plugin). Lets the tests prove that
+//! record takes that long (a slow plugin); with `always`, every record
+//! commits that misdeed, whatever its value (a hostile tenant). Lets the tests prove that
 //! each limit stops a plugin with its own error.
 
 use serde::Deserialize;
@@ -28,6 +29,9 @@ pub struct Misbehave {
     /// Microseconds spent (spinning) on every record: a slow plugin.
     #[serde(default)]
     pace_us: u64,
+    /// The misdeed every record commits, whatever its value.
+    #[serde(default)]
+    always: Option<String>,
 }
 
 fn default_hog_mib() -> usize {
@@ -56,7 +60,11 @@ impl Transform for Misbehave {
                 std::hint::spin_loop();
             }
         }
-        match record.value() {
+        let deed = match &self.always {
+            Some(deed) => deed.as_bytes(),
+            None => record.value(),
+        };
+        match deed {
             b"panic" => panic!("record at offset {} asked for a panic", record.offset()),
             b"spin" => {
                 let mut n: u64 = 0;

@@ -20,9 +20,9 @@ static NEW_CALL: AtomicBool = AtomicBool::new(true);
 static CALL_PARTITION: AtomicI32 = AtomicI32::new(-1);
 static CALL_OFFSET: AtomicI64 = AtomicI64::new(-1);
 
-/// No settings.
+/// No settings; any given (meant for a version it is swapped with) are
+/// ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Tag {}
 
 impl Transform for Tag {
