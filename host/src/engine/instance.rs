@@ -72,6 +72,15 @@ pub enum PluginErrorKind {
         /// What the plugin did.
         detail: String,
     },
+    /// The plugin reached for the network or the filesystem, which no
+    /// plugin is granted.
+    #[error("tried to {what} (`{interface}`), which plugins are not granted, and was stopped")]
+    NotGranted {
+        /// What it tried.
+        what: &'static str,
+        /// The WASI interface it called.
+        interface: &'static str,
+    },
     /// The plugin trapped (a panic, `unreachable`, out-of-bounds access...).
     #[error("trapped: {trap}{panic}")]
     Trap {
@@ -106,6 +115,15 @@ impl PluginErrorKind {
 struct HostLimitHit {
     limit: &'static str,
     detail: String,
+}
+
+/// A capability a plugin reached for that weir never grants; travels
+/// through wasmtime as the trap's error.
+#[derive(Debug, thiserror::Error)]
+#[error("tried to {what} (`{interface}`)")]
+pub(super) struct NotGranted {
+    pub(super) what: &'static str,
+    pub(super) interface: &'static str,
 }
 
 /// What each plugin store holds.
@@ -529,6 +547,11 @@ impl Instance {
             PluginErrorKind::HostLimit {
                 limit: hit.limit,
                 detail: hit.detail.clone(),
+            }
+        } else if let Some(refused) = err.downcast_ref::<NotGranted>() {
+            PluginErrorKind::NotGranted {
+                what: refused.what,
+                interface: refused.interface,
             }
         } else if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             match state.limits.cpu_per_call.filter(|_| cpu_hit) {

@@ -205,6 +205,7 @@ impl PluginEngine {
             |state| state,
         )?;
         link_bounded_sleeps(&mut linker)?;
+        link_refused_capabilities(&mut linker)?;
 
         let cache = CompileCache::open(&engine, options.cache_dir)?;
         let threads = (options.plugin_threads).unwrap_or_else(Scheduler::default_threads);
@@ -358,6 +359,34 @@ fn link_bounded_sleeps(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
             sleep.map(|pollable: Resource<_>| (pollable,))
         },
     )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The WASI functions through which a plugin would reach the network or
+/// the filesystem, and what calling one is called in its error. Weir
+/// grants neither (the WASI context has no preopened folder and no
+/// network), so reaching for one is the plugin misbehaving: it is stopped
+/// there with [`PluginErrorKind::NotGranted`], a fault like any other,
+/// rather than handed an error it could retry in a loop or ignore.
+const REFUSED: &[(&str, &str, &str)] = &[
+    ("wasi:sockets/tcp-create-socket@0.2.12", "create-tcp-socket", "open a TCP socket"),
+    ("wasi:sockets/udp-create-socket@0.2.12", "create-udp-socket", "open a UDP socket"),
+    ("wasi:sockets/ip-name-lookup@0.2.12", "resolve-addresses", "resolve a host name"),
+    ("wasi:filesystem/preopens@0.2.12", "get-directories", "open a file or folder"),
+];
+
+/// Replaces the functions of [`REFUSED`] by ones that stop the plugin.
+fn link_refused_capabilities(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+    linker.allow_shadowing(true);
+    for &(interface, function, what) in REFUSED {
+        linker.instance(interface)?.func_new(function, move |_, _, _, _| {
+            Err(wasmtime::Error::new(instance::NotGranted {
+                what,
+                interface: interface.split('@').next().unwrap_or(interface),
+            }))
+        })?;
+    }
     linker.allow_shadowing(false);
     Ok(())
 }

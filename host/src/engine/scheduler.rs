@@ -74,7 +74,11 @@ pub struct Scheduler {
     _owner: Arc<Owner>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// Runs the work; gives back how to hand its outcome to the caller, which
+/// the thread does once the party is charged (so usage never lags what a
+/// caller has seen).
+type Job = Box<dyn FnOnce() -> Deliver + Send>;
+type Deliver = Box<dyn FnOnce() + Send>;
 
 struct Shared {
     queue: Mutex<Queue>,
@@ -153,7 +157,7 @@ impl Scheduler {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(work));
-            let _ = done.send(outcome);
+            Box::new(move || drop(done.send(outcome)))
         });
         self.push(party, job);
         match result.await {
@@ -225,7 +229,7 @@ impl Shared {
             drop(queue);
 
             let (started, cpu_started) = (Instant::now(), super::instance::thread_cpu_time());
-            job();
+            let deliver = job();
             let (held, cpu) = (started.elapsed(), super::instance::thread_cpu_time() - cpu_started);
 
             queue = lock(&self.queue);
@@ -239,6 +243,9 @@ impl Shared {
             if queue.waiting.remove(&(was, id)) {
                 queue.waiting.insert((now, id));
             }
+            drop(queue);
+            deliver();
+            queue = lock(&self.queue);
         }
     }
 }
