@@ -14,7 +14,8 @@
 //!   plugin-thread time each held. Goal: about 3 to 1.
 //!
 //! Run: `cargo bench -p weir-tests --bench tenants` (`WEIR_BENCH_EVENTS`:
-//! the well-behaved tenant's records, default 3 M).
+//! the well-behaved tenant's records, default 3 M; `WEIR_BENCH_RUNS`:
+//! interleaved rounds, default 3).
 
 #![allow(
     clippy::unwrap_used,
@@ -108,10 +109,16 @@ path = "{{dir}}/{name}-dead.txt"
 }
 
 fn main() {
-    let events: u64 = std::env::var("WEIR_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3_000_000);
+    let setting = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (events, rounds) = (
+        setting("WEIR_BENCH_EVENTS", 3_000_000),
+        setting("WEIR_BENCH_RUNS", 3),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -126,62 +133,63 @@ fn main() {
         .unwrap();
         engine.load(&support::plugin("misbehave")).unwrap();
 
-        let alone = PipelineFile::load(&scratch.pipeline(&steady(events, "alone.txt"))).unwrap();
-        let alone_time = run_all(&engine, &alone).await.first;
-        count_lines(&scratch.path("alone.txt"), events);
-
         let mut body = steady(events, "beside.txt");
         for (name, deed, limits, _) in HOSTILE {
             body.push_str(&hostile(name, deed, limits));
         }
-        let beside = PipelineFile::load(&scratch.pipeline(&body)).unwrap();
-        let Ran {
-            first: beside_time,
-            ended,
-            others_done: (quarantined_at, read_by_then),
-        } = run_all(&engine, &beside).await;
-        count_lines(&scratch.path("beside.txt"), events);
-
-        let again = PipelineFile::load(&scratch.pipeline(&steady(events, "again.txt"))).unwrap();
-        let again_time = run_all(&engine, &again).await.first;
-        println!("alone again after: {:.2} s", again_time.as_secs_f64());
-        println!("tenants: {events} records through the well-behaved tenant, 2 plugin threads");
-        for ((name, _, _, wanted), ended) in HOSTILE.iter().zip(&ended[1..]) {
-            let reason = match ended {
-                Err(PipelineError::Quarantined { reason, .. }) => reason.clone(),
-                other => panic!("hostile tenant `{name}` was not quarantined: {other:?}"),
-            };
-            assert!(reason.contains(wanted), "`{name}`: {reason}");
-            let cut: String = reason.chars().take(150).collect();
-            println!("  {name:<11} quarantined: {cut}...");
+        // Interleaved rounds, which goes first alternating; medians.
+        let (mut alone, mut beside, mut quarantined, mut after) = (vec![], vec![], vec![], vec![]);
+        for round in 0..rounds {
+            for case in [round % 2, 1 - round % 2] {
+                for out in ["alone.txt", "beside.txt"] {
+                    let _ = std::fs::remove_file(scratch.path(out));
+                }
+                if case == 0 {
+                    let file = PipelineFile::load(&scratch.pipeline(&steady(events, "alone.txt")))
+                        .unwrap();
+                    alone.push(run_all(&engine, &file).await.first);
+                    count_lines(&scratch.path("alone.txt"), events);
+                    continue;
+                }
+                let file = PipelineFile::load(&scratch.pipeline(&body)).unwrap();
+                let ran = run_all(&engine, &file).await;
+                count_lines(&scratch.path("beside.txt"), events);
+                check_quarantined(&ran.ended[1..], round == 0);
+                let (at, read) = ran.others_done;
+                beside.push(ran.first);
+                quarantined.push(at);
+                after.push((events - read) as f64 / (ran.first - at).as_secs_f64());
+            }
         }
+        let (alone, beside) = (median(&alone), median(&beside));
+        let quarantined = median(&quarantined);
+        after.sort_by(f64::total_cmp);
+        let after = after[after.len() / 2];
+        let alone_rate = events as f64 / alone.as_secs_f64();
+        let ratio = alone.as_secs_f64() / beside.as_secs_f64();
+
+        println!("tenants: {events} records through the well-behaved tenant, 2 plugin threads, median of {rounds} interleaved rounds");
         let usage = engine.scheduler().usage();
         for (name, ..) in HOSTILE {
             let used = usage[*name];
             println!(
-                "  {name:<11} held plugin threads {:>7.1} ms, CPU {:>7.1} ms, {} batches",
-                used.held.as_secs_f64() * 1e3,
-                used.cpu.as_secs_f64() * 1e3,
-                used.jobs
+                "  {name:<11} held plugin threads {:>7.1} ms, CPU {:>7.1} ms, {} batches (per round)",
+                used.held.as_secs_f64() * 1e3 / rounds as f64,
+                used.cpu.as_secs_f64() * 1e3 / rounds as f64,
+                used.jobs / rounds
             );
         }
-        let ratio = alone_time.as_secs_f64() / beside_time.as_secs_f64();
-        // After the last hostile was quarantined: the rest of the run.
-        let after = (events - read_by_then) as f64
-            / (beside_time - quarantined_at).as_secs_f64()
-            / (events as f64 / alone_time.as_secs_f64());
         println!(
-            "  well-behaved alone  {:.2} s ({:.0} records/s)\n  beside 7 hostile    {:.2} s ({:.0} records/s)\n  throughput beside / alone: {:.1}% (goal >= 90%)",
-            alone_time.as_secs_f64(),
-            events as f64 / alone_time.as_secs_f64(),
-            beside_time.as_secs_f64(),
-            events as f64 / beside_time.as_secs_f64(),
+            "  well-behaved alone  {:.2} s ({alone_rate:.0} records/s)\n  beside 7 hostile    {:.2} s ({:.0} records/s)\n  throughput beside / alone: {:.1}% (goal >= 90%)",
+            alone.as_secs_f64(),
+            beside.as_secs_f64(),
+            events as f64 / beside.as_secs_f64(),
             ratio * 100.0
         );
         println!(
-            "  every hostile quarantined after {:.2} s; from then on, throughput {:.1}% of alone",
-            quarantined_at.as_secs_f64(),
-            after * 100.0
+            "  every hostile quarantined after {:.2} s; from then on, {:.1}% of alone",
+            quarantined.as_secs_f64(),
+            after / alone_rate * 100.0
         );
 
         let (heavy_share, held_share) = weights(&scratch, &engine, events / 2).await;
@@ -193,11 +201,11 @@ fn main() {
             serde_json::json!({
                 "bench": "tenants",
                 "events": events,
-                "alone_s": alone_time.as_secs_f64(),
-                "beside_hostile_s": beside_time.as_secs_f64(),
+                "alone_s": alone.as_secs_f64(),
+                "beside_hostile_s": beside.as_secs_f64(),
                 "throughput_ratio": ratio,
-                "hostiles_quarantined_after_s": quarantined_at.as_secs_f64(),
-                "throughput_ratio_after_quarantine": after,
+                "hostiles_quarantined_after_s": quarantined.as_secs_f64(),
+                "throughput_ratio_after_quarantine": after / alone_rate,
                 "weight_3_to_1_records": heavy_share,
                 "weight_3_to_1_thread_time": held_share,
             })
@@ -299,6 +307,28 @@ path = "{{dir}}/{name}.txt"
         heavy.records_in as f64 / light_done.max(1) as f64,
         held("heavy") / held("light").max(1e-9),
     )
+}
+
+/// Checks each hostile pipeline was quarantined with its own error;
+/// prints the reasons if `show`.
+fn check_quarantined(ended: &[Result<(), PipelineError>], show: bool) {
+    for ((name, _, _, wanted), ended) in HOSTILE.iter().zip(ended) {
+        let reason = match ended {
+            Err(PipelineError::Quarantined { reason, .. }) => reason,
+            other => panic!("hostile tenant `{name}` was not quarantined: {other:?}"),
+        };
+        assert!(reason.contains(wanted), "`{name}`: {reason}");
+        if show {
+            let last = reason.rsplit("the last: ").next().unwrap_or(reason);
+            println!("  {name:<11} quarantined; its last fault: {last}");
+        }
+    }
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
 }
 
 fn count_lines(path: &std::path::Path, wanted: u64) {

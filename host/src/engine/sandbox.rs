@@ -91,6 +91,8 @@ struct BoundedSleep {
 #[wasmtime_wasi::async_trait]
 impl Pollable for BoundedSleep {
     async fn ready(&mut self) {
+        // Sleeping, the plugin gives up its core on the plugin threads.
+        let _blocked = super::scheduler::blocking();
         tokio::time::sleep_until(self.until).await;
         if self.cut {
             self.deadline_hit.store(true, Ordering::Relaxed);

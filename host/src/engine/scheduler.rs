@@ -13,10 +13,14 @@
 //! time, so idling earns no credit. Under contention each busy party gets
 //! threads in proportion to its weight, whatever its plugins do.
 //!
-//! Thread time is charged rather than CPU time: holding one of the pool's
-//! threads is what keeps other parties waiting, whether the plugin computes
-//! or sleeps in a host call. CPU time (the thread's own clock) is counted
-//! too, for usage reports.
+//! A plugin that sleeps in a host call gives up its core while it sleeps
+//! ([`blocking`]): the pool runs at most one job per core at a time, and
+//! starts a spare thread (up to [`MAX_SPARE`]) when every thread is taken,
+//! so a sleeper holds a thread, not a core. Its party is still charged for
+//! the time its job held the thread, sleep included: a tenant that sleeps
+//! gets its turns later, not more of them.
+//!
+//! CPU time (the thread's own clock) is counted too, for usage reports.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -28,6 +32,15 @@ use tokio::sync::oneshot;
 /// The environment variable that sets how many plugin threads a worker
 /// runs (default: the cores available).
 pub const THREADS_VAR: &str = "WEIR_PLUGIN_THREADS";
+
+/// Threads the pool may start beyond one per core, to run jobs while
+/// others sleep in host calls.
+pub const MAX_SPARE: usize = 64;
+
+thread_local! {
+    /// The pool this thread belongs to, on a plugin thread.
+    static POOL: std::cell::RefCell<Option<Arc<Shared>>> = const { std::cell::RefCell::new(None) };
+}
 
 /// Who a job is run for, and its share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,6 +100,13 @@ struct Shared {
 
 #[derive(Default)]
 struct Queue {
+    /// Jobs running and not blocked in a host call, and the most there may
+    /// be (one per core).
+    running: usize,
+    cores: usize,
+    /// Threads started, and those waiting for a job.
+    threads: usize,
+    idle: usize,
     parties: Vec<PartyQueue>,
     index: HashMap<Arc<str>, usize>,
     /// Parties with jobs waiting, by (virtual time, party).
@@ -122,15 +142,16 @@ fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
 impl Scheduler {
     /// A pool of `threads` threads (at least one).
     pub fn new(threads: usize) -> std::io::Result<Self> {
+        let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                cores: threads,
+                ..Queue::default()
+            }),
             wake: Condvar::new(),
         });
-        for at in 0..threads.max(1) {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("weir-plugin-{at}"))
-                .spawn(move || shared.serve())?;
+        for _ in 0..threads {
+            shared.start_thread(&mut lock(&shared.queue))?;
         }
         Ok(Scheduler {
             _owner: Arc::new(Owner(shared.clone())),
@@ -193,8 +214,7 @@ impl Scheduler {
             queue.waiting.insert((entry.virtual_time, id));
         }
         entry.jobs.push_back(job);
-        drop(guard);
-        self.shared.wake.notify_one();
+        self.shared.dispatch(queue);
     }
 
     /// What each party has used so far, by its key (a tenant's name, or
@@ -208,18 +228,49 @@ impl Scheduler {
 }
 
 impl Shared {
-    /// One plugin thread: takes the next job in fair order, runs it,
-    /// charges its party.
-    fn serve(&self) {
+    /// Starts one more plugin thread.
+    fn start_thread(self: &Arc<Self>, queue: &mut Queue) -> std::io::Result<()> {
+        let shared = self.clone();
+        std::thread::Builder::new()
+            .name(format!("weir-plugin-{}", queue.threads))
+            .spawn(move || shared.serve())?;
+        queue.threads += 1;
+        Ok(())
+    }
+
+    /// With a job waiting and a core free, wakes an idle thread to take it,
+    /// or starts a spare one if none is idle (the others are blocked).
+    fn dispatch(self: &Arc<Self>, queue: &mut Queue) {
+        if queue.waiting.is_empty() || queue.running >= queue.cores {
+            return;
+        }
+        if queue.idle > 0 || queue.threads >= queue.cores + MAX_SPARE || queue.closing {
+            self.wake.notify_one();
+        } else if let Err(err) = self.start_thread(queue) {
+            tracing::warn!(%err, "Could not start a spare plugin thread");
+        }
+    }
+
+    /// One plugin thread: takes the next job in fair order while fewer
+    /// than one per core run, runs it, charges its party.
+    fn serve(self: Arc<Self>) {
+        POOL.with(|pool| *pool.borrow_mut() = Some(self.clone()));
         let mut queue = lock(&self.queue);
         loop {
-            let Some((virtual_time, id)) = queue.waiting.pop_first() else {
-                if queue.closing {
+            let next = (queue.running < queue.cores)
+                .then(|| queue.waiting.pop_first())
+                .flatten();
+            let Some((virtual_time, id)) = next else {
+                if queue.closing && queue.waiting.is_empty() {
+                    queue.threads -= 1;
                     return;
                 }
+                queue.idle += 1;
                 queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+                queue.idle -= 1;
                 continue;
             };
+            queue.running += 1;
             queue.now = queue.now.max(virtual_time);
             let party = &mut queue.parties[id];
             let job = party.jobs.pop_front().expect("a waiting party has a job");
@@ -230,9 +281,13 @@ impl Shared {
 
             let (started, cpu_started) = (Instant::now(), super::instance::thread_cpu_time());
             let deliver = job();
-            let (held, cpu) = (started.elapsed(), super::instance::thread_cpu_time() - cpu_started);
+            let (held, cpu) = (
+                started.elapsed(),
+                super::instance::thread_cpu_time() - cpu_started,
+            );
 
             queue = lock(&self.queue);
+            queue.running -= 1;
             let party = &mut queue.parties[id];
             let was = party.virtual_time;
             party.virtual_time += (held.as_nanos() as u64) / u64::from(party.weight);
@@ -246,6 +301,34 @@ impl Shared {
             drop(queue);
             deliver();
             queue = lock(&self.queue);
+        }
+    }
+}
+
+/// While alive, the plugin thread that made it is blocked in a host call
+/// (a sleep) and does not count against the pool's cores.
+pub(super) struct Blocked(Option<Arc<Shared>>);
+
+/// Marks the calling thread blocked until the guard drops, if it is a
+/// plugin thread: another job may run on its core meanwhile (on an idle
+/// thread, or a spare one started for it).
+pub(super) fn blocking() -> Blocked {
+    let Some(shared) = POOL.with(|pool| pool.borrow().clone()) else {
+        return Blocked(None);
+    };
+    let mut queue = lock(&shared.queue);
+    queue.running -= 1;
+    shared.dispatch(&mut queue);
+    drop(queue);
+    Blocked(Some(shared))
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.0 {
+            // Back on its core; for a moment there may be one job more
+            // running than cores, until one ends.
+            lock(&shared.queue).running += 1;
         }
     }
 }
@@ -325,6 +408,33 @@ mod tests {
         // which would give 4 of 16).
         let heavy = order[..16].iter().filter(|name| **name == "heavy").count();
         assert!((10..=14).contains(&heavy), "heavy took {heavy} of the first 16: {order:?}");
+    }
+
+    /// One core: a job blocked in a host call gives its core to the next
+    /// job (here the one it waits for), on a spare thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_blocked_in_a_host_call_gives_up_its_core() {
+        let pool = Scheduler::new(1).unwrap();
+        let (tell, told) = std::sync::mpsc::channel::<()>();
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiter = {
+            let (pool, started) = (pool.clone(), started.clone());
+            tokio::spawn(async move {
+                pool.run(&Party::tenant("a", 1), move || {
+                    let _blocked = blocking();
+                    started.store(true, std::sync::atomic::Ordering::Release);
+                    told.recv_timeout(Duration::from_secs(60)).is_ok()
+                })
+                .await
+            })
+        };
+        // The only core's job is blocked before the second is handed in.
+        while !started.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::task::yield_now().await;
+        }
+        pool.run(&Party::tenant("b", 1), move || tell.send(()).unwrap())
+            .await;
+        assert!(waiter.await.unwrap(), "the second job never ran beside the blocked one");
     }
 
     fn queued(pool: &Scheduler) -> usize {
