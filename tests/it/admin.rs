@@ -404,11 +404,26 @@ type = "stdout"
     );
 }
 
+/// `GET path` with the token: the JSON body.
+fn get_json(address: &str, path: &str) -> serde_json::Value {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
 /// With an admin API, a quarantine pauses the pipeline for its operator
-/// instead of ending it: status shows why; a rollback puts the previous
-/// version back and reads again; a resume reads again with the faults
-/// counted afresh (here the bad version quarantines it once more); a
-/// worker stopped while a pipeline is quarantined exits non-zero.
+/// instead of ending it: status shows why, and the tenant's usage names
+/// it; a rollback puts the previous version back and reads again; a
+/// resume reads again with the faults counted afresh (here the bad version
+/// quarantines it once more); a worker stopped while a pipeline is
+/// quarantined exits non-zero.
 #[test]
 fn a_quarantined_pipeline_waits_for_its_operator_to_roll_back_or_resume() {
     let scratch = Scratch::new();
@@ -418,8 +433,14 @@ fn a_quarantined_pipeline_waits_for_its_operator_to_roll_back_or_resume() {
 address = "127.0.0.1:0"
 token = "s3cret"
 
+[[tenant]]
+name = "risky"
+weight = 2
+memory_mb_total = 256
+
 [[pipeline]]
 name = "live"
+tenant = "risky"
 parallelism = 2
 source = { type = "generator", kind = "payments", rate = 2000 }
 batch = { max_records = 8, linger_ms = 1 }
@@ -452,6 +473,23 @@ path = "{dir}/out.txt"
     );
     let shown = worker.ok(&scratch, &["status"]);
     assert!(shown.contains("quarantined") && shown.contains("asked for a panic"), "{shown}");
+    assert!(
+        shown.contains("tenant `risky` (weight 2): 1 pipeline(s), quarantined: live; plugin memory")
+            && shown.contains(" of 256 MiB"),
+        "{shown}"
+    );
+    // The tenant's usage: what its pipeline did, and its instances' memory.
+    let usage = &get_json(&worker.address, "/v1/tenants")[0];
+    let status = worker.status(&scratch);
+    assert_eq!(usage["name"], "risky");
+    assert_eq!(usage["quarantined"], serde_json::json!(["live"]));
+    assert_eq!(usage["memory_budget_bytes"], 256 << 20);
+    let memory = usage["memory_bytes"].as_u64().unwrap();
+    assert!(memory > 0 && memory <= 2 * (64 << 20), "{usage}");
+    assert!(status["plugin_memory_bytes"].as_u64().unwrap() > 0, "{status}");
+    assert!(usage["plugin_faults"].as_u64().unwrap() >= 3, "{usage}");
+    assert!(usage["records_in"].as_u64().unwrap() >= counter(&status, "records_out"), "{usage}");
+    assert!(usage["cpu_ms"].as_f64().unwrap() > 0.0, "{usage}");
 
     // Rolled back: the previous version serves and records flow again.
     let out = worker.ok(&scratch, &["rollback", "live"]);

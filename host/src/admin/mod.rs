@@ -6,12 +6,13 @@
 //! |---|---|
 //! | `GET /v1/status` | every pipeline's state, lanes, plugin versions and counters |
 //! | `GET /v1/pipelines/{name}` | one pipeline's |
+//! | `GET /v1/tenants` | each tenant's usage: plugin memory, CPU and plugin-thread time, records, faults, quarantined pipelines |
 //! | `POST /v1/pipelines/{name}/plugins/{n}/deploy` | body: a `.wasm`; swaps it in at plugin `n` (from 1) |
 //! | `... /deploy?canary=N[&max_failure_rate=R]` | the same, as a canary judged on its first N records |
 //! | `... /deploy?shadow=true` | runs it in the shadow of the serving version instead |
 //! | `POST /v1/pipelines/{name}/plugins/{n}/promote`, `.../discard` | ends the shadow: it serves, or it stops |
 //! | `POST /v1/pipelines/{name}/plugins/{n}/rollback[?to=HASH]` | swaps a kept version back in |
-//! | `POST /v1/pipelines/{name}/pause`, `.../resume` | stops or restarts reading |
+//! | `POST /v1/pipelines/{name}/pause`, `.../resume` | stops or restarts reading; a resume lifts a quarantine |
 //!
 //! Every request carries `Authorization: Bearer TOKEN` when a token is set;
 //! with none, the API only listens on a loopback address. Refusals come as
@@ -32,12 +33,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
+use crate::tenant::usage::TenantUsage;
+
 use crate::pipeline::{
     CanaryRule, ControlError, PipelineHandle, PipelineStatus, ShadowReport, Wasm,
 };
 
 /// The environment variable holding the admin token, when the file has none.
 pub const TOKEN_VAR: &str = "WEIR_ADMIN_TOKEN";
+
+/// The worker's tenants and the plugin threads that charge them, for
+/// `/v1/tenants`.
+pub struct Tenants {
+    /// The tenants of the pipeline file.
+    pub configs: Vec<crate::tenant::TenantConfig>,
+    /// The engine's plugin threads.
+    pub scheduler: crate::engine::Scheduler,
+}
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +85,7 @@ pub struct AdminSettings {
 
 struct AdminState {
     pipelines: Vec<PipelineHandle>,
+    tenants: Tenants,
     by_name: HashMap<String, usize>,
     token: Option<String>,
     max_upload: usize,
@@ -90,6 +103,7 @@ impl AdminServer {
     pub async fn bind(
         settings: AdminSettings,
         pipelines: Vec<PipelineHandle>,
+        tenants: Tenants,
     ) -> Result<Self, AdminError> {
         let address = settings.address;
         let listen_error = |reason: String| AdminError::Listen {
@@ -110,11 +124,13 @@ impl AdminServer {
                 .map(|(index, handle)| (handle.name().to_owned(), index))
                 .collect(),
             pipelines,
+            tenants,
             token: settings.token,
             max_upload: settings.max_upload,
         });
         let router = Router::new()
             .route("/v1/status", get(status))
+            .route("/v1/tenants", get(tenant_usage))
             .route("/v1/pipelines/{name}", get(pipeline_status))
             .route("/v1/pipelines/{name}/plugins/{plugin}/deploy", post(deploy))
             .route(
@@ -243,6 +259,12 @@ fn answer<T: serde::Serialize>(result: Result<T, ControlError>) -> Response {
 
 async fn status(State(state): State<Arc<AdminState>>) -> axum::Json<Vec<PipelineStatus>> {
     axum::Json(state.pipelines.iter().map(PipelineHandle::status).collect())
+}
+
+async fn tenant_usage(State(state): State<Arc<AdminState>>) -> axum::Json<Vec<TenantUsage>> {
+    let pipelines: Vec<_> = state.pipelines.iter().map(PipelineHandle::status).collect();
+    let Tenants { configs, scheduler } = &state.tenants;
+    axum::Json(crate::tenant::usage::usage(configs, &pipelines, scheduler))
 }
 
 async fn pipeline_status(

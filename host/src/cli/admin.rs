@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use serde::de::DeserializeOwned;
 
+use crate::tenant::usage::TenantUsage;
 use crate::pipeline::{CanaryReport, PipelineStatus, ShadowReport, SwapReport};
 
 /// Where the worker's admin API is, and its token.
@@ -104,6 +105,12 @@ pub fn status(args: AdminArgs, pipeline: Option<&str>, json: bool) -> anyhow::Re
     }
     for status in &pipelines {
         say!(stdout, "{}", describe(status));
+    }
+    if pipeline.is_none() {
+        let tenants: Vec<TenantUsage> = client.call("GET", "/v1/tenants", None)?;
+        for usage in &tenants {
+            say!(stdout, "{}", crate::tenant::usage::describe(usage));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -54,7 +54,7 @@ pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
                 )
             })
             .collect();
-        let aggregates = match prepare_window(&file, pipeline, &engine)? {
+        let aggregates = match prepare_window(&file, pipeline, &engine, &Default::default())? {
             Some((_, plugins)) if !plugins.is_empty() => {
                 let labels: Vec<&str> = plugins.iter().map(|p| p.label()).collect();
                 format!(", window with aggregate plugin(s): {}", labels.join(", "))

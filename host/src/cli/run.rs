@@ -94,7 +94,11 @@ async fn run_file(
                 max_upload: usize::try_from(config.max_upload_mb << 20).unwrap_or(usize::MAX),
             };
             let handles = pipelines.iter().map(Pipeline::handle).collect();
-            let server = AdminServer::bind(settings, handles)
+            let tenants = crate::admin::Tenants {
+                configs: file.tenants.clone(),
+                scheduler: engine.scheduler().clone(),
+            };
+            let server = AdminServer::bind(settings, handles, tenants)
                 .await
                 .map_err(|err| file.error_at(config.address.span().start, err.to_string()))?;
             Some(tokio::spawn(server.serve()))

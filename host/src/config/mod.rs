@@ -430,6 +430,7 @@ impl LimitsConfig {
             counters: self.counters,
             log_line_bytes: self.log_line_bytes,
             log_lines_per_s: self.log_lines_per_s,
+            meter: Default::default(),
         }
     }
 

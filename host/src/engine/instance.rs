@@ -292,7 +292,7 @@ impl Instance {
         let state = StoreState {
             wasi: sandbox::wasi_ctx(&capture, clock_start, hash),
             table: ResourceTable::new(),
-            budget: InstanceBudget::new(limits.memory_bytes),
+            budget: InstanceBudget::new(limits.memory_bytes, limits.meter.clone()),
             deadline: None,
             deadline_hit: Arc::default(),
             cpu_started: Duration::ZERO,

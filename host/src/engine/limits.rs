@@ -3,7 +3,30 @@
 //! and table of every core instance inside the component together), and caps
 //! on how many of each it may create.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// The memory held by every instance started with it (a pipeline's, across
+/// its lanes and versions), in bytes: linear memories and tables.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryMeter(Arc<AtomicU64>);
+
+impl MemoryMeter {
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Two meters are equal when they are the same meter.
+impl PartialEq for MemoryMeter {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for MemoryMeter {}
 
 /// Per-instance limits; each pipeline sets its own (`[pipeline.limits]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +57,8 @@ pub struct Limits {
     /// Log lines (including stdout and stderr lines) per second; more are
     /// dropped and counted.
     pub log_lines_per_s: u32,
+    /// Where the instance's memory is counted, with its pipeline's others.
+    pub meter: MemoryMeter,
 }
 
 impl Default for Limits {
@@ -48,6 +73,7 @@ impl Default for Limits {
             counters: 256,
             log_line_bytes: 4096,
             log_lines_per_s: 100,
+            meter: MemoryMeter::default(),
         }
     }
 }
@@ -69,15 +95,17 @@ const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
 pub(super) struct InstanceBudget {
     cap: u64,
     used: u64,
+    meter: MemoryMeter,
     /// Set when a request was refused: what the instance would have had.
     pub(super) exceeded: Option<u64>,
 }
 
 impl InstanceBudget {
-    pub(super) fn new(cap: u64) -> Self {
+    pub(super) fn new(cap: u64, meter: MemoryMeter) -> Self {
         InstanceBudget {
             cap,
             used: 0,
+            meter,
             exceeded: None,
         }
     }
@@ -107,8 +135,15 @@ impl InstanceBudget {
             // an opaque "memory allocation failed" instead.
             return Err(wasmtime::Error::msg("instance memory cap exceeded"));
         }
+        self.meter.0.fetch_add(wanted - self.used, Ordering::Relaxed);
         self.used = wanted;
         Ok(true)
+    }
+}
+
+impl Drop for InstanceBudget {
+    fn drop(&mut self) {
+        self.meter.0.fetch_sub(self.used, Ordering::Relaxed);
     }
 }
 
@@ -149,11 +184,12 @@ impl wasmtime::ResourceLimiter for InstanceBudget {
 mod tests {
     use wasmtime::ResourceLimiter as _;
 
-    use super::InstanceBudget;
+    use super::{InstanceBudget, MemoryMeter};
 
     #[test]
-    fn growth_is_counted_across_memories_and_tables() {
-        let mut budget = InstanceBudget::new(10 << 20);
+    fn growth_is_counted_across_memories_and_tables_and_on_the_meter_until_dropped() {
+        let meter = MemoryMeter::default();
+        let mut budget = InstanceBudget::new(10 << 20, meter.clone());
         // Two memories of 4 MiB each fit; a third does not.
         assert!(budget.memory_growing(0, 4 << 20, None).unwrap());
         assert!(budget.memory_growing(0, 4 << 20, None).unwrap());
@@ -165,11 +201,17 @@ mod tests {
         // Growing a memory counts only the growth.
         assert!(budget.memory_growing(4 << 20, 5 << 20, None).unwrap());
         assert!(budget.memory_growing(5 << 20, 6 << 20, None).is_err());
+        // The meter holds what the instance holds, with its siblings'.
+        let mut sibling = InstanceBudget::new(10 << 20, meter.clone());
+        assert!(sibling.memory_growing(0, 1 << 20, None).unwrap());
+        assert_eq!(meter.bytes(), 11 << 20);
+        drop(budget);
+        assert_eq!(meter.bytes(), 1 << 20);
     }
 
     #[test]
     fn growth_past_a_memory_maximum_is_refused_without_counting() {
-        let mut budget = InstanceBudget::new(10 << 20);
+        let mut budget = InstanceBudget::new(10 << 20, MemoryMeter::default());
         assert!(!budget.memory_growing(0, 2 << 20, Some(1 << 20)).unwrap());
         assert_eq!(budget.used(), 0);
     }

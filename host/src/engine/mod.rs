@@ -41,7 +41,7 @@ use wasmtime::{Config, Engine, OptLevel, StoreContextMut};
 
 pub use cache::{CacheError, CompileCache};
 pub use instance::{Instance, PluginError, PluginErrorKind};
-pub use limits::Limits;
+pub use limits::{Limits, MemoryMeter};
 pub use scheduler::{Party, Scheduler, Usage, THREADS_VAR};
 
 use instance::StoreState;

@@ -59,6 +59,11 @@ impl Party {
         }
     }
 
+    /// Its share.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
     /// A pipeline with no tenant: a party of its own, of weight 1.
     pub fn pipeline(name: &str) -> Self {
         Party {

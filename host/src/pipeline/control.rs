@@ -27,7 +27,7 @@ use super::lanes::Installed;
 use super::trial::{
     CanaryEnded, CanaryReport, CanaryRule, CanaryTally, Change, ShadowReport, ShadowTally, Verdict,
 };
-use crate::engine::PluginEngine;
+use crate::engine::{MemoryMeter, PluginEngine};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::plugin::{
     Candidate, PluginSlot, PluginVersion, SetupError, SlotRecipe, VersionHistory, VersionStore, hex,
@@ -256,6 +256,9 @@ pub struct PipelineStatus {
     pub state: RunState,
     /// Why it is quarantined, failed or paused, when it is.
     pub reason: Option<String>,
+    /// Linear memory and tables its plugin instances hold now, in bytes.
+    #[serde(default)]
+    pub plugin_memory_bytes: u64,
     /// How many lanes it runs.
     pub lanes: usize,
     /// Its plugins, in chain order.
@@ -370,6 +373,7 @@ struct Trials {
 #[derive(Clone)]
 pub struct PipelineHandle {
     name: String,
+    memory: MemoryMeter,
     requests: mpsc::Sender<Request>,
     board: Arc<Mutex<PipelineStatus>>,
     trials: Arc<Mutex<Vec<Trials>>>,
@@ -457,6 +461,7 @@ impl PipelineHandle {
     pub fn status(&self) -> PipelineStatus {
         let mut status = lock(&self.board).clone();
         status.counters = self.metrics.snapshot().into();
+        status.plugin_memory_bytes = self.memory.bytes();
         for (entry, trials) in status.plugins.iter_mut().zip(lock(&self.trials).iter()) {
             entry.shadow = trials.shadow.as_ref().map(|tally| tally.report());
             entry.canary = trials.canary.as_ref().map(|tally| CanaryReport {
@@ -543,6 +548,8 @@ pub(super) struct ControlledPipeline<'a> {
     pub store: Option<VersionStore>,
     /// The pipeline's quarantine, which a resume or a rollback lifts.
     pub quarantine: Quarantine,
+    /// What its plugin instances hold.
+    pub memory: MemoryMeter,
 }
 
 /// The run loop's ends of the controller's channels.
@@ -569,6 +576,7 @@ impl Controller {
             keep_versions,
             store,
             quarantine,
+            memory,
         } = setup;
         let plugins = slots
             .iter()
@@ -594,6 +602,7 @@ impl Controller {
             tenant: tenant.map(str::to_owned),
             state: RunState::Running,
             reason: None,
+            plugin_memory_bytes: 0,
             lanes,
             plugins,
             counters: Counters::default(),
@@ -624,6 +633,7 @@ impl Controller {
             canaries: 0,
         };
         let handle = PipelineHandle {
+            memory,
             name: pipeline.to_owned(),
             requests: send,
             board,

@@ -48,7 +48,7 @@ use crate::batch::{Batch, Records};
 use crate::config::{
     ConfigError, FileMode, PipelineConfig, PipelineFile, RecordFormat, SinkConfig,
 };
-use crate::engine::{Party, PluginEngine, PluginError, Scheduler};
+use crate::engine::{Limits, MemoryMeter, Party, PluginEngine, PluginError, Scheduler};
 use crate::kafka::KafkaTransaction;
 use crate::metrics::events::{
     BatchProcessed, BatchRead, Checkpointed, CommitDeferred, CommitFailed, CommitSuperseded,
@@ -123,7 +123,7 @@ pub fn prepare_chain(
     engine: &PluginEngine,
 ) -> Result<Chain, ConfigError> {
     let wasm = locate_plugins(file, pipeline)?;
-    start_chain(file, pipeline, engine, &wasm)
+    start_chain(file, pipeline, engine, &wasm, &MemoryMeter::default())
 }
 
 fn start_chain(
@@ -131,9 +131,10 @@ fn start_chain(
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
     wasm: &[PathBuf],
+    meter: &MemoryMeter,
 ) -> Result<Chain, ConfigError> {
     let limits_config = pipeline.limits();
-    let mut chain = Chain::new(start_plugins(file, pipeline, engine, wasm, true)?);
+    let mut chain = Chain::new(start_plugins(file, pipeline, engine, wasm, meter, true)?);
     chain.quarantine_after(
         limits_config.faults_before_quarantine,
         limits_config.fault_window(),
@@ -177,6 +178,7 @@ pub fn prepare_window(
     file: &PipelineFile,
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
+    meter: &MemoryMeter,
 ) -> Result<Option<(WindowSpec, Vec<PluginAggregate>)>, ConfigError> {
     let Some(window) = &pipeline.window else {
         return Ok(None);
@@ -188,7 +190,10 @@ pub fn prepare_window(
     };
     // `PipelineFile::load` checked it at its line.
     let spec = window.get_ref().spec().map_err(&blame)?;
-    let limits = pipeline.limits().to_limits();
+    let limits = Limits {
+        meter: meter.clone(),
+        ..pipeline.limits().to_limits()
+    };
     let mut plugins = Vec::new();
     for aggregate in &spec.aggregates {
         let Some((source, config)) = &aggregate.plugin else {
@@ -222,27 +227,32 @@ fn prepare_lanes(
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
     wasm: &[PathBuf],
+    meter: &MemoryMeter,
 ) -> Result<Vec<Chain>, ConfigError> {
     let count = pipeline.lanes();
     let mut lanes = Vec::with_capacity(count);
-    lanes.push(start_chain(file, pipeline, engine, wasm)?);
+    lanes.push(start_chain(file, pipeline, engine, wasm, meter)?);
     for _ in 1..count {
-        let slots = start_plugins(file, pipeline, engine, wasm, false)?;
+        let slots = start_plugins(file, pipeline, engine, wasm, meter, false)?;
         lanes.push(lanes[0].lane(slots));
     }
     Ok(lanes)
 }
 
-/// Starts one instance of each plugin of `pipeline`, from `wasm`, logging
-/// each when `log` is set.
+/// Starts one instance of each plugin of `pipeline`, from `wasm`, its
+/// memory counted on `meter`, logging each when `log` is set.
 fn start_plugins(
     file: &PipelineFile,
     pipeline: &PipelineConfig,
     engine: &PluginEngine,
     wasm: &[PathBuf],
+    meter: &MemoryMeter,
     log: bool,
 ) -> Result<Vec<PluginSlot>, ConfigError> {
-    let limits = pipeline.limits().to_limits();
+    let limits = Limits {
+        meter: meter.clone(),
+        ..pipeline.limits().to_limits()
+    };
     let mut slots = Vec::with_capacity(pipeline.plugins.len());
     for ((index, plugin), wasm) in pipeline.plugins.iter().enumerate().zip(wasm) {
         let (_, at) = plugin.source();
@@ -317,10 +327,11 @@ impl Pipeline {
             })?),
             None => None,
         };
+        let meter = MemoryMeter::default();
         let (lanes, named, window) = {
             // On a blocking worker: building may run cargo and compile.
             let (file, config, engine) = (file.clone(), pipeline.clone(), engine.clone());
-            let store = store.clone();
+            let (store, meter) = (store.clone(), meter.clone());
             let prepared = tokio::task::spawn_blocking(move || {
                 let named = locate_plugins(&file, &config)?;
                 // A version deployed through the admin API serves again.
@@ -332,8 +343,8 @@ impl Pipeline {
                             .unwrap_or_else(|| path.clone())
                     })
                     .collect();
-                let lanes = prepare_lanes(&file, &config, &engine, &wasm)?;
-                let window = prepare_window(&file, &config, &engine)?;
+                let lanes = prepare_lanes(&file, &config, &engine, &wasm, &meter)?;
+                let window = prepare_window(&file, &config, &engine, &meter)?;
                 Ok::<_, ConfigError>((lanes, named, window))
             });
             match prepared.await {
@@ -472,6 +483,7 @@ impl Pipeline {
                 keep_versions: pipeline.keep_versions,
                 store,
                 quarantine: lanes[0].quarantine(),
+                memory: meter,
             },
             metrics.clone(),
         );

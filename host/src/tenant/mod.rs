@@ -13,6 +13,8 @@
 //! A pipeline with no tenant belongs to none: only its own `limits` bound
 //! it, and it has a share of weight 1 of its own.
 
+pub mod usage;
+
 use serde::Deserialize;
 use toml::Spanned;
 
