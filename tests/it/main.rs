@@ -7,6 +7,7 @@
 mod admin;
 mod broker;
 mod cli;
+mod density;
 mod engine;
 mod files;
 mod kafka;

@@ -298,3 +298,109 @@ impl Scratch {
             .collect()
     }
 }
+
+/// How a worker running many pipelines went (see [`run_fleet`]).
+pub struct Fleet {
+    /// From the spawn until every pipeline had written output.
+    pub all_writing_after: std::time::Duration,
+    /// From the SIGTERM to the exit.
+    pub stopped_after: std::time::Duration,
+    pub status: std::process::ExitStatus,
+    /// Peak RSS over the whole run, from `wait4`.
+    pub peak_rss_mib: u64,
+    pub stderr: String,
+}
+
+/// Runs one worker with `count` pipelines (generator, 100 records/s ->
+/// `identity` -> file `p{i}.txt`, one lane each) until every pipeline has
+/// written, then `running` longer, then SIGTERM. Fails the test if the
+/// worker is not writing everywhere within five minutes or does not exit
+/// within two after the signal (liveness bounds, not speed claims).
+pub fn run_fleet(scratch: &Scratch, count: usize, running: std::time::Duration) -> Fleet {
+    use std::time::{Duration, Instant};
+    let mut body = String::new();
+    for i in 0..count {
+        body.push_str(&format!(
+            "[[pipeline]]\nname = \"p{i}\"\nparallelism = 1\n\
+             source = {{ type = \"generator\", kind = \"clickstream\", rate = 100 }}\n\
+             [[pipeline.plugin]]\nwasm = \"{{plugin:identity}}\"\nwatch = false\n\
+             [[pipeline.sink]]\ntype = \"file\"\npath = \"{{dir}}/p{i}.txt\"\n\n"
+        ));
+    }
+    let path = scratch.pipeline(&body);
+    let log = std::fs::File::create(scratch.path("fleet.log")).unwrap();
+    let started = Instant::now();
+    #[allow(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also gives its peak RSS"
+    )]
+    let mut child = weir_command(scratch, &["run", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut waiting = 0;
+    while waiting < count {
+        let written = std::fs::metadata(scratch.path(&format!("p{waiting}.txt")))
+            .is_ok_and(|meta| meta.len() > 0);
+        if written {
+            waiting += 1;
+            continue;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "pipeline p{waiting} wrote nothing in five minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the worker ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let all_writing_after = started.elapsed();
+    std::thread::sleep(running);
+    let pid = child.id() as libc::pid_t;
+    let stopping = Instant::now();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waits for our own child, with valid pointers.
+        let done = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if done == pid {
+            break;
+        }
+        if stopping.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("still running two minutes after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped_after = stopping.elapsed();
+    use std::os::unix::process::ExitStatusExt as _;
+    Fleet {
+        all_writing_after,
+        stopped_after,
+        status: std::process::ExitStatus::from_raw(status),
+        peak_rss_mib: (usage.ru_maxrss as u64) >> 10,
+        stderr: std::fs::read_to_string(scratch.path("fleet.log")).unwrap(),
+    }
+}
+
+/// Checks that each of the fleet's `count` pipelines reported records out
+/// in its summary and that its file holds exactly those lines, each whole.
+pub fn assert_fleet_output_complete(scratch: &Scratch, fleet: &Fleet, count: usize) {
+    for i in 0..count {
+        let prefix = format!("pipeline `p{i}`: ");
+        let summary = (fleet.stderr.lines())
+            .find_map(|line| line.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no summary for p{i}"));
+        let out: u64 = (summary.split(" records in, ").nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .map(|n| n.replace(',', "").parse().unwrap())
+            .unwrap_or_else(|| panic!("no count out in: {summary}"));
+        let text = std::fs::read_to_string(scratch.path(&format!("p{i}.txt"))).unwrap();
+        assert!(text.ends_with('\n'), "p{i}.txt ends with a cut line");
+        assert_eq!(text.lines().count() as u64, out, "p{i}: {summary}");
+        assert!(out > 0, "p{i} wrote nothing: {summary}");
+    }
+}

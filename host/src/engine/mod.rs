@@ -32,7 +32,8 @@ mod sandbox;
 mod scheduler;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
@@ -80,7 +81,7 @@ pub const TRANSFORM_EXPORT: &str = "weir:plugin/transform@0.1.0";
 pub const AGGREGATE_EXPORT: &str = "weir:plugin/aggregate@0.1.0";
 
 /// What a plugin is: a record transform or a window aggregate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum World {
     /// `weir:plugin/transformer`: exports `transform`.
     Transformer,
@@ -185,7 +186,14 @@ struct EngineInner {
     linker: Linker<StoreState>,
     cache: CompileCache,
     scheduler: Scheduler,
+    /// Components loaded and linked, by content hash, while any instance
+    /// or slot holds them: a thousand pipelines of one plugin share one
+    /// copy of its compiled code, not a thousand.
+    loaded: Mutex<LoadedMemo>,
 }
+
+/// Linked components by (content hash, world), held weakly.
+type LoadedMemo = HashMap<([u8; 32], World), Weak<Pre>>;
 
 impl PluginEngine {
     /// Builds the engine and starts its epoch ticker. Fails if the compile
@@ -214,6 +222,7 @@ impl PluginEngine {
             linker,
             cache,
             scheduler: Scheduler::new(threads)?,
+            loaded: Mutex::default(),
         });
         spawn_epoch_ticker(Arc::downgrade(&inner));
         Ok(PluginEngine { inner })
@@ -271,6 +280,18 @@ impl PluginEngine {
         }
         let hash: [u8; 32] = Sha256::digest(bytes).into();
         let inner = &self.inner;
+        let loaded = |pre| LoadedPlugin {
+            engine: self.clone(),
+            pre,
+            path: path.to_owned(),
+            hash,
+        };
+        if let Some(pre) = lock_loaded(&inner.loaded)
+            .get(&(hash, wanted))
+            .and_then(Weak::upgrade)
+        {
+            return Ok(loaded(pre));
+        }
         let component = inner
             .cache
             .get_or_compile(&inner.engine, bytes, &hash)
@@ -323,17 +344,21 @@ impl PluginEngine {
             exports: format!("{err:#}"),
             wanted,
         };
-        let pre = match wanted {
+        let pre = Arc::new(match wanted {
             World::Transformer => Pre::Transform(TransformerPre::new(pre).map_err(wrong)?),
             World::Aggregator => Pre::Aggregate(AggregatorPre::new(pre).map_err(wrong)?),
-        };
-        Ok(LoadedPlugin {
-            engine: self.clone(),
-            pre,
-            path: path.to_owned(),
-            hash,
-        })
+        });
+        let mut memo = lock_loaded(&inner.loaded);
+        memo.retain(|_, held| held.strong_count() > 0);
+        memo.insert((hash, wanted), Arc::downgrade(&pre));
+        drop(memo);
+        Ok(loaded(pre))
     }
+}
+
+fn lock_loaded<T>(memo: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only inserts and lookups happen under it: never half-updated.
+    memo.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Replaces the WASI sleeps (`subscribe-duration`, `subscribe-instant`) by
@@ -410,7 +435,7 @@ fn spawn_epoch_ticker(engine: Weak<EngineInner>) {
 #[derive(Clone)]
 pub struct LoadedPlugin {
     engine: PluginEngine,
-    pre: Pre,
+    pre: Arc<Pre>,
     path: PathBuf,
     hash: [u8; 32],
 }

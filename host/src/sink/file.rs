@@ -28,7 +28,9 @@ pub struct FileSink {
     writing: Option<JoinHandle<(Vec<u8>, std::io::Result<()>)>>,
 }
 
-/// Bytes buffered before a write reaches the file.
+/// Bytes buffered before a write reaches the file. The buffers start empty
+/// and grow to what the pipeline's rate needs (a thousand slow pipelines
+/// in one worker must not hold a mebibyte each).
 const BUFFER: usize = 1 << 20;
 
 impl FileSink {
@@ -69,7 +71,7 @@ impl FileSink {
             described: describe,
             file: Arc::new(file),
             format,
-            buffer: Vec::with_capacity(BUFFER),
+            buffer: Vec::new(),
             writing: None,
         })
     }
@@ -77,7 +79,7 @@ impl FileSink {
     /// Waits for the write under way, if any; its buffer becomes the spare.
     async fn written(&mut self) -> Result<Vec<u8>, SinkError> {
         let Some(writing) = self.writing.take() else {
-            return Ok(Vec::with_capacity(BUFFER));
+            return Ok(Vec::new());
         };
         match writing.await {
             Ok((mut spare, result)) => {
