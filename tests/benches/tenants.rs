@@ -44,7 +44,7 @@ const HOSTILE: &[(&str, &str, &str, &str)] = &[
     ("flooding", "forward-flood", "outputs_per_record = 100", "outputs_per_record"),
     ("prying-net", "connect", "", "tried to open a TCP socket"),
     ("prying-fs", "read", "", "tried to open a file or folder"),
-    ("sleeping", "sleep", "batch_timeout_ms = 100", "exceeded its deadline of 100ms"),
+    ("sleeping", "sleep", "batch_timeout_ms = 100, wasi = [\"monotonic-clock\"]", "exceeded its deadline of 100ms"),
 ];
 
 /// The well-behaved tenant's pipeline, writing `out`.
@@ -58,6 +58,7 @@ name = "steady"
 name = "steady"
 tenant = "steady"
 parallelism = 2
+limits = {{ wasi = ["monotonic-clock"] }}
 source = {{ type = "generator", kind = "payments", count = {events} }}
 
 [[pipeline.plugin]]
@@ -268,6 +269,7 @@ weight = {weight}
 name = "{name}"
 tenant = "{name}"
 parallelism = 4
+limits = {{ wasi = ["monotonic-clock"] }}
 source = {{ type = "generator", kind = "payments", count = {events} }}
 
 [[pipeline.plugin]]

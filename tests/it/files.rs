@@ -92,6 +92,8 @@ fn megabyte_lines_into_a_slow_plugin_are_read_ahead_by_bytes_not_by_count() {
 name = "slow"
 source = { type = "file", path = "big.txt", format = "lines" }
 
+limits = { wasi = ["monotonic-clock"] }
+
 [[pipeline.plugin]]
 wasm = "{plugin:misbehave}"
 config = { pace_us = 5000 }

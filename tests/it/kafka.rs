@@ -597,6 +597,7 @@ fn paced_survivor_pipeline(
 name = "survivor"
 delivery = "{delivery}"
 {parallelism}commit_interval_ms = 100
+limits = {{ wasi = ["monotonic-clock"] }}
 source = {{ type = "kafka", brokers = "{b}", topics = ["in"], group = "survivors" }}
 batch = {{ max_records = 200, linger_ms = 5 }}
 

@@ -82,6 +82,8 @@ commit_interval_ms = 100
 source = { type = "file", path = "{dir}/events.jsonl", format = "json" }
 batch = { max_records = 100 }
 
+limits = { wasi = ["monotonic-clock"] }
+
 [[pipeline.plugin]]
 wasm = "{plugin:misbehave}"
 config = { pace_us = 150 }

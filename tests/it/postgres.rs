@@ -257,6 +257,8 @@ commit_interval_ms = 100
 source = {{ type = "file", path = "{{dir}}/events.jsonl", format = "json" }}
 batch = {{ max_records = 100 }}
 
+limits = {{ wasi = ["monotonic-clock"] }}
+
 [[pipeline.plugin]]
 wasm = "{{plugin:misbehave}}"
 config = {{ pace_us = 150 }}
@@ -311,6 +313,8 @@ parallelism = 1
 commit_interval_ms = 50
 source = {{ type = "file", path = "{{dir}}/records.jsonl", format = "json" }}
 batch = {{ max_records = 100 }}
+
+limits = {{ wasi = ["monotonic-clock"] }}
 
 [[pipeline.plugin]]
 wasm = "{{plugin:misbehave}}"
@@ -512,6 +516,8 @@ parallelism = 2
 commit_interval_ms = 100
 source = {{ type = "kafka", brokers = "{brokers}", topics = ["events"], group = "{pipeline}", start = "earliest" }}
 batch = {{ max_records = 100, linger_ms = 5 }}
+
+limits = {{ wasi = ["monotonic-clock"] }}
 
 [[pipeline.plugin]]
 wasm = "{{plugin:misbehave}}"

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use weir::engine::{EngineOptions, Limits, PluginEngine, PluginErrorKind};
+use weir::engine::{EngineOptions, Limits, PluginEngine, PluginErrorKind, WasiGrants};
 use weir::testkit::{PluginHarness, TestRecord};
 
 use crate::support::{
@@ -85,6 +85,10 @@ fn a_pipeline_without_limits_of_its_own_is_held_to_its_tenant_s() {
 fn a_plugin_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
     let limits = Limits {
         batch_deadline: Duration::from_millis(300),
+        wasi: WasiGrants {
+            monotonic_clock: true,
+            ..WasiGrants::default()
+        },
         ..Limits::default()
     };
     let mut harness = PluginHarness::load_with_limits(plugin("misbehave"), "{}", &limits).unwrap();
@@ -104,7 +108,7 @@ fn check_and_run_end_when_a_plugin_sleeps_in_init() {
 [[pipeline]]
 name = "sleepy"
 source = { type = "file", path = "in.jsonl" }
-limits = { batch_timeout_ms = 500 }
+limits = { batch_timeout_ms = 500, wasi = ["monotonic-clock"] }
 
 [[pipeline.plugin]]
 wasm = "{plugin:misbehave}"
@@ -219,15 +223,66 @@ fn counters_are_held_to_their_name_length_and_count() {
 }
 
 #[test]
-fn randomness_is_the_same_in_every_instance_of_a_plugin() {
-    let draw = || {
-        let mut harness = PluginHarness::load(plugin("misbehave"), "{}").unwrap();
+fn randomness_is_the_same_in_every_instance_of_a_plugin_unless_granted() {
+    let draw = |wasi: WasiGrants| {
+        let limits = Limits {
+            wasi,
+            ..Limits::default()
+        };
+        let mut harness =
+            PluginHarness::load_with_limits(plugin("misbehave"), "{}", &limits).unwrap();
         let outcomes = harness.process(&records(&["random"])).unwrap();
         outcomes[0].outputs()[0].value_str().into_owned()
     };
-    let first = draw();
+    let first = draw(WasiGrants::default());
     assert!(first.parse::<u64>().is_ok(), "{first}");
-    assert_eq!(first, draw(), "a replay sees the same random stream");
+    assert_eq!(first, draw(WasiGrants::default()), "a replay sees the same random stream");
+    let real = WasiGrants {
+        random: true,
+        ..WasiGrants::default()
+    };
+    // Host entropy: two instances draw alike with odds of 2^-64.
+    assert_ne!(draw(real), draw(real), "`random` grants the host's entropy");
+}
+
+/// No clock is granted by default: reading one, or sleeping, stops the
+/// plugin with an error naming the grant that would allow it; granted, it
+/// reads the real clock.
+#[test]
+fn clocks_are_granted_one_by_one_and_none_by_default() {
+    let run = |wasi: WasiGrants, deed: &str| {
+        let limits = Limits {
+            wasi,
+            ..Limits::default()
+        };
+        let mut harness =
+            PluginHarness::load_with_limits(plugin("misbehave"), "{}", &limits).unwrap();
+        harness.process(&records(&[deed]))
+    };
+    let none = WasiGrants::default();
+    for (deed, refusal) in [
+        ("wall-clock", "tried to read the wall clock (`wasi:clocks/wall-clock`), which this pipeline does not grant (`limits.wasi = [\"wall-clock\"]` would)"),
+        ("sleep", "tried to sleep (`wasi:clocks/monotonic-clock`), which this pipeline does not grant (`limits.wasi = [\"monotonic-clock\"]` would)"),
+    ] {
+        let err = run(none, deed).unwrap_err();
+        assert!(
+            matches!(err.kind, PluginErrorKind::NotGranted { .. }) && err.to_string().contains(refusal),
+            "{deed}: {err}"
+        );
+    }
+    let wall = WasiGrants {
+        wall_clock: true,
+        ..WasiGrants::default()
+    };
+    let seen = run(wall, "wall-clock").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let read: u64 = seen[0].outputs()[0].value_str().parse().unwrap();
+    assert!(read.abs_diff(now) < 3600, "the plugin read {read}, the host {now}");
+    // The wall clock does not grant the monotonic one.
+    assert!(run(wall, "sleep").is_err());
 }
 
 #[test]
@@ -406,7 +461,7 @@ fn a_spinning_plugin_is_stopped_by_its_cpu_budget_and_a_waiting_one_is_not_charg
     let (run, out, dead) = run_lines(
         &scratch,
         &lines,
-        "batch_timeout_ms = 3000, cpu_ms_per_batch = 100",
+        "batch_timeout_ms = 3000, cpu_ms_per_batch = 100, wasi = [\"monotonic-clock\"]",
         "",
     );
     let err = stderr(&run.output);
@@ -447,7 +502,7 @@ fn poison_records_are_dead_lettered_alone_and_the_rest_go_on_in_order() {
         &scratch,
         &lines,
         // The 40 MiB line reaches the plugin: it is under `max_record_bytes`.
-        "memory_mb = 32, batch_timeout_ms = 300, max_record_bytes = 67108864",
+        "memory_mb = 32, batch_timeout_ms = 300, max_record_bytes = 67108864, wasi = [\"monotonic-clock\"]",
         "hog_mib = 64",
     );
     let err = stderr(&run.output);

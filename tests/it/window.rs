@@ -272,6 +272,8 @@ source = {{ type = "kafka", brokers = "{b}", topics = ["in"], group = "windowers
 batch = {{ max_records = 200, linger_ms = 5 }}
 
 # 150 us a record: the 60,000 events take 9 s, so every kill is mid-stream.
+limits = {{ wasi = ["monotonic-clock"] }}
+
 [[pipeline.plugin]]
 wasm = "{{plugin:misbehave}}"
 config = {{ pace_us = 150 }}

@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::engine::Limits;
+use crate::engine::{Limits, WasiGrants};
 use crate::record::DEFAULT_ROUTE;
 use crate::tenant::TenantConfig;
 
@@ -325,6 +325,10 @@ pub struct LimitsConfig {
     /// in bytes; longer ones are dead-lettered with their first 64 KiB and
     /// their position, never held whole.
     pub max_record_bytes: usize,
+    /// WASI capabilities granted beyond the sandbox's: `monotonic-clock`
+    /// (and sleeps), `wall-clock`, `random` (the host's entropy rather than
+    /// a stream seeded from the plugin). None by default.
+    pub wasi: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -343,6 +347,7 @@ impl Default for LimitsConfig {
             faults_before_quarantine: 10,
             fault_window_s: 60,
             max_record_bytes: 4 << 20,
+            wasi: Vec::new(),
         }
     }
 }
@@ -367,6 +372,7 @@ impl LimitsConfig {
             }
         };
         range("memory_mb", self.memory_mb, 1, Self::MAX_MEMORY_MB)?;
+        WasiGrants::parse(&self.wasi)?;
         // The deadline is enforced by a 10 ms tick: shorter budgets would
         // fail healthy batches by chance.
         range(
@@ -431,6 +437,8 @@ impl LimitsConfig {
             log_line_bytes: self.log_line_bytes,
             log_lines_per_s: self.log_lines_per_s,
             meter: Default::default(),
+            // Checked when the file loads.
+            wasi: WasiGrants::parse(&self.wasi).unwrap_or_default(),
         }
     }
 

@@ -72,14 +72,23 @@ pub enum PluginErrorKind {
         /// What the plugin did.
         detail: String,
     },
-    /// The plugin reached for the network or the filesystem, which no
-    /// plugin is granted.
-    #[error("tried to {what} (`{interface}`), which plugins are not granted, and was stopped")]
+    /// The plugin reached for a capability it is not granted: the network
+    /// or the filesystem (never granted), or a clock `limits.wasi` does not
+    /// grant.
+    #[error(
+        "tried to {what} (`{interface}`), which {} and was stopped",
+        match grant {
+            Some(name) => format!("this pipeline does not grant (`limits.wasi = [\"{name}\"]` would),"),
+            None => "plugins are not granted,".to_owned(),
+        }
+    )]
     NotGranted {
         /// What it tried.
         what: &'static str,
         /// The WASI interface it called.
         interface: &'static str,
+        /// The `limits.wasi` name that would grant it, if one does.
+        grant: Option<&'static str>,
     },
     /// The plugin trapped (a panic, `unreachable`, out-of-bounds access...).
     #[error("trapped: {trap}{panic}")]
@@ -117,13 +126,15 @@ struct HostLimitHit {
     detail: String,
 }
 
-/// A capability a plugin reached for that weir never grants; travels
+/// A capability a plugin reached for that it is not granted; travels
 /// through wasmtime as the trap's error.
 #[derive(Debug, thiserror::Error)]
 #[error("tried to {what} (`{interface}`)")]
 pub(super) struct NotGranted {
     pub(super) what: &'static str,
     pub(super) interface: &'static str,
+    /// The `limits.wasi` name that would grant it, if one does.
+    pub(super) grant: Option<&'static str>,
 }
 
 /// What each plugin store holds.
@@ -165,6 +176,11 @@ impl WasiView for StoreState {
 impl StoreState {
     /// A pollable for a sleep of `duration`, cut at the current call's
     /// deadline.
+    /// The limits the instance runs under.
+    pub(super) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     pub(super) fn sleep(
         &mut self,
         duration: Duration,
@@ -290,7 +306,7 @@ impl Instance {
         let clock_start = Instant::now();
         let label = path.display().to_string();
         let state = StoreState {
-            wasi: sandbox::wasi_ctx(&capture, clock_start, hash),
+            wasi: sandbox::wasi_ctx(&capture, clock_start, hash, limits.wasi),
             table: ResourceTable::new(),
             budget: InstanceBudget::new(limits.memory_bytes, limits.meter.clone()),
             deadline: None,
@@ -552,6 +568,7 @@ impl Instance {
             PluginErrorKind::NotGranted {
                 what: refused.what,
                 interface: refused.interface,
+                grant: refused.grant,
             }
         } else if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             match state.limits.cpu_per_call.filter(|_| cpu_hit) {

@@ -28,6 +28,47 @@ impl PartialEq for MemoryMeter {
 
 impl Eq for MemoryMeter {}
 
+/// WASI capabilities a plugin may use beyond the sandbox's, each granted
+/// explicitly (`limits.wasi`); none by default. Without `monotonic-clock` or
+/// `wall-clock`, reading that clock (or sleeping) stops the plugin with
+/// its own error; without `random`, randomness is a deterministic stream
+/// seeded from the plugin's content hash (so a replay gives the same
+/// outputs), with it, the host's entropy. Files and sockets are never
+/// granted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WasiGrants {
+    /// `monotonic-clock`: the monotonic clock and sleeps.
+    pub monotonic_clock: bool,
+    /// `wall-clock`: the time of day.
+    pub wall_clock: bool,
+    /// `random`: the host's entropy.
+    pub random: bool,
+}
+
+impl WasiGrants {
+    /// The names `limits.wasi` takes.
+    pub const NAMES: [&str; 3] = ["monotonic-clock", "wall-clock", "random"];
+
+    /// The grants `names` ask for; the error names an unknown one.
+    pub fn parse(names: &[String]) -> Result<Self, String> {
+        let mut grants = WasiGrants::default();
+        for name in names {
+            match name.as_str() {
+                "monotonic-clock" => grants.monotonic_clock = true,
+                "wall-clock" => grants.wall_clock = true,
+                "random" => grants.random = true,
+                other => {
+                    return Err(format!(
+                        "`limits.wasi` has `{other}`; it may hold {}",
+                        Self::NAMES.map(|n| format!("`{n}`")).join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(grants)
+    }
+}
+
 /// Per-instance limits; each pipeline sets its own (`[pipeline.limits]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -59,6 +100,8 @@ pub struct Limits {
     pub log_lines_per_s: u32,
     /// Where the instance's memory is counted, with its pipeline's others.
     pub meter: MemoryMeter,
+    /// The WASI capabilities it is granted.
+    pub wasi: WasiGrants,
 }
 
 impl Default for Limits {
@@ -74,6 +117,7 @@ impl Default for Limits {
             log_line_bytes: 4096,
             log_lines_per_s: 100,
             meter: MemoryMeter::default(),
+            wasi: WasiGrants::default(),
         }
     }
 }

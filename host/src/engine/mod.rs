@@ -37,12 +37,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
-use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::component::{HasSelf, Linker, Resource, Val};
 use wasmtime::{Config, Engine, OptLevel, StoreContextMut};
 
 pub use cache::{CacheError, CompileCache};
 pub use instance::{Instance, PluginError, PluginErrorKind};
-pub use limits::{Limits, MemoryMeter};
+pub use limits::{Limits, MemoryMeter, WasiGrants};
 pub use scheduler::{Party, Scheduler, Usage, THREADS_VAR};
 
 use instance::StoreState;
@@ -111,6 +111,8 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// The monotonic clock interface of the WASI that wasmtime-wasi links; its
 /// sleeps are replaced by ones that end at the call's deadline.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+/// The wall clock interface of the same WASI.
+const WALL_CLOCK: &str = "wasi:clocks/wall-clock@0.2.12";
 
 /// Why a `.wasm` could not be loaded as a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +214,7 @@ impl PluginEngine {
             &mut linker,
             |state| state,
         )?;
-        link_bounded_sleeps(&mut linker)?;
+        link_granted_clocks(&mut linker)?;
         link_refused_capabilities(&mut linker)?;
 
         let cache = CompileCache::open(&engine, options.cache_dir)?;
@@ -361,29 +363,86 @@ fn lock_loaded<T>(memo: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     memo.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Replaces the WASI sleeps (`subscribe-duration`, `subscribe-instant`) by
-/// ones that end at the current call's deadline, so that no host call can
-/// hold a plugin past it: the epoch check stops the plugin as soon as it
-/// runs again.
-fn link_bounded_sleeps(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+/// The stop of a plugin that called `interface` to `what`, which it is not
+/// granted (`grant`: the `limits.wasi` name that would).
+fn not_granted(what: &'static str, interface: &'static str, grant: Option<&'static str>) -> wasmtime::Error {
+    wasmtime::Error::new(instance::NotGranted {
+        what,
+        interface: interface.split('@').next().unwrap_or(interface),
+        grant,
+    })
+}
+
+/// Replaces the WASI clocks by ones that answer only when `limits.wasi`
+/// grants them (see `WasiGrants`), and the sleeps (`subscribe-duration`,
+/// `subscribe-instant`) by ones that also end at the current call's
+/// deadline, so that no host call can hold a plugin past it: the epoch
+/// check stops the plugin as soon as it runs again.
+fn link_granted_clocks(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+    type Store<'a> = StoreContextMut<'a, StoreState>;
+    let monotonic = |store: &Store<'_>, what| {
+        if store.data().limits().wasi.monotonic_clock {
+            Ok(())
+        } else {
+            Err(not_granted(what, MONOTONIC_CLOCK, Some("monotonic-clock")))
+        }
+    };
+    let wall = move |store: &Store<'_>| {
+        if store.data().limits().wasi.wall_clock {
+            Ok(())
+        } else {
+            Err(not_granted("read the wall clock", WALL_CLOCK, Some("wall-clock")))
+        }
+    };
     linker.allow_shadowing(true);
     let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap("now", move |store: Store<'_>, (): ()| {
+        monotonic(&store, "read the monotonic clock")?;
+        Ok((sandbox::nanos_since(store.data().clock_start),))
+    })?;
+    clock.func_wrap("resolution", move |store: Store<'_>, (): ()| {
+        monotonic(&store, "read the monotonic clock")?;
+        Ok((1u64,))
+    })?;
     clock.func_wrap(
         "subscribe-duration",
-        |mut store: StoreContextMut<'_, StoreState>, (nanos,): (u64,)| {
+        move |mut store: Store<'_>, (nanos,): (u64,)| {
+            monotonic(&store, "sleep")?;
             let sleep = store.data_mut().sleep(Duration::from_nanos(nanos));
             sleep.map(|pollable: Resource<_>| (pollable,))
         },
     )?;
     clock.func_wrap(
         "subscribe-instant",
-        |mut store: StoreContextMut<'_, StoreState>, (when,): (u64,)| {
+        move |mut store: Store<'_>, (when,): (u64,)| {
+            monotonic(&store, "sleep")?;
             let state = store.data_mut();
             let now = sandbox::nanos_since(state.clock_start);
             let sleep = state.sleep(Duration::from_nanos(when.saturating_sub(now)));
             sleep.map(|pollable: Resource<_>| (pollable,))
         },
     )?;
+    // A datetime record: seconds and nanoseconds since the Unix epoch.
+    let datetime = |since: Duration| {
+        Val::Record(vec![
+            ("seconds".to_owned(), Val::U64(since.as_secs())),
+            ("nanoseconds".to_owned(), Val::U32(since.subsec_nanos())),
+        ])
+    };
+    let mut clock = linker.instance(WALL_CLOCK)?;
+    clock.func_new("now", move |store, _, _, results| {
+        wall(&store)?;
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        results[0] = datetime(since);
+        Ok(())
+    })?;
+    clock.func_new("resolution", move |store, _, _, results| {
+        wall(&store)?;
+        results[0] = datetime(Duration::from_nanos(1));
+        Ok(())
+    })?;
     linker.allow_shadowing(false);
     Ok(())
 }
@@ -406,10 +465,7 @@ fn link_refused_capabilities(linker: &mut Linker<StoreState>) -> anyhow::Result<
     linker.allow_shadowing(true);
     for &(interface, function, what) in REFUSED {
         linker.instance(interface)?.func_new(function, move |_, _, _, _| {
-            Err(wasmtime::Error::new(instance::NotGranted {
-                what,
-                interface: interface.split('@').next().unwrap_or(interface),
-            }))
+            Err(not_granted(what, interface, None))
         })?;
     }
     linker.allow_shadowing(false);

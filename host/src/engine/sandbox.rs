@@ -27,20 +27,30 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult, subscribe};
 use wasmtime_wasi::{HostMonotonicClock, WasiCtx};
 
+use super::limits::WasiGrants;
+
 /// Bytes of stdout (and as much of stderr) kept per call.
 const CAPTURE_PER_CALL: usize = 64 * 1024;
 /// Bytes of a failed call's stderr quoted in its error.
 const STDERR_IN_ERRORS: usize = 2048;
 
 /// Builds the WASI context of one instance: captured stdio, the bounded
-/// clock, the seeded randomness, and nothing else.
-pub(super) fn wasi_ctx(capture: &Captured, clock_start: Instant, seed: [u8; 32]) -> WasiCtx {
+/// clock, the seeded randomness (the host's, if `grants` has `random`), and
+/// nothing else. Whether the clocks may be read is checked by the engine's
+/// shadows of their functions.
+pub(super) fn wasi_ctx(
+    capture: &Captured,
+    clock_start: Instant,
+    seed: [u8; 32],
+    grants: WasiGrants,
+) -> WasiCtx {
     let seed_u64 = |at: usize| {
         let mut word = [0; 8];
         word.copy_from_slice(&seed[at..at + 8]);
         u64::from_le_bytes(word)
     };
-    WasiCtx::builder()
+    let mut builder = WasiCtx::builder();
+    builder
         .stdout(CaptureTarget {
             stream: Stream::Stdout,
             shared: capture.clone(),
@@ -50,13 +60,16 @@ pub(super) fn wasi_ctx(capture: &Captured, clock_start: Instant, seed: [u8; 32])
             shared: capture.clone(),
         })
         .monotonic_clock(PluginClock { start: clock_start })
-        .secure_random(SeededRandom::new(seed_u64(0)))
-        .insecure_random(SeededRandom::new(seed_u64(8)))
-        .insecure_random_seed(u128::from(seed_u64(16)) << 64 | u128::from(seed_u64(24)))
         .allow_tcp(false)
         .allow_udp(false)
-        .allow_ip_name_lookup(false)
-        .build()
+        .allow_ip_name_lookup(false);
+    if !grants.random {
+        builder
+            .secure_random(SeededRandom::new(seed_u64(0)))
+            .insecure_random(SeededRandom::new(seed_u64(8)))
+            .insecure_random_seed(u128::from(seed_u64(16)) << 64 | u128::from(seed_u64(24)));
+    }
+    builder.build()
 }
 
 /// A monotonic clock that starts at zero with the instance.

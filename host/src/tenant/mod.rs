@@ -100,6 +100,17 @@ pub fn limits_under(
     let mut merged = toml::Table::try_from(&ceiling).map_err(|err| err.to_string())?;
     let ceilings = merged.clone();
     for (key, value) in own.into_iter().flatten() {
+        if key == "wasi" {
+            let granted = &ceiling.wasi;
+            let asked = value.as_array().into_iter().flatten().filter_map(toml::Value::as_str);
+            if let Some(extra) = asked.into_iter().find(|name| !granted.iter().any(|g| g == name)) {
+                return Err(format!(
+                    "`limits.wasi` asks for `{extra}`, which tenant `{}` does not grant (it grants: [{}])",
+                    tenant.name.get_ref(),
+                    granted.join(", ")
+                ));
+            }
+        }
         if let (Some(asked), Some(granted)) = (
             value.as_integer(),
             ceilings.get(key).and_then(toml::Value::as_integer),

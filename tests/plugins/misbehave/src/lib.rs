@@ -6,7 +6,8 @@
 //!   `forward-flood` (forwards the record `flood` times), `counter-long` (a
 //!   counter with a 30 MiB name), `counter-many` (1,000 distinct counters);
 //! - `newline` emits a value holding a line break;
-//! - probes of ambient capabilities: `env`, `read`, `connect`, `random`.
+//! - probes of ambient capabilities: `env`, `read`, `connect`, `random`,
+//!   `wall-clock` (emits the seconds since the Unix epoch).
 //!
 //! With `sleep_in_init`, `init` sleeps for an hour; with `pace_us`, every
 //! record takes that long (a slow plugin); with `always`, every record
@@ -134,6 +135,12 @@ impl Transform for Misbehave {
                 use std::hash::{BuildHasher as _, RandomState};
                 let seen = RandomState::new().hash_one(record.offset());
                 drop(out.emit(seen.to_string().as_bytes()));
+            }
+            b"wall-clock" => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs());
+                drop(out.emit(now.to_string().as_bytes()));
             }
             b"newline" => drop(out.emit(b"forged\n{\"admin\":true}")),
             b"fail" => {
