@@ -378,6 +378,44 @@ fn a_tenant_s_limits_are_its_pipelines_defaults_and_ceilings() {
 }
 
 #[test]
+fn wasi_grants_are_named_and_held_to_the_tenant_s() {
+    // None by default; the tenant's grants are its pipelines' defaults.
+    let file = parse(&tenant_pipeline("", r#"topic = "payments.large""#)).unwrap();
+    assert_eq!(file.pipelines[0].limits().to_limits().wasi, WasiGrants::default());
+    let granting = TENANTS.replace(
+        "memory_mb = 32,",
+        r#"memory_mb = 32, wasi = ["monotonic-clock", "random"],"#,
+    );
+    let with = |extra: &str| {
+        tenant_pipeline(extra, r#"topic = "payments.large""#).replace(TENANTS, &granting)
+    };
+    let file = parse(&with("")).unwrap();
+    let grants = file.pipelines[0].limits().to_limits().wasi;
+    assert!(grants.monotonic_clock && grants.random && !grants.wall_clock);
+    // A pipeline may take fewer, not others.
+    let fewer = parse(&with(r#"limits = { wasi = ["random"] }"#)).unwrap();
+    let grants = fewer.pipelines[0].limits().to_limits().wasi;
+    assert!(grants.random && !grants.monotonic_clock);
+    let err = parse(&with(r#"limits = { wasi = ["wall-clock"] }"#)).unwrap_err();
+    assert!(
+        err.message.contains(
+            "`limits.wasi` asks for `wall-clock`, which tenant `payments` does not grant (it grants: [monotonic-clock, random])"
+        ),
+        "{err}"
+    );
+    // An unknown capability, at its line.
+    let err = parse(&tenant_pipeline(
+        r#"limits = { wasi = ["network"] }"#,
+        r#"topic = "payments.large""#,
+    ))
+    .unwrap_err();
+    assert!(
+        err.message.contains("`limits.wasi` has `network`; it may hold `monotonic-clock`, `wall-clock`, `random`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_pipeline_cannot_write_a_topic_or_take_a_route_its_tenant_does_not_grant() {
     // Another tenant's topic, as the sink's topic or a route's.
     for sink in [

@@ -102,8 +102,11 @@ pub fn limits_under(
     for (key, value) in own.into_iter().flatten() {
         if key == "wasi" {
             let granted = &ceiling.wasi;
-            let asked = value.as_array().into_iter().flatten().filter_map(toml::Value::as_str);
-            if let Some(extra) = asked.into_iter().find(|name| !granted.iter().any(|g| g == name)) {
+            let asked: Vec<String> = (value.as_array().into_iter().flatten())
+                .filter_map(|name| name.as_str().map(str::to_owned))
+                .collect();
+            crate::engine::WasiGrants::parse(&asked)?;
+            if let Some(extra) = asked.iter().find(|name| !granted.contains(name)) {
                 return Err(format!(
                     "`limits.wasi` asks for `{extra}`, which tenant `{}` does not grant (it grants: [{}])",
                     tenant.name.get_ref(),
